@@ -1,0 +1,266 @@
+"""Artifact format v1: one safetensors file per chunk, one JSON manifest per document.
+
+A chunk file is a standard safetensors file (readable by ``safetensors.safe_open``)
+holding, per layer ``i``, ``layers.{i}.k`` and ``layers.{i}.v`` shaped
+``[tokens, kv_heads, head_dim]``: independent of any engine's paged layout or block
+size. Its ``__metadata__`` carries the format version, the chunk key and parent, the
+model fingerprint, the dtype, the shape and an xxh3-128 checksum of the data section.
+Everything in the header is checked before a single value is used.
+
+We write the file ourselves (the format is an 8-byte header length, a JSON header and
+the raw data) so the bytes are canonical: the same KV always gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+
+import torch
+import xxhash
+
+CHUNK_FORMAT = "kvcdn.chunk/1"
+MANIFEST_FORMAT = "kvcdn.manifest/1"
+CHECKSUM_ALGO = "xxh3_128"
+
+_ST_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint8: "U8",
+}
+
+
+class ArtifactError(Exception):
+    """An artifact that must not be used. ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    key: str
+    parent: str
+    fingerprint: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    num_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    checksum: str = ""  # "xxh3_128:<hex>" of the data section
+
+
+@dataclass
+class ChunkKV:
+    """Decoded chunk: per-layer K and V, each ``[tokens, kv_heads, head_dim]``."""
+
+    header: ChunkHeader
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checksum(data) -> str:
+    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+def encode_chunk(
+    key: str,
+    parent: str,
+    fingerprint: str,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+) -> tuple[bytes, ChunkHeader]:
+    """Serialize one chunk's K/V (CPU tensors ``[tokens, kv_heads, head_dim]``)."""
+    if len(keys) != len(values) or not keys:
+        raise ValueError("need the same, non-zero number of K and V layers")
+    shape = tuple(keys[0].shape)
+    dtype = keys[0].dtype
+    for t in (*keys, *values):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu":
+            raise ValueError("all K/V tensors must be CPU tensors of one shape and dtype")
+    if len(shape) != 3:
+        raise ValueError(f"K/V must be [tokens, kv_heads, head_dim], got {shape}")
+
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for i, (k, v) in enumerate(zip(keys, values)):
+        tensors += [(f"layers.{i}.k", k), (f"layers.{i}.v", v)]
+    data = bytearray()
+    entries: dict[str, dict] = {}
+    for name, t in tensors:
+        raw = _raw_bytes(t)
+        entries[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    header = ChunkHeader(
+        key=key,
+        parent=parent,
+        fingerprint=fingerprint,
+        dtype=dtype_name(dtype),
+        num_tokens=shape[0],
+        num_layers=len(keys),
+        num_kv_heads=shape[1],
+        head_dim=shape[2],
+        checksum=checksum(data),
+    )
+    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items()}}
+    head = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), sort_keys=True)
+    head_bytes = head.encode()
+    head_bytes += b" " * (-len(head_bytes) % 8)
+    return struct.pack("<Q", len(head_bytes)) + head_bytes + bytes(data), header
+
+
+def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
+    """Parse and check the header only. Returns (header, tensor entries, data offset)."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise ArtifactError("truncated", f"chunk is {len(view)} bytes, shorter than its header")
+    (head_len,) = struct.unpack("<Q", view[:8])
+    if head_len > 100_000_000 or 8 + head_len > len(view):
+        raise ArtifactError("truncated", "chunk header runs past the end of the file")
+    try:
+        head = json.loads(bytes(view[8 : 8 + head_len]))
+        meta = head.pop("__metadata__")
+        if meta.get("format") != CHUNK_FORMAT:
+            raise ArtifactError(
+                "format", f"chunk format {meta.get('format')!r}, this reader knows {CHUNK_FORMAT!r}"
+            )
+        header = ChunkHeader(
+            key=meta["key"],
+            parent=meta["parent"],
+            fingerprint=meta["fingerprint"],
+            dtype=meta["dtype"],
+            num_tokens=int(meta["num_tokens"]),
+            num_layers=int(meta["num_layers"]),
+            num_kv_heads=int(meta["num_kv_heads"]),
+            head_dim=int(meta["head_dim"]),
+            checksum=meta["checksum"],
+        )
+    except ArtifactError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError("format", f"chunk header is not valid kvcdn metadata: {e}") from e
+    return header, head, 8 + head_len
+
+
+def decode_chunk(
+    data,
+    *,
+    key: str | None = None,
+    fingerprint: str | None = None,
+    dtype: torch.dtype | None = None,
+    num_layers: int | None = None,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    verify: bool = True,
+) -> ChunkKV:
+    """Decode a chunk, checking every expectation given. Tensors view ``data``."""
+    header, entries, offset = read_chunk_header(data)
+    expected = {
+        "key": key,
+        "fingerprint": fingerprint,
+        "dtype": dtype_name(dtype) if dtype is not None else None,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+    }
+    for name, want in expected.items():
+        got = getattr(header, name)
+        if want is not None and got != want:
+            raise ArtifactError(
+                "fingerprint" if name == "fingerprint" else "mismatch",
+                f"chunk {header.key[:16]}: {name} is {got!r}, this engine needs {want!r}",
+            )
+    torch_dtype = getattr(torch, header.dtype, None)
+    if torch_dtype not in _ST_DTYPES:
+        raise ArtifactError("format", f"chunk {header.key[:16]}: unknown dtype {header.dtype!r}")
+    body = memoryview(data)[offset:]
+    numel = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
+    if len(body) != numel * torch_dtype.itemsize:
+        raise ArtifactError(
+            "truncated",
+            f"chunk {header.key[:16]}: data is {len(body)} bytes, header says "
+            f"{numel * torch_dtype.itemsize}",
+        )
+    if verify and checksum(body) != header.checksum:
+        raise ArtifactError("checksum", f"chunk {header.key[:16]}: checksum mismatch (corrupt data)")
+    shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
+    keys, values = [], []
+    for i in range(header.num_layers):
+        for name, out in ((f"layers.{i}.k", keys), (f"layers.{i}.v", values)):
+            entry = entries.get(name)
+            if entry is None or entry.get("shape") != list(shape):
+                raise ArtifactError("format", f"chunk {header.key[:16]}: tensor {name} missing or misshapen")
+            start, end = entry["data_offsets"]
+            raw = body[start:end]
+            out.append(torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype).view(shape))
+    return ChunkKV(header=header, keys=keys, values=values)
+
+
+@dataclass(frozen=True)
+class ManifestChunk:
+    key: str
+    parent: str
+    num_tokens: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """One published document: which chunks, under which fingerprint, made how."""
+
+    doc_id: str
+    fingerprint: str
+    num_tokens: int
+    chunk_size: int
+    chunks: list[ManifestChunk]
+    profile: dict = field(default_factory=dict)  # the fingerprint's fields, for humans
+    salted: bool = False
+    created: float = 0.0
+    producer: dict = field(default_factory=dict)
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            d = json.loads(data)
+            if d.get("format") != MANIFEST_FORMAT:
+                raise ArtifactError("format", f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
+            d.pop("total_bytes", None)
+            d["chunks"] = [ManifestChunk(**c) for c in d["chunks"]]
+            m = cls(**d)
+        except ArtifactError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError("format", f"manifest is not valid: {e}") from e
+        if sum(c.num_tokens for c in m.chunks) != m.num_tokens:
+            raise ArtifactError("format", f"manifest {m.doc_id[:16]}: chunk tokens do not add up")
+        return m

@@ -1,0 +1,53 @@
+"""The connector's settings, parsed once from ``kv_connector_extra_config``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from vllm_kvcdn.store import default_store_url
+
+PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, ...}}
+
+
+@dataclass(frozen=True)
+class KVCDNConfig:
+    # Where artifacts live: file:///path (default $KVCDN_STORE or ~/.cache/kvcdn).
+    store_url: str = field(default_factory=default_store_url)
+    # Tokens per chunk; a multiple of the engine's KV block size.
+    chunk_size: int = 256
+    # Verify each chunk's checksum before it is copied into the KV cache.
+    verify_checksums: bool = True
+    # Documents shorter than this are not worth a lookup (and are not published).
+    min_document_tokens: int = 1
+    # Fault injection for tests only: report the partial tail chunk as loaded but
+    # leave its slots untouched. Proves the exactness tests can see a wrong load.
+    debug_skip_partial_tail: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.min_document_tokens < 1:
+            raise ValueError("kvcdn: min_document_tokens must be at least 1")
+
+    @classmethod
+    def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":
+        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE`` overrides an absent store_url."""
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(
+                f"kvcdn: unknown kv_connector_extra_config keys {unknown}; known keys: {sorted(known)}"
+            )
+        if "store_url" not in extra and os.environ.get("KVCDN_STORE"):
+            extra["store_url"] = os.environ["KVCDN_STORE"]
+        return cls(**extra)
+
+    def check_block_size(self, block_size: int) -> None:
+        if self.chunk_size % block_size:
+            raise ValueError(
+                f"kvcdn: chunk_size {self.chunk_size} is not a multiple of the engine's KV block "
+                f"size {block_size}; set kv_connector_extra_config.chunk_size to a multiple of "
+                f"{block_size} (e.g. {max(block_size, self.chunk_size // block_size * block_size)})"
+            )

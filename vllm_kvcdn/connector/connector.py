@@ -1,0 +1,128 @@
+"""``KVCDNConnector``: a thin facade that builds the scheduler half or the worker half."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from vllm_kvcdn.compat import kv_geometry, vllm_fingerprint
+from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector.metadata import KVCDNMetadata
+from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
+from vllm_kvcdn.store import open_store
+from vllm_kvcdn.log import get_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+class KVCDNConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = self._kv_transfer_config
+        self.config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)
+        self.config.check_block_size(vllm_config.cache_config.block_size)
+        if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise NotImplementedError(
+                "kvcdn: tensor/pipeline parallelism is not supported yet; run with "
+                "--tensor-parallel-size 1 --pipeline-parallel-size 1"
+            )
+        self.fingerprint = vllm_fingerprint(vllm_config)
+        store = open_store(self.config.store_url)
+        self._scheduler = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from vllm_kvcdn.connector.scheduler import KVCDNScheduler
+
+            if transfer.kv_load_failure_policy != "recompute":
+                # A cache miss must never fail a request: recompute what did not load.
+                logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r)", transfer.kv_load_failure_policy)
+                transfer.kv_load_failure_policy = "recompute"
+            self._scheduler = KVCDNScheduler(self.config, self.fingerprint, store)
+            logger.info(
+                "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s)",
+                store.url, self.config.chunk_size, self.fingerprint.digest,
+                self.fingerprint.fields["engine"], self.fingerprint.fields["device"], self.fingerprint.fields["compile"],
+            )
+        else:
+            from vllm_kvcdn.connector.worker import KVCDNWorker
+
+            self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config))
+
+    # -- worker side -------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches):
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KVCDNMetadata) and meta.loads:
+            self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return
+
+    def wait_for_save(self):
+        meta = self._connector_metadata
+        if isinstance(meta, KVCDNMetadata) and meta.saves:
+            self._worker.wait_for_save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker else set()
+
+    def build_connector_worker_meta(self):
+        return self._worker.build_worker_meta() if self._worker else None
+
+    def get_kv_connector_stats(self):
+        half = self._worker or self._scheduler
+        return half.stats.take()
+
+    # -- scheduler side ----------------------------------------------------------
+
+    def on_new_request(self, request: "Request") -> None:
+        self._scheduler.on_new_request(request)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        meta = connector_output.kv_connector_worker_meta
+        if meta is not None and getattr(meta, "req_ids", None):
+            self._scheduler.update_connector_output(meta.req_ids)
+
+    def request_finished(self, request: "Request", block_ids: list[int]):
+        return self._scheduler.request_finished(request)
+
+    # -- metrics -------------------------------------------------------------------
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return KVCDNStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVCDNPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,41 @@
+"""What the scheduler half tells the worker half each step (pickled across processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class ChunkLoad:
+    key: str  # chunk key (its object is chunks/<key[:2]>/<key>.safetensors)
+    start: int  # prompt position of the chunk's first token
+    num_tokens: int  # tokens in the chunk
+    write_from: int  # first prompt position to write (>= start)
+    write_to: int  # end of the positions to write (<= start + num_tokens)
+    is_tail: bool  # a document's partial last chunk
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    block_ids: list[int]  # the request's blocks, from position 0
+    chunks: list[ChunkLoad]
+
+
+@dataclass
+class SaveSpec:
+    req_id: str
+    token_ids: list[int]  # the whole document (the request's prompt)
+    block_ids: list[int]  # the request's blocks, from position 0
+    chunk_keys: list[tuple[str, str, int]]  # (key, parent, num_tokens), in order
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+    salted: bool = False
+
+
+@dataclass
+class KVCDNMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)

@@ -1,0 +1,211 @@
+"""Scheduler half: match prompts against published chunks, plan loads and publishes.
+
+Runs in the scheduler process; does no tensor work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm_kvcdn.chain import chain_seed, iter_chunks
+from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
+from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.fingerprint import Fingerprint
+from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key
+from vllm_kvcdn.store import Store
+from vllm_kvcdn.log import get_logger
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Publishing:
+    """A publish request on its way through prefill."""
+
+    params: dict
+    prompt: list[int]
+    salt: str | None
+    block_ids: list[int] = field(default_factory=list)
+    planned: bool = False
+
+    def spans(self, fingerprint: str, chunk_size: int):
+        return list(iter_chunks(self.prompt, chain_seed(fingerprint, self.salt), chunk_size))
+
+
+@dataclass
+class _Hit:
+    doc_id: str | None
+    matched_tokens: int
+    loaded_tokens: int
+    failed: bool = False
+
+
+def publish_params(request: "Request") -> dict | None:
+    params = (request.kv_transfer_params or {}).get(PUBLISH_PARAM)
+    if isinstance(params, dict) and params.get("publish"):
+        return params
+    return None
+
+
+class KVCDNScheduler:
+    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store):
+        self.config = config
+        self.fingerprint = fingerprint
+        self.store = store
+        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size)
+        self.index.refresh(force=True)
+        self.stats = KVCDNStats()
+        self._matches: dict[str, tuple[Match, int]] = {}
+        self._loads: list[LoadSpec] = []
+        self._publishing: dict[str, _Publishing] = {}
+        self._hits: dict[str, _Hit] = {}
+
+    # -- matching -------------------------------------------------------------
+
+    def on_new_request(self, request: "Request") -> None:
+        params = publish_params(request)
+        if params is not None:
+            self._publishing[request.request_id] = _Publishing(
+                params=params, prompt=list(request.prompt_token_ids or []), salt=request.cache_salt
+            )
+        else:
+            self.stats.add("lookups")
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        req_id = request.request_id
+        prompt = request.prompt_token_ids or []
+        # A publish request computes its own KV; vLLM needs the last token computed.
+        if req_id in self._publishing or len(prompt) < 2:
+            return 0, False
+        self.index.refresh()
+        match = self.index.match(prompt, request.cache_salt)
+        hit = min(match.num_tokens, len(prompt) - 1)
+        if hit <= num_computed_tokens:
+            self._matches.pop(req_id, None)
+            return 0, False
+        self._matches[req_id] = (match, hit)
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        req_id = request.request_id
+        planned = self._matches.pop(req_id, None)
+        if num_external_tokens == 0 or planned is None:
+            return
+        match, hit = planned
+        write_start = hit - num_external_tokens
+        chunks = [
+            ChunkLoad(
+                key=span.key,
+                start=span.start,
+                num_tokens=span.num_tokens,
+                write_from=max(span.start, write_start),
+                write_to=min(span.end, hit),
+                is_tail=span.num_tokens < self.config.chunk_size,
+            )
+            for span in match.spans
+            if span.end > write_start and span.start < hit
+        ]
+        block_ids = list(blocks.get_block_ids()[0])
+        self._loads.append(LoadSpec(req_id=req_id, block_ids=block_ids, chunks=chunks))
+        self._hits[req_id] = _Hit(match.doc_id, hit, num_external_tokens)
+        self.stats.add("hit_requests")
+        self.stats.add("hit_tokens", num_external_tokens)
+        logger.info(
+            "kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
+            req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start,
+        )
+
+    # -- per step ---------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVCDNMetadata:
+        meta = KVCDNMetadata(loads=self._loads)
+        self._loads = []
+        if self._publishing:
+            meta.saves = self._plan_publishes(scheduler_output)
+        return meta
+
+    def _plan_publishes(self, out: "SchedulerOutput") -> list[SaveSpec]:
+        """Follow publish requests' blocks; emit a save in the step that ends their prefill."""
+        progress: list[tuple[str, int]] = []
+        for new_req in out.scheduled_new_reqs:
+            state = self._publishing.get(new_req.req_id)
+            if state is not None:
+                state.block_ids = list(new_req.block_ids[0])
+                progress.append((new_req.req_id, new_req.num_computed_tokens))
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._publishing.get(req_id)
+            if state is None or state.planned:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            progress.append((req_id, cached.num_computed_tokens[i]))
+        saves = []
+        for req_id, computed in progress:
+            state = self._publishing[req_id]
+            if state.planned or computed + out.num_scheduled_tokens[req_id] < len(state.prompt):
+                continue
+            state.planned = True
+            spans = state.spans(self.fingerprint.digest, self.config.chunk_size)
+            saves.append(
+                SaveSpec(
+                    req_id=req_id,
+                    token_ids=state.prompt,
+                    block_ids=list(state.block_ids),
+                    chunk_keys=[(s.key, s.parent, s.num_tokens) for s in spans],
+                    title=str(state.params.get("title", "")),
+                    metadata=dict(state.params.get("metadata") or {}),
+                    salted=bool(state.salt),
+                )
+            )
+        return saves
+
+    def update_connector_output(self, failed_req_ids: set[str]) -> None:
+        for req_id in failed_req_ids:
+            hit = self._hits.get(req_id)
+            if hit is not None:
+                hit.failed = True
+
+    # -- finish -------------------------------------------------------------------
+
+    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        self._matches.pop(req_id, None)
+        state = self._publishing.pop(req_id, None)
+        if state is not None:
+            return False, {PUBLISH_PARAM: self._publish_report(state)}
+        hit = self._hits.pop(req_id, None)
+        if hit is None:
+            return False, {PUBLISH_PARAM: {"hit": False, "loaded_tokens": 0}}
+        return False, {
+            PUBLISH_PARAM: {
+                "hit": not hit.failed,
+                "document": hit.doc_id,
+                "matched_tokens": hit.matched_tokens,
+                "loaded_tokens": 0 if hit.failed else hit.loaded_tokens,
+                **({"error": "load failed; tokens were recomputed"} if hit.failed else {}),
+            }
+        }
+
+    def _publish_report(self, state: _Publishing) -> dict:
+        spans = state.spans(self.fingerprint.digest, self.config.chunk_size)
+        doc_id = spans[-1].key if spans else None
+        published = bool(doc_id) and self.store.contains(manifest_object_key(doc_id))
+        return {
+            "published": published,
+            "document": doc_id,
+            "num_tokens": len(state.prompt),
+            "num_chunks": len(spans),
+            "fingerprint": self.fingerprint.digest,
+        }

@@ -1,0 +1,217 @@
+"""Worker half: copy verified chunks into the paged KV cache; save published prompts.
+
+A chunk that is missing, truncated, corrupt or made under another fingerprint is never
+written: its blocks are reported through vLLM's load-error channel, and vLLM
+recomputes those tokens (``kv_load_failure_policy="recompute"``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+
+from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
+from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
+from vllm_kvcdn.connector.metadata import KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.fingerprint import Fingerprint
+from vllm_kvcdn.index import chunk_object_key, manifest_object_key
+from vllm_kvcdn.store import Store, StoreError
+from vllm_kvcdn.log import get_logger
+
+logger = get_logger(__name__)
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+@dataclass
+class FailedLoads(KVConnectorWorkerMetadata):
+    """Requests whose load failed this step (so their responses do not claim a hit)."""
+
+    req_ids: set[str] = field(default_factory=set)
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "FailedLoads":
+        if isinstance(other, FailedLoads):
+            self.req_ids |= other.req_ids
+        return self
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What an artifact must match to go into this engine's cache."""
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    model_dtype: torch.dtype
+    cache_dtype: str  # vLLM's cache_dtype string ("auto", "fp8", ...)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.model_dtype if self.cache_dtype == "auto" else getattr(torch, self.cache_dtype)
+
+
+class KVCDNWorker:
+    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, geometry: KVGeometry):
+        self.config = config
+        self.fingerprint = fingerprint
+        self.store = store
+        self.geometry = geometry
+        self.stats = KVCDNStats()
+        self.caches: list[torch.Tensor] = []
+        self.layout: PagedKVLayout | None = None
+        self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        def layer_index(name: str) -> int:
+            found = _LAYER_INDEX.search(name)
+            if found is None:
+                raise ValueError(f"kvcdn: cannot tell the layer index of KV cache {name!r}")
+            return int(found.group(1))
+
+        names = sorted(kv_caches, key=layer_index)
+        self.caches = [kv_caches[n] for n in names]
+        g = self.geometry
+        self.layout = layout_for(
+            self.caches[0],
+            block_size=g.block_size,
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
+            model_dtype=g.model_dtype,
+            cache_dtype=g.cache_dtype,
+        )
+        logger.info(
+            "kvcdn: worker ready: %d layers, layout %s, store %s",
+            len(self.caches), type(self.layout).__name__, self.store.url,
+        )
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end, dtype=torch.long)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.geometry.block_size]
+        return blocks * self.geometry.block_size + positions % self.geometry.block_size
+
+    # -- loading ---------------------------------------------------------------
+
+    def start_load_kv(self, meta: KVCDNMetadata) -> None:
+        for spec in meta.loads:
+            self._load_request(spec)
+
+    def _load_request(self, spec: LoadSpec) -> None:
+        started = time.perf_counter()
+        loaded_tokens = loaded_bytes = 0
+        g = self.geometry
+        for n, chunk in enumerate(spec.chunks):
+            try:
+                data = self.store.get(chunk_object_key(chunk.key))
+                if data is None:
+                    raise ArtifactError("missing", f"chunk {chunk.key[:16]} is not in {self.store.url}")
+                kv = decode_chunk(
+                    data,
+                    key=chunk.key,
+                    fingerprint=self.fingerprint.digest,
+                    dtype=g.kv_dtype,
+                    num_layers=len(self.caches),
+                    num_kv_heads=g.num_kv_heads,
+                    head_dim=g.head_dim,
+                    verify=self.config.verify_checksums,
+                )
+                if kv.header.num_tokens != chunk.num_tokens:
+                    raise ArtifactError("mismatch", f"chunk {chunk.key[:16]} holds {kv.header.num_tokens} tokens")
+            except (ArtifactError, StoreError) as e:
+                reason = e.reason if isinstance(e, ArtifactError) else "store_error"
+                self._fail(spec, spec.chunks[n:], reason, str(e))
+                break
+            if self.config.debug_skip_partial_tail and chunk.is_tail:
+                continue  # fault injection for tests: claim the tail, leave its slots stale
+            lo, hi = chunk.write_from - chunk.start, chunk.write_to - chunk.start
+            slots = self._slots(spec.block_ids, chunk.write_from, chunk.write_to)
+            for cache, k, v in zip(self.caches, kv.keys, kv.values):
+                self.layout.write(cache, k[lo:hi], v[lo:hi], slots)
+            loaded_tokens += hi - lo
+            loaded_bytes += len(data)
+        self.stats.add("loaded_tokens", loaded_tokens)
+        self.stats.add("loaded_bytes", loaded_bytes)
+        self.stats.add("load_seconds", time.perf_counter() - started)
+
+    def _fail(self, spec: LoadSpec, chunks, reason: str, message: str) -> None:
+        """Report every block from the failed chunk on: vLLM recomputes them."""
+        bs = self.geometry.block_size
+        for chunk in chunks:
+            first, last = chunk.write_from // bs, (chunk.write_to - 1) // bs
+            self._failed_blocks.update(spec.block_ids[first : last + 1])
+        self._failed_reqs.add(spec.req_id)
+        self.stats.fail(reason)
+        logger.warning("kvcdn: load miss for request %s (%s): %s; recomputing", spec.req_id, reason, message)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def build_worker_meta(self) -> FailedLoads | None:
+        if not self._failed_reqs:
+            return None
+        failed, self._failed_reqs = self._failed_reqs, set()
+        return FailedLoads(req_ids=failed)
+
+    # -- publishing --------------------------------------------------------------
+
+    def wait_for_save(self, meta: KVCDNMetadata) -> None:
+        for spec in meta.saves:
+            try:
+                self._save_document(spec)
+            except (StoreError, OSError) as e:
+                self.stats.fail("publish_error")
+                logger.error("kvcdn: publishing request %s failed: %s", spec.req_id, e)
+
+    def _save_document(self, spec: SaveSpec) -> None:
+        started = time.perf_counter()
+        slots = self._slots(spec.block_ids, 0, len(spec.token_ids))
+        per_layer = [self.layout.read(cache, slots) for cache in self.caches]
+        chunks, start, new_bytes, new_chunks = [], 0, 0, 0
+        for key, parent, n in spec.chunk_keys:
+            keys = [k[start : start + n].contiguous() for k, _ in per_layer]
+            values = [v[start : start + n].contiguous() for _, v in per_layer]
+            data, header = encode_chunk(key, parent, self.fingerprint.digest, keys, values)
+            obj = chunk_object_key(key)
+            if not self.store.contains(obj):  # content-addressed: same key, same bytes
+                self.store.put(obj, data)
+                new_bytes += len(data)
+                new_chunks += 1
+            chunks.append(ManifestChunk(key=key, parent=parent, num_tokens=n, nbytes=len(data), checksum=header.checksum))
+            start += n
+        doc_id = spec.chunk_keys[-1][0]
+        manifest = Manifest(
+            doc_id=doc_id,
+            fingerprint=self.fingerprint.digest,
+            num_tokens=len(spec.token_ids),
+            chunk_size=self.config.chunk_size,
+            chunks=chunks,
+            profile=self.fingerprint.fields,
+            salted=spec.salted,
+            created=time.time(),
+            producer=_producer(),
+            title=spec.title,
+            metadata=spec.metadata,
+        )
+        self.store.put(manifest_object_key(doc_id), manifest.to_json())  # last: never dangling
+        self.stats.add("published_documents")
+        self.stats.add("published_chunks", new_chunks)
+        self.stats.add("published_bytes", new_bytes)
+        logger.info(
+            "kvcdn: published document %s: %d tokens, %d chunks (%d new, %d bytes) in %.3fs",
+            doc_id[:16], len(spec.token_ids), len(chunks), new_chunks, new_bytes, time.perf_counter() - started,
+        )
+
+
+def _producer() -> dict:
+    import vllm
+
+    from vllm_kvcdn import __version__
+
+    return {"engine": "vllm", "vllm": vllm.__version__, "kvcdn": __version__, "torch": torch.__version__}

@@ -1,0 +1,130 @@
+"""Offline (``vllm.LLM``) helpers: build an engine with the connector, publish, query.
+
+Used by the demo, the tests and the benchmarks. Scripts that call these must guard
+their entry point with ``if __name__ == "__main__":`` (vLLM starts processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_kvcdn.config import PUBLISH_PARAM
+
+# Same CPU thread setup for every engine, with or without a connector: a connector
+# otherwise makes vLLM reserve a core, which changes numerics (DESIGN 4b).
+CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+
+
+def set_cpu_env() -> None:
+    for k, v in CPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def kv_transfer_config(store_url: str, chunk_size: int = 256, **extra: Any) -> dict:
+    return {
+        "kv_connector": "KVCDNConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"store_url": store_url, "chunk_size": chunk_size, **extra},
+    }
+
+
+def make_llm(
+    model: str,
+    *,
+    store_url: str | None = None,
+    chunk_size: int = 256,
+    extra_config: dict | None = None,
+    enforce_eager: bool = True,
+    max_model_len: int = 4096,
+    enable_prefix_caching: bool = True,
+    **kwargs: Any,
+):
+    """A ``vllm.LLM``; with ``store_url`` it runs the kvcdn connector, else none."""
+    set_cpu_env()
+    from vllm import LLM
+
+    if store_url is not None:
+        kwargs["kv_transfer_config"] = kv_transfer_config(store_url, chunk_size, **(extra_config or {}))
+    return LLM(
+        model=model,
+        enforce_eager=enforce_eager,
+        max_model_len=max_model_len,
+        enable_prefix_caching=enable_prefix_caching,
+        gpu_memory_utilization=kwargs.pop("gpu_memory_utilization", 0.3),
+        disable_log_stats=kwargs.pop("disable_log_stats", False),
+        **kwargs,
+    )
+
+
+@dataclass
+class Answer:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # logprob of each generated token
+    kvcdn: dict  # what the connector reported (kv_transfer_params["kvcdn"])
+    num_cached_tokens: int  # vLLM's own count of prompt tokens not computed
+
+
+def generate(llm, prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False,
+             cache_salt: str | None = None, title: str = "", metadata: dict | None = None) -> Answer:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {}
+    if publish:
+        extra["kv_transfer_params"] = {
+            PUBLISH_PARAM: {"publish": True, "title": title, "metadata": metadata or {}}
+        }
+        max_tokens = 1
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)
+    prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+    if cache_salt:
+        prompt["cache_salt"] = cache_salt
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    comp = out.outputs[0]
+    logprobs = [lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs or [])]
+    return Answer(
+        token_ids=list(comp.token_ids),
+        text=comp.text,
+        logprobs=logprobs,
+        kvcdn=(out.kv_transfer_params or {}).get(PUBLISH_PARAM, {}),
+        num_cached_tokens=out.num_cached_tokens or 0,
+    )
+
+
+def engine_counters(llm) -> dict[str, float]:
+    """vLLM's own prefill counters (summed over labels) from the engine's metrics."""
+    wanted = (
+        "vllm:prompt_tokens_by_source",
+        "vllm:request_prefill_kv_computed_tokens",
+        "vllm:external_prefix_cache_hits",
+        "vllm:external_prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "vllm:kvcdn_",
+    )
+    out: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        if not metric.name.startswith(wanted):
+            continue
+        labels = getattr(metric, "labels", {}) or {}
+        key = metric.name
+        if "source" in labels:
+            key += f"{{source={labels['source']}}}"
+        if "reason" in labels:
+            key += f"{{reason={labels['reason']}}}"
+        value = getattr(metric, "value", None)
+        if value is None:  # histogram: keep its sum
+            value = getattr(metric, "sum", 0.0)
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,29 @@
+"""Stores picked by URL scheme: ``file:///path`` (or a bare path)."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from vllm_kvcdn.store.base import Store, StoreError
+from vllm_kvcdn.store.file import FileStore
+
+__all__ = ["Store", "StoreError", "FileStore", "open_store", "default_store_url"]
+
+
+def default_store_url() -> str:
+    """``$KVCDN_STORE``, else ``$XDG_CACHE_HOME/kvcdn``, else ``~/.cache/kvcdn``."""
+    if os.environ.get("KVCDN_STORE"):
+        return os.environ["KVCDN_STORE"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return f"file://{os.path.join(cache, 'kvcdn')}"
+
+
+def open_store(url: str | None = None) -> Store:
+    url = url or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return FileStore(parsed.netloc + parsed.path if parsed.scheme else url)
+    raise ValueError(
+        f"unsupported store URL {url!r}: use file:///path (s3:// is planned, see the README)"
+    )
