@@ -18,8 +18,6 @@ class KVCDNConfig:
     chunk_size: int = 256
     # Verify each chunk's checksum before it is copied into the KV cache.
     verify_checksums: bool = True
-    # Documents shorter than this are not worth a lookup (and are not published).
-    min_document_tokens: int = 1
     # Fault injection for tests only: report the partial tail chunk as loaded but
     # leave its slots untouched. Proves the exactness tests can see a wrong load.
     debug_skip_partial_tail: bool = False
@@ -27,8 +25,6 @@ class KVCDNConfig:
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if self.min_document_tokens < 1:
-            raise ValueError("kvcdn: min_document_tokens must be at least 1")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":

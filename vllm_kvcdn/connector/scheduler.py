@@ -115,8 +115,8 @@ class KVCDNScheduler:
         block_ids = list(blocks.get_block_ids()[0])
         self._loads.append(LoadSpec(req_id=req_id, block_ids=block_ids, chunks=chunks))
         self._hits[req_id] = _Hit(match.doc_id, hit, num_external_tokens)
-        self.stats.add("hit_requests")
-        self.stats.add("hit_tokens", num_external_tokens)
+        self.stats.add("matched_requests")
+        self.stats.add("matched_tokens", num_external_tokens)
         logger.info(
             "kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
             req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start,

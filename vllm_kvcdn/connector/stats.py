@@ -12,8 +12,8 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 
 COUNTERS = {
     "lookups": "Requests the connector looked up in the published index",
-    "hit_requests": "Requests that matched published chunks",
-    "hit_tokens": "Prompt tokens matched in published chunks",
+    "matched_requests": "Requests whose prompt matched published chunks (see loaded_tokens for what loaded)",
+    "matched_tokens": "Prompt tokens planned for loading from published chunks",
     "loaded_tokens": "Tokens whose KV was copied from the store into the KV cache",
     "loaded_bytes": "Artifact bytes read and verified for loads",
     "load_seconds": "Seconds the worker spent loading chunks",

@@ -1,0 +1,83 @@
+"""Shared fixtures: the generated tiny model (and a one-weight variant), documents, and
+a runner that executes real vLLM engines in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from vllm_kvcdn.tiny_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with one weight element changed: a different fingerprint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("models") / "tiny-variant"
+    shutil.copytree(tiny_model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    name = "model.layers.3.mlp.down_proj.weight"
+    weights[name] = weights[name].clone()
+    weights[name][0, 0] += torch.tensor(0.5, dtype=weights[name].dtype)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict[str, list[str]]:
+    from vllm_kvcdn.tiny_model import corpus
+
+    lines = corpus()
+    return {"doc_d": lines[:150], "doc_e": lines[1000:1150], "other": lines[2000:2010]}
+
+
+class EngineRunner:
+    """Runs ``tests/engine_job.py`` in a fresh process; returns its JSON results."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.count = 0
+
+    def __call__(self, spec: dict, timeout: float = 600) -> dict:
+        self.count += 1
+        spec_path = self.workdir / f"engine-{self.count}.json"
+        out_path = self.workdir / f"engine-{self.count}.out.json"
+        log_path = self.workdir / f"engine-{self.count}.log"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "engine_job.py"), str(spec_path), str(out_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+            )
+        if proc.returncode != 0:
+            tail = log_path.read_text()[-6000:]
+            raise RuntimeError(f"engine job failed (rc={proc.returncode}), log {log_path}:\n{tail}")
+        return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def run_engine(tmp_path_factory) -> EngineRunner:
+    return EngineRunner(tmp_path_factory.mktemp("engines"))

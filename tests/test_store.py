@@ -1,0 +1,55 @@
+"""The file store: atomic, idempotent puts, listing, deletion, change detection."""
+
+import os
+
+import pytest
+
+from vllm_kvcdn.store import FileStore, open_store
+
+
+def test_put_get_contains_delete(tmp_path):
+    s = FileStore(tmp_path)
+    assert s.get("chunks/ab/x.safetensors") is None and not s.contains("chunks/ab/x.safetensors")
+    s.put("chunks/ab/x.safetensors", b"hello")
+    s.put("chunks/ab/x.safetensors", b"hello")  # idempotent
+    assert bytes(s.get("chunks/ab/x.safetensors")) == b"hello"
+    assert s.size("chunks/ab/x.safetensors") == 5
+    assert s.delete("chunks/ab/x.safetensors") and not s.delete("chunks/ab/x.safetensors")
+
+
+def test_list_skips_temporaries_and_filters_prefix(tmp_path):
+    s = FileStore(tmp_path)
+    s.put("manifests/a.json", b"{}")
+    s.put("chunks/aa/b.safetensors", b"x")
+    (tmp_path / "manifests" / ".tmp-123").write_bytes(b"partial")
+    assert sorted(s.list("manifests/")) == ["manifests/a.json"]
+    assert sorted(s.list()) == ["chunks/aa/b.safetensors", "manifests/a.json"]
+
+
+def test_no_temp_file_is_left_behind(tmp_path):
+    s = FileStore(tmp_path)
+    s.put("manifests/a.json", b"{}")
+    assert os.listdir(tmp_path / "manifests") == ["a.json"]
+
+
+def test_version_changes_when_a_manifest_is_added_or_removed(tmp_path):
+    s = FileStore(tmp_path)
+    v0 = s.version("manifests/")
+    s.put("manifests/a.json", b"{}")
+    v1 = s.version("manifests/")
+    s.delete("manifests/a.json")
+    assert len({v0, v1, s.version("manifests/")}) == 3
+
+
+def test_keys_cannot_escape_the_root(tmp_path):
+    s = FileStore(tmp_path)
+    with pytest.raises(ValueError):
+        s.put("../outside", b"x")
+
+
+def test_open_store_by_url(tmp_path, monkeypatch):
+    assert open_store(f"file://{tmp_path}/s").root == (tmp_path / "s").resolve()
+    monkeypatch.setenv("KVCDN_STORE", f"file://{tmp_path}/env")
+    assert open_store().root == (tmp_path / "env").resolve()
+    with pytest.raises(ValueError, match="unsupported store URL"):
+        open_store("ftp://x/y")
