@@ -16,9 +16,8 @@ from vllm_kvcdn.artifact import (
     read_chunk_header,
 )
 
-
-PINNED_SHA256 = "a03adb3049bd1cb817a18615aacff4b435415803233736ac15ba9ad03124f335"
-PINNED_CHECKSUM = "15dce6d55535a5a41f008998e99ee5d0"
+PINNED_SHA256 = "0d23b88e22b9d243ea0245eb6e183dd5d2d2bb8b6a4445a4d8c89c8c4939199e"
+PINNED_CHECKSUM = "1668af9f071a979f9bc3d3b3f0a2d7e4"
 
 
 def tiny_kv(layers=2, tokens=3, heads=2, dim=4, dtype=torch.bfloat16):
@@ -30,7 +29,7 @@ def tiny_kv(layers=2, tokens=3, heads=2, dim=4, dtype=torch.bfloat16):
 
 def encode(**kw):
     keys, values = tiny_kv(**kw)
-    return encode_chunk("ab" * 32, "cd" * 32, "fp" * 16, keys, values)
+    return encode_chunk("ab" * 32, "cd" * 32, "fp" * 16, list(range(7, 7 + keys[0].shape[0])), keys, values)
 
 
 def test_exact_bytes_are_pinned():
@@ -39,7 +38,7 @@ def test_exact_bytes_are_pinned():
     assert hashlib.sha256(data).hexdigest() == PINNED_SHA256
     assert header.checksum == "xxh3_128:" + PINNED_CHECKSUM
     (head_len,) = struct.unpack("<Q", data[:8])
-    assert head_len % 8 == 0 and len(data) == 8 + head_len + 2 * 2 * 3 * 2 * 4 * 2
+    assert head_len % 8 == 0 and len(data) == 8 + head_len + 3 * 4 + 2 * 2 * 3 * 2 * 4 * 2
 
 
 def test_safetensors_can_read_our_files(tmp_path):
@@ -51,12 +50,13 @@ def test_safetensors_can_read_our_files(tmp_path):
         assert f.metadata()["format"] == "kvcdn.chunk/1"
         assert torch.equal(f.get_tensor("layers.1.k"), keys[1])
         assert torch.equal(f.get_tensor("layers.0.v"), values[0])
+        assert f.get_tensor("tokens").tolist() == [7, 8, 9]
 
 
 def test_round_trip_checks_every_expectation():
     data, _ = encode()
     kv = decode_chunk(bytearray(data), key="ab" * 32, fingerprint="fp" * 16, dtype=torch.bfloat16,
-                      num_layers=2, num_kv_heads=2, head_dim=4)
+                      num_layers=2, num_kv_heads=2, head_dim=4, tokens=[7, 8, 9])
     keys, values = tiny_kv()
     assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, keys + values))
     assert kv.header.num_tokens == 3 and kv.header.parent == "cd" * 32
@@ -69,6 +69,7 @@ def test_round_trip_checks_every_expectation():
         ({"dtype": torch.float16}, "mismatch"),
         ({"num_layers": 3}, "mismatch"),
         ({"key": "ef" * 32}, "mismatch"),
+        ({"tokens": [7, 8, 10]}, "token_mismatch"),
     ],
 )
 def test_mismatches_are_refused(expect, reason):

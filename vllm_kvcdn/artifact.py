@@ -1,7 +1,8 @@
 """Artifact format v1: one safetensors file per chunk, one JSON manifest per document.
 
 A chunk file is a standard safetensors file (readable by ``safetensors.safe_open``)
-holding, per layer ``i``, ``layers.{i}.k`` and ``layers.{i}.v`` shaped
+holding the chunk's token ids (``tokens``, int32) and, per layer ``i``,
+``layers.{i}.k`` and ``layers.{i}.v`` shaped
 ``[tokens, kv_heads, head_dim]``: independent of any engine's paged layout or block
 size. Its ``__metadata__`` carries the format version, the chunk key and parent, the
 model fingerprint, the dtype, the shape and an xxh3-128 checksum of the data section.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +33,7 @@ _ST_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
     torch.uint8: "U8",
+    torch.int32: "I32",
 }
 
 
@@ -57,9 +60,10 @@ class ChunkHeader:
 
 @dataclass
 class ChunkKV:
-    """Decoded chunk: per-layer K and V, each ``[tokens, kv_heads, head_dim]``."""
+    """Decoded chunk: its token ids and per-layer K and V, each ``[tokens, kv_heads, head_dim]``."""
 
     header: ChunkHeader
+    tokens: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
@@ -81,10 +85,11 @@ def encode_chunk(
     key: str,
     parent: str,
     fingerprint: str,
+    tokens: Sequence[int],
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
 ) -> tuple[bytes, ChunkHeader]:
-    """Serialize one chunk's K/V (CPU tensors ``[tokens, kv_heads, head_dim]``)."""
+    """Serialize one chunk: its token ids and per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``)."""
     if len(keys) != len(values) or not keys:
         raise ValueError("need the same, non-zero number of K and V layers")
     shape = tuple(keys[0].shape)
@@ -92,10 +97,12 @@ def encode_chunk(
     for t in (*keys, *values):
         if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu":
             raise ValueError("all K/V tensors must be CPU tensors of one shape and dtype")
-    if len(shape) != 3:
-        raise ValueError(f"K/V must be [tokens, kv_heads, head_dim], got {shape}")
+    if len(shape) != 3 or shape[0] != len(tokens):
+        raise ValueError(f"K/V must be [{len(tokens)} tokens, kv_heads, head_dim], got {shape}")
 
-    tensors: list[tuple[str, torch.Tensor]] = []
+    # Token ids travel with their KV: a reader re-checks them (a guard against hash
+    # collisions) and `kvcdn verify` can recompute the chunk from them alone.
+    tensors: list[tuple[str, torch.Tensor]] = [("tokens", torch.tensor(list(tokens), dtype=torch.int32))]
     for i, (k, v) in enumerate(zip(keys, values)):
         tensors += [(f"layers.{i}.k", k), (f"layers.{i}.v", v)]
     data = bytearray()
@@ -103,8 +110,8 @@ def encode_chunk(
     for name, t in tensors:
         raw = _raw_bytes(t)
         entries[name] = {
-            "dtype": _ST_DTYPES[dtype],
-            "shape": list(shape),
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
             "data_offsets": [len(data), len(data) + len(raw)],
         }
         data += raw
@@ -168,6 +175,7 @@ def decode_chunk(
     num_layers: int | None = None,
     num_kv_heads: int | None = None,
     head_dim: int | None = None,
+    tokens: Sequence[int] | None = None,
     verify: bool = True,
 ) -> ChunkKV:
     """Decode a chunk, checking every expectation given. Tensors view ``data``."""
@@ -192,25 +200,28 @@ def decode_chunk(
         raise ArtifactError("format", f"chunk {header.key[:16]}: unknown dtype {header.dtype!r}")
     body = memoryview(data)[offset:]
     numel = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
-    if len(body) != numel * torch_dtype.itemsize:
+    expected_bytes = 4 * header.num_tokens + numel * torch_dtype.itemsize
+    if len(body) != expected_bytes:
         raise ArtifactError(
-            "truncated",
-            f"chunk {header.key[:16]}: data is {len(body)} bytes, header says "
-            f"{numel * torch_dtype.itemsize}",
+            "truncated", f"chunk {header.key[:16]}: data is {len(body)} bytes, header says {expected_bytes}"
         )
     if verify and checksum(body) != header.checksum:
         raise ArtifactError("checksum", f"chunk {header.key[:16]}: checksum mismatch (corrupt data)")
+
+    def tensor(name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        entry = entries.get(name)
+        if entry is None or entry.get("shape") != list(shape) or entry.get("dtype") != _ST_DTYPES[dtype]:
+            raise ArtifactError("format", f"chunk {header.key[:16]}: tensor {name} missing or misshapen")
+        start, end = entry["data_offsets"]
+        return torch.frombuffer(body[start:end], dtype=torch.uint8).view(dtype).view(shape)
+
+    chunk_tokens = tensor("tokens", torch.int32, (header.num_tokens,))
+    if tokens is not None and chunk_tokens.tolist() != list(tokens):
+        raise ArtifactError("token_mismatch", f"chunk {header.key[:16]}: its token ids differ from the request's")
     shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
-    keys, values = [], []
-    for i in range(header.num_layers):
-        for name, out in ((f"layers.{i}.k", keys), (f"layers.{i}.v", values)):
-            entry = entries.get(name)
-            if entry is None or entry.get("shape") != list(shape):
-                raise ArtifactError("format", f"chunk {header.key[:16]}: tensor {name} missing or misshapen")
-            start, end = entry["data_offsets"]
-            raw = body[start:end]
-            out.append(torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype).view(shape))
-    return ChunkKV(header=header, keys=keys, values=values)
+    keys = [tensor(f"layers.{i}.k", torch_dtype, shape) for i in range(header.num_layers)]
+    values = [tensor(f"layers.{i}.v", torch_dtype, shape) for i in range(header.num_layers)]
+    return ChunkKV(header=header, tokens=chunk_tokens, keys=keys, values=values)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest, decode_chunk
-from vllm_kvcdn.index import MANIFEST_PREFIX, chunk_object_key, manifest_object_key
+from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import Manifest
 from vllm_kvcdn.store import default_store_url, open_store
 
 
@@ -17,21 +17,16 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help=f"store URL (default: $KVCDN_STORE or {default_store_url()})")
 
 
-def _manifests(store):
-    for key in sorted(store.list(MANIFEST_PREFIX)):
-        data = store.get(key)
-        if data is None:
-            continue
-        try:
-            yield Manifest.from_json(data)
-        except ArtifactError as e:
-            print(f"warning: skipping {key}: {e}", file=sys.stderr)
+def _server_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--server", default=None if not required else "http://localhost:8000", required=False,
+                   help="a kvcdn server URL (e.g. http://localhost:8000); without it, work on --store directly")
+    p.add_argument("--key", default=None, help="publisher key (default: $KVCDN_PUBLISHER_KEY)")
 
 
 def _find_manifest(store, doc: str) -> Manifest:
     if Path(doc).is_file():
         return Manifest.from_json(Path(doc).read_bytes())
-    matches = [m for m in _manifests(store) if m.doc_id.startswith(doc)]
+    matches = catalog.find_manifests(store, doc)
     if len(matches) != 1:
         raise SystemExit(f"kvcdn: {len(matches)} documents match {doc!r} in {store.url}; give more of the id")
     return matches[0]
@@ -44,9 +39,65 @@ def cmd_make_tiny_model(args) -> None:
     print(f"wrote a {args.shape} Qwen3-architecture model with seeded random weights to {out}")
 
 
+def _client(args):
+    from vllm_kvcdn.client import SideAPIClient
+
+    return SideAPIClient(args.server, key=getattr(args, "key", None))
+
+
+def _api(call):
+    from vllm_kvcdn.client import APIError
+
+    try:
+        return call()
+    except APIError as e:
+        raise SystemExit(f"kvcdn: {e}") from None
+
+
+def cmd_serve(args, vllm_args: list[str]) -> None:
+    from vllm_kvcdn.serve import serve
+
+    serve(args.model, vllm_args, store_url=args.kvcdn_store, chunk_size=args.kvcdn_chunk_size,
+          preset=args.kvcdn_preset, publisher_key=args.publisher_key)
+
+
+def _read_document(path: str) -> str:
+    return sys.stdin.read() if path == "-" else Path(path).read_text()
+
+
+def cmd_publish(args) -> None:
+    from tqdm import tqdm
+
+    client = _client(args)
+    for path in tqdm(args.files, desc="publishing", unit="doc", disable=len(args.files) < 2):
+        text = _read_document(path)
+        title = args.title or ("stdin" if path == "-" else Path(path).name)
+        if args.chat:
+            try:
+                messages = json.loads(text)
+                assert isinstance(messages, list)
+            except (ValueError, AssertionError):
+                messages = [{"role": args.role, "content": text}]
+            result = _api(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt))
+        else:
+            result = _api(lambda: client.publish(text=text, title=title, cache_salt=args.salt))
+        print(f"{result['id']}  {result['num_tokens']} tokens  {result['num_chunks']} chunks  "
+              f"{(result.get('bytes') or 0) / 1e6:.2f} MB  {result['seconds']:.2f}s  {title}")
+
+
 def cmd_ls(args) -> None:
+    if args.server:
+        docs = _api(lambda: _client(args).list())["documents"]
+        if args.json:
+            print(json.dumps(docs, indent=1))
+            return
+        print(f"{len(docs)} documents on {args.server}")
+        for d in docs:
+            print(f"{d['id'][:16]}  {d['num_tokens']:>7} tok  {d['num_chunks']:>4} chunks  {d['bytes'] / 1e6:>9.2f} MB"
+                  f"  reads={d['reads']:<6} {'servable' if d['servable'] else 'other model'}  {d['title']}")
+        return
     store = open_store(args.store)
-    rows = list(_manifests(store))
+    rows = list(catalog.manifests(store))
     if args.json:
         print(json.dumps([json.loads(m.to_json()) for m in rows], indent=1))
         return
@@ -62,30 +113,68 @@ def cmd_inspect(args) -> None:
     m = _find_manifest(store, args.doc)
     print(m.to_json().decode())
     if args.verify:
-        bad = 0
-        for c in m.chunks:
-            data = store.get(chunk_object_key(c.key))
-            try:
-                if data is None:
-                    raise ArtifactError("missing", "chunk object is missing")
-                kv = decode_chunk(data, key=c.key, fingerprint=m.fingerprint)
-                status = "ok" if kv.header.checksum == c.checksum else "checksum differs from manifest"
-            except ArtifactError as e:
-                status = f"BAD ({e.reason}): {e}"
-            bad += status != "ok"
-            print(f"chunk {c.key[:16]} {c.num_tokens:>4} tok {c.nbytes:>10} B  {status}")
+        results = catalog.verify_chunks(store, m)
+        for (key, status), c in zip(results, m.chunks):
+            print(f"chunk {key[:16]} {c.num_tokens:>4} tok {c.nbytes:>10} B  {status}")
+        bad = sum(status != "ok" for _, status in results)
         if bad:
             raise SystemExit(f"kvcdn: {bad} of {len(m.chunks)} chunks failed verification")
 
 
+def cmd_verify(args) -> None:
+    report = _api(lambda: _client(args).verify(args.doc))
+    for c in report.get("chunks", []):
+        print(f"chunk {c['key'][:16]} {c['num_tokens']:>5} tok  {c['status']}")
+    verdict = "identical to a fresh prefill" if report.get("identical") else f"NOT identical {report.get('error', '')}"
+    print(f"document {report['document'][:16]}: {verdict}")
+    if not report.get("identical"):
+        raise SystemExit(1)
+
+
 def cmd_rm(args) -> None:
+    if args.server:
+        d = _api(lambda: _client(args).delete(args.doc))
+        print(f"removed document {d['doc_id'][:16]} ({d['chunks_deleted']} chunks deleted, "
+              f"{d['chunks_kept']} still used by other documents)")
+        return
     store = open_store(args.store)
-    m = _find_manifest(store, args.doc)
-    store.delete(manifest_object_key(m.doc_id))  # first: no request can match it any more
-    still_used = {c.key for other in _manifests(store) for c in other.chunks}
-    removed = sum(store.delete(chunk_object_key(c.key)) for c in m.chunks if c.key not in still_used)
-    print(f"removed document {m.doc_id[:16]} ({removed} chunks deleted, "
-          f"{len(m.chunks) - removed} still used by other documents)")
+    d = catalog.delete_document(store, _find_manifest(store, args.doc))
+    print(f"removed document {d.doc_id[:16]} ({d.chunks_deleted} chunks deleted, "
+          f"{d.chunks_kept} still used by other documents)")
+
+
+def _hf(args):
+    from vllm_kvcdn.hf import HFKVCDN
+
+    return HFKVCDN(args.model, store_url=args.store, dtype=args.dtype, device=args.device,
+                   allow_cross_profile=getattr(args, "allow_cross_profile", False))
+
+
+def cmd_hf_publish(args) -> None:
+    kv = _hf(args)
+    for path in args.files:
+        text = _read_document(path)
+        started = time.perf_counter()
+        m = kv.publish(text=text, cache_salt=args.salt, title=args.title or Path(path).name)
+        print(f"{m.doc_id}  {m.num_tokens} tokens  {len(m.chunks)} chunks  {m.total_bytes / 1e6:.2f} MB  "
+              f"{time.perf_counter() - started:.2f}s on {kv.device.type}")
+
+
+def cmd_hf_generate(args) -> None:
+    from vllm_kvcdn.hf import FingerprintMismatch
+
+    kv = _hf(args)
+    text = args.prompt if args.prompt is not None else _read_document(args.prompt_file)
+    started = time.perf_counter()
+    try:
+        out = kv.generate(kv.encode(text), doc_id=args.doc, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.sample)
+    except (FingerprintMismatch, ValueError, KeyError) as e:
+        raise SystemExit(f"kvcdn: {e}") from None
+    print(out.text)
+    print(f"[kvcdn] {out.cached_tokens} prompt tokens loaded from {str(out.doc_id)[:16]}, "
+          f"{len(out.token_ids)} generated in {time.perf_counter() - started:.2f}s on {kv.device.type}",
+          file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -106,6 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16)
     p.set_defaults(func=cmd_demo)
 
+    def hf_args(p):
+        p.add_argument("model", help="a transformers model directory (or hub id, if downloaded)")
+        _store_arg(p)
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+        p.add_argument("--device", default=None, help="mps, cuda or cpu (default: the first available, in that order)")
+
+    p = sub.add_parser("hf-publish", help="publish documents with plain transformers (no server)")
+    hf_args(p)
+    p.add_argument("files", nargs="+", help="text files, or - for standard input")
+    p.add_argument("--salt", default=None, help="cache_salt for the artifact")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_hf_publish)
+
+    p = sub.add_parser("hf-generate", help="generate with transformers from a published document's KV")
+    hf_args(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", default=None, help="the full prompt text (document + question)")
+    group.add_argument("--prompt-file", default=None, help="a file holding the full prompt, or -")
+    p.add_argument("--doc", default=None, help="document id (default: the longest published prefix of the prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--allow-cross-profile", action="store_true",
+                   help="accept artifacts of the same model made by another engine/device (exactness not promised)")
+    p.set_defaults(func=cmd_hf_generate)
+
     p = sub.add_parser("make-tiny-model", help="write a Qwen3-architecture model with seeded random weights")
     p.add_argument("dir", help="output directory")
     p.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-4b"])
@@ -113,8 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.set_defaults(func=cmd_make_tiny_model)
 
-    p = sub.add_parser("ls", help="list published documents in a store")
+    p = sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI server with KVCDNConnector and the /kvcdn/v1 side API",
+        description="Start vLLM's OpenAI-compatible server with KVCDNConnector and the publishing side API "
+                    "on the same port. Every argument not listed here goes to vLLM unchanged "
+                    "(see `python -m vllm.entrypoints.openai.api_server --help`).",
+    )
+    p.add_argument("model", help="model path or name, as for vLLM's --model")
+    p.add_argument("--kvcdn-store", default=None, help=f"store URL (default: $KVCDN_STORE or {default_store_url()})")
+    p.add_argument("--kvcdn-chunk-size", type=int, default=None, help="tokens per chunk (default 256)")
+    p.add_argument("--kvcdn-preset", default=None, help="a --kv-transfer-config JSON file (see connectors/)")
+    p.add_argument("--publisher-key", default=None,
+                   help="key that publish/delete calls must send (default: $KVCDN_PUBLISHER_KEY, else generated)")
+    p.set_defaults(func=cmd_serve, passthrough=True)
+
+    p = sub.add_parser("publish", help="publish documents to a kvcdn server (prefill runs on the server)")
+    p.add_argument("files", nargs="+", help="text files, or - for standard input")
+    _server_arg(p, required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="publish as a chat prefix: a JSON list of messages, or the text as one message")
+    p.add_argument("--role", default="user", help="role of the message with --chat and plain text (default user)")
+    p.add_argument("--title", default=None, help="title (default: the file name)")
+    p.add_argument("--salt", default=None, help="cache_salt: only requests with this salt will hit")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("ls", help="list published documents (on a server, or in a store)")
     _store_arg(p)
+    _server_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifests as JSON")
     p.set_defaults(func=cmd_ls)
 
@@ -124,15 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("verify", help="recompute a document on the server and compare with the store, bit for bit")
+    p.add_argument("doc", help="document id (a unique prefix is enough)")
+    _server_arg(p, required=True)
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("rm", help="delete a document (chunks shared with other documents are kept)")
     p.add_argument("doc", help="document id (a unique prefix is enough)")
     _store_arg(p)
+    _server_arg(p)
     p.set_defaults(func=cmd_rm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] == "serve" and not any(a in ("-h", "--help") for a in argv[1:2]):
+        args, vllm_args = parser.parse_known_args(argv)
+        return args.func(args, vllm_args)
+    args = parser.parse_args(argv)
     args.func(args)
 
 

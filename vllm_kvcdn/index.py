@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import ChunkSpan, chain_seed, chunk_key
-from vllm_kvcdn.store import Store, StoreError
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)
 
@@ -28,6 +28,10 @@ def chunk_object_key(key: str) -> str:
 
 def manifest_object_key(doc_id: str) -> str:
     return f"{MANIFEST_PREFIX}{doc_id}.json"
+
+
+def verify_report_key(doc_id: str) -> str:
+    return f"verify/{doc_id}.json"
 
 
 @dataclass(frozen=True)

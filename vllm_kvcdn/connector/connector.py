@@ -15,8 +15,8 @@ from vllm_kvcdn.compat import kv_geometry, vllm_fingerprint
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
-from vllm_kvcdn.store import open_store
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import open_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -15,6 +15,7 @@ class ChunkLoad:
     write_from: int  # first prompt position to write (>= start)
     write_to: int  # end of the positions to write (<= start + num_tokens)
     is_tail: bool  # a document's partial last chunk
+    tokens: list[int]  # the request's tokens for this chunk (re-checked against the file)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SaveSpec:
     title: str = ""
     metadata: dict = field(default_factory=dict)
     salted: bool = False
+    verify: bool = False  # compare with the stored chunks and write a report, instead of publishing
 
 
 @dataclass

@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vllm_kvcdn.artifact import Manifest
 from vllm_kvcdn.chain import chain_seed, iter_chunks
 from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key
-from vllm_kvcdn.store import Store
+from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key, verify_report_key
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -27,16 +28,19 @@ logger = get_logger(__name__)
 
 @dataclass
 class _Publishing:
-    """A publish request on its way through prefill."""
+    """A publish (or verify) request on its way through prefill."""
 
     params: dict
     prompt: list[int]
-    salt: str | None
+    chunk_keys: list[tuple[str, str, int]]  # (key, parent, num_tokens) of each chunk to write
+    verify: bool = False  # recompute and compare with the stored chunks instead of writing
+    salted: bool = False
     block_ids: list[int] = field(default_factory=list)
     planned: bool = False
 
-    def spans(self, fingerprint: str, chunk_size: int):
-        return list(iter_chunks(self.prompt, chain_seed(fingerprint, self.salt), chunk_size))
+    @property
+    def doc_id(self) -> str | None:
+        return self.chunk_keys[-1][0] if self.chunk_keys else None
 
 
 @dataclass
@@ -48,8 +52,9 @@ class _Hit:
 
 
 def publish_params(request: "Request") -> dict | None:
+    """The request's ``kv_transfer_params["kvcdn"]`` when it asks to publish or verify."""
     params = (request.kv_transfer_params or {}).get(PUBLISH_PARAM)
-    if isinstance(params, dict) and params.get("publish"):
+    if isinstance(params, dict) and (params.get("publish") or params.get("verify")):
         return params
     return None
 
@@ -71,12 +76,28 @@ class KVCDNScheduler:
 
     def on_new_request(self, request: "Request") -> None:
         params = publish_params(request)
-        if params is not None:
-            self._publishing[request.request_id] = _Publishing(
-                params=params, prompt=list(request.prompt_token_ids or []), salt=request.cache_salt
-            )
-        else:
+        if params is None:
             self.stats.add("lookups")
+            return
+        prompt = list(request.prompt_token_ids or [])
+        if params.get("verify"):
+            chunk_keys = self._manifest_chunks(str(params["verify"]), prompt)
+        else:
+            seed = chain_seed(self.fingerprint.digest, request.cache_salt)
+            chunk_keys = [(s.key, s.parent, s.num_tokens) for s in iter_chunks(prompt, seed, self.config.chunk_size)]
+        self._publishing[request.request_id] = _Publishing(
+            params=params, prompt=prompt, chunk_keys=chunk_keys, verify=bool(params.get("verify")),
+            salted=bool(request.cache_salt),
+        )
+
+    def _manifest_chunks(self, doc_id: str, prompt: list[int]) -> list[tuple[str, str, int]]:
+        """Chunks of a published document, to verify against a recompute of ``prompt``."""
+        data = self.store.get(manifest_object_key(doc_id))
+        manifest = Manifest.from_json(data) if data is not None else None
+        if manifest is None or manifest.num_tokens != len(prompt) or manifest.fingerprint != self.fingerprint.digest:
+            logger.warning("kvcdn: cannot verify %s: not published for this model, or other tokens", doc_id[:16])
+            return []
+        return [(c.key, c.parent, c.num_tokens) for c in manifest.chunks]
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         req_id = request.request_id
@@ -108,6 +129,7 @@ class KVCDNScheduler:
                 write_from=max(span.start, write_start),
                 write_to=min(span.end, hit),
                 is_tail=span.num_tokens < self.config.chunk_size,
+                tokens=list(request.prompt_token_ids[span.start : span.end]),
             )
             for span in match.spans
             if span.end > write_start and span.start < hit
@@ -117,6 +139,8 @@ class KVCDNScheduler:
         self._hits[req_id] = _Hit(match.doc_id, hit, num_external_tokens)
         self.stats.add("matched_requests")
         self.stats.add("matched_tokens", num_external_tokens)
+        if match.doc_id:
+            self.stats.add_labelled("document_reads", match.doc_id)
         logger.info(
             "kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
             req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start,
@@ -157,16 +181,18 @@ class KVCDNScheduler:
             if state.planned or computed + out.num_scheduled_tokens[req_id] < len(state.prompt):
                 continue
             state.planned = True
-            spans = state.spans(self.fingerprint.digest, self.config.chunk_size)
+            if not state.chunk_keys:
+                continue
             saves.append(
                 SaveSpec(
                     req_id=req_id,
                     token_ids=state.prompt,
                     block_ids=list(state.block_ids),
-                    chunk_keys=[(s.key, s.parent, s.num_tokens) for s in spans],
+                    chunk_keys=state.chunk_keys,
                     title=str(state.params.get("title", "")),
                     metadata=dict(state.params.get("metadata") or {}),
-                    salted=bool(state.salt),
+                    salted=state.salted,
+                    verify=state.verify,
                 )
             )
         return saves
@@ -199,13 +225,12 @@ class KVCDNScheduler:
         }
 
     def _publish_report(self, state: _Publishing) -> dict:
-        spans = state.spans(self.fingerprint.digest, self.config.chunk_size)
-        doc_id = spans[-1].key if spans else None
-        published = bool(doc_id) and self.store.contains(manifest_object_key(doc_id))
+        doc_id = state.doc_id
+        key = verify_report_key(doc_id) if state.verify else manifest_object_key(doc_id)
         return {
-            "published": published,
+            "verified" if state.verify else "published": bool(doc_id) and self.store.contains(key),
             "document": doc_id,
             "num_tokens": len(state.prompt),
-            "num_chunks": len(spans),
+            "num_chunks": len(state.chunk_keys),
             "fingerprint": self.fingerprint.digest,
         }

@@ -23,30 +23,37 @@ COUNTERS = {
 }
 
 
+# Labelled counters: data[name] = {label value: count}.
+LABELLED = {"failures": "reason", "document_reads": "document"}
+
+
 class KVCDNStats(KVConnectorStats):
-    """``data = {"<counter>": number, "failures": {"<reason>": count}}``."""
+    """``data = {"<counter>": number, "failures": {reason: n}, "document_reads": {doc_id: n}}``."""
 
     def add(self, name: str, value: float = 1) -> None:
         self.data[name] = self.data.get(name, 0) + value
 
+    def add_labelled(self, name: str, label: str, count: int = 1) -> None:
+        counts = self.data.setdefault(name, {})
+        counts[label] = counts.get(label, 0) + count
+
     def fail(self, reason: str, count: int = 1) -> None:
-        failures = self.data.setdefault("failures", {})
-        failures[reason] = failures.get(reason, 0) + count
+        self.add_labelled("failures", reason, count)
 
     def reset(self):
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> "KVCDNStats":
         for name, value in other.data.items():
-            if name == "failures":
-                for reason, n in value.items():
-                    self.fail(reason, n)
+            if name in LABELLED:
+                for label, n in value.items():
+                    self.add_labelled(name, label, n)
             else:
                 self.add(name, value)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        out = {k: v for k, v in self.data.items() if k != "failures"}
+        out = {k: v for k, v in self.data.items() if k not in LABELLED}
         for reason, n in self.data.get("failures", {}).items():
             out[f"failed_{reason}"] = n
         return out
@@ -70,22 +77,25 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
         for name, doc in COUNTERS.items():
             metric = self._counter_cls(name=f"vllm:kvcdn_{name}", documentation=doc, labelnames=labelnames)
             self._counters[name] = create_metric_per_engine(metric, per_engine_labelvalues)
-        self._failure_metric = self._counter_cls(
-            name="vllm:kvcdn_load_failures",
-            documentation="Chunks not used, by reason (a miss: those tokens were recomputed)",
-            labelnames=[*labelnames, "reason"],
-        )
-        self._failures: dict[tuple[int, str], Any] = {}
+        self._labelled = {
+            "failures": self._counter_cls(
+                name="vllm:kvcdn_load_failures",
+                documentation="Chunks not used, by reason (a miss: those tokens were recomputed)",
+                labelnames=[*labelnames, "reason"],
+            ),
+            "document_reads": self._counter_cls(
+                name="vllm:kvcdn_document_reads",
+                documentation="Requests that loaded a published document, by document id",
+                labelnames=[*labelnames, "document"],
+            ),
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, value in transfer_stats_data.items():
-            if name == "failures":
-                for reason, n in value.items():
-                    child = self._failures.get((engine_idx, reason))
-                    if child is None:
-                        labels = [*self.per_engine_labelvalues[engine_idx], reason]
-                        child = self._failures[(engine_idx, reason)] = self._failure_metric.labels(*labels)
-                    child.inc(n)
+            if name in self._labelled:
+                engine_labels = self.per_engine_labelvalues[engine_idx]
+                for label, n in value.items():
+                    self._labelled[name].labels(*engine_labels, label).inc(n)
             elif name in self._counters and value:
                 self._counters[name][engine_idx].inc(value)
 

@@ -7,6 +7,7 @@ recomputes those tokens (``kv_load_failure_policy="recompute"``).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
 from vllm_kvcdn.connector.metadata import KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import chunk_object_key, manifest_object_key
-from vllm_kvcdn.store import Store, StoreError
+from vllm_kvcdn.index import chunk_object_key, manifest_object_key, verify_report_key
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)
 
@@ -119,10 +120,9 @@ class KVCDNWorker:
                     num_layers=len(self.caches),
                     num_kv_heads=g.num_kv_heads,
                     head_dim=g.head_dim,
+                    tokens=chunk.tokens,
                     verify=self.config.verify_checksums,
                 )
-                if kv.header.num_tokens != chunk.num_tokens:
-                    raise ArtifactError("mismatch", f"chunk {chunk.key[:16]} holds {kv.header.num_tokens} tokens")
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else "store_error"
                 self._fail(spec, spec.chunks[n:], reason, str(e))
@@ -169,22 +169,44 @@ class KVCDNWorker:
                 self.stats.fail("publish_error")
                 logger.error("kvcdn: publishing request %s failed: %s", spec.req_id, e)
 
-    def _save_document(self, spec: SaveSpec) -> None:
-        started = time.perf_counter()
+    def _encode_chunks(self, spec: SaveSpec):
+        """Read the request's KV out of the paged cache; yield (key, parent, n, bytes, header)."""
         slots = self._slots(spec.block_ids, 0, len(spec.token_ids))
         per_layer = [self.layout.read(cache, slots) for cache in self.caches]
-        chunks, start, new_bytes, new_chunks = [], 0, 0, 0
+        start = 0
         for key, parent, n in spec.chunk_keys:
             keys = [k[start : start + n].contiguous() for k, _ in per_layer]
             values = [v[start : start + n].contiguous() for _, v in per_layer]
-            data, header = encode_chunk(key, parent, self.fingerprint.digest, keys, values)
+            tokens = spec.token_ids[start : start + n]
+            data, header = encode_chunk(key, parent, self.fingerprint.digest, tokens, keys, values)
+            yield key, parent, n, data, header
+            start += n
+
+    def _verify_document(self, spec: SaveSpec) -> None:
+        """Compare a fresh prefill with the stored chunks, byte for byte; store the report."""
+        results = []
+        for key, _, n, data, _ in self._encode_chunks(spec):
+            stored = self.store.get(chunk_object_key(key))
+            status = "missing" if stored is None else "identical" if bytes(stored) == data else "differs"
+            results.append({"key": key, "num_tokens": n, "status": status})
+        doc_id = spec.chunk_keys[-1][0]
+        report = {"document": doc_id, "identical": all(r["status"] == "identical" for r in results),
+                  "chunks": results, "checked_at": time.time(), "fingerprint": self.fingerprint.digest}
+        self.store.put(verify_report_key(doc_id), json.dumps(report, indent=1).encode())
+        logger.info("kvcdn: verified %s: %s", doc_id[:16], "identical" if report["identical"] else "DIFFERS")
+
+    def _save_document(self, spec: SaveSpec) -> None:
+        if spec.verify:
+            return self._verify_document(spec)
+        started = time.perf_counter()
+        chunks, new_bytes, new_chunks = [], 0, 0
+        for key, parent, n, data, header in self._encode_chunks(spec):
             obj = chunk_object_key(key)
             if not self.store.contains(obj):  # content-addressed: same key, same bytes
                 self.store.put(obj, data)
                 new_bytes += len(data)
                 new_chunks += 1
             chunks.append(ManifestChunk(key=key, parent=parent, num_tokens=n, nbytes=len(data), checksum=header.checksum))
-            start += n
         doc_id = spec.chunk_keys[-1][0]
         manifest = Manifest(
             doc_id=doc_id,

@@ -1,0 +1,66 @@
+"""Shared output for benchmarks: a JSON file, a markdown table and a PNG plot per run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, header) pairs; floats get 3 significant decimals."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, name: str, *, title: str, rows: list[dict],
+                 columns: list[tuple[str, str]], notes: str = "", extra: dict | None = None,
+                 plot=None) -> Path:
+    """Write ``name.json``, ``name.md`` and (if ``plot(ax)`` is given) ``name.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, "machine": machine(), "rows": rows, **(extra or {})}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    md = [f"## {title}", "", markdown_table(rows, columns), ""]
+    if notes:
+        md += [notes, ""]
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        plot(ax)
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)
+        md += [f"![{title}]({name}.png)", ""]
+    m = payload["machine"]
+    md.append(f"_Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, vLLM {m.get('vllm', '-')}; {m['date']}_")
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    return out / f"{name}.md"

@@ -1,0 +1,1 @@
+"""The publishing side API (FastAPI routes on vLLM's OpenAI-compatible server)."""

@@ -1,0 +1,40 @@
+"""Read our counters back from this process's Prometheus registry (the API server's).
+
+vLLM ships the connector's stats from the engine to the API server and records them
+there (``KVCDNPromMetrics``); the side API reports those same numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+PREFIX = "vllm:kvcdn_"
+
+
+def _samples():
+    for family in REGISTRY.collect():
+        if family.name.startswith(PREFIX):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    yield family.name.removeprefix(PREFIX), sample
+
+
+def kvcdn_counters() -> dict:
+    """``{counter: total, "failures": {reason: n}}`` summed over engines."""
+    out: dict = {"failures": {}}
+    for name, sample in _samples():
+        if name == "load_failures":
+            reason = sample.labels.get("reason", "?")
+            out["failures"][reason] = out["failures"].get(reason, 0) + sample.value
+        elif name != "document_reads":
+            out[name] = out.get(name, 0) + sample.value
+    return out
+
+
+def document_reads() -> dict[str, float]:
+    reads: dict[str, float] = {}
+    for name, sample in _samples():
+        if name == "document_reads":
+            doc = sample.labels.get("document", "")
+            reads[doc] = reads.get(doc, 0) + sample.value
+    return reads

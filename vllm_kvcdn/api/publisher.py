@@ -1,0 +1,89 @@
+"""Turn a publish request (text or chat messages) into tokens and run it through the engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from vllm_kvcdn.config import PUBLISH_PARAM
+
+
+class PublishError(Exception):
+    """A request we refuse; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def text_tokens(tokenizer, text: str) -> list[int]:
+    """Tokens of a raw prefix, as ``/v1/completions`` tokenizes a prompt that starts with it."""
+    return list(tokenizer.encode(text))
+
+
+def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """Tokens the chat template gives for ``messages``, cut at the end of the last
+    message's content: a later chat request that starts with these messages (and adds a
+    question, as a new message or appended to the last one) starts with these tokens."""
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise PublishError(400, "messages must be a non-empty list of {role, content} objects")
+    content = messages[-1]["content"]
+    if not isinstance(content, str) or not content:
+        raise PublishError(400, "the last message's content must be a non-empty string")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    end = rendered.rfind(content)
+    if end < 0:
+        raise PublishError(400, "the chat template does not reproduce the last message's content verbatim")
+    return list(tokenizer.encode(rendered[: end + len(content)], add_special_tokens=False))
+
+
+@dataclass
+class Published:
+    doc_id: str | None
+    num_tokens: int
+    num_chunks: int
+    published: bool
+    seconds: float
+    fingerprint: str
+
+
+async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None) -> dict:
+    """One flagged prefill through the serving engine; returns the connector's report."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0,
+                            extra_args={"kv_transfer_params": {PUBLISH_PARAM: kvcdn_params}})
+    prompt = TokensPrompt(prompt_token_ids=tokens)
+    if cache_salt:
+        prompt["cache_salt"] = cache_salt
+    final = None
+    async for output in engine_client.generate(prompt, params, f"kvcdn-{uuid.uuid4().hex}"):
+        final = output
+    report = ((final.kv_transfer_params if final else None) or {}).get(PUBLISH_PARAM) or {}
+    if not report:
+        raise PublishError(503, "the engine did not report back: is it running KVCDNConnector?")
+    return report
+
+
+async def verify_tokens(engine_client, tokens: list[int], doc_id: str) -> dict:
+    """Recompute a published document from scratch and have the worker compare it with the
+    stored chunks byte for byte. A random salt keeps vLLM's own prefix cache out of it."""
+    return await _prefill(engine_client, tokens, {"verify": doc_id}, cache_salt=f"kvcdn-verify-{uuid.uuid4().hex}")
+
+
+async def publish_tokens(engine_client, tokens: list[int], *, cache_salt: str | None, title: str,
+                         metadata: dict) -> Published:
+    """Prefill ``tokens`` once through the serving engine, flagged so the connector saves it."""
+    started = time.perf_counter()
+    report = await _prefill(engine_client, tokens, {"publish": True, "title": title, "metadata": metadata},
+                            cache_salt)
+    return Published(
+        doc_id=report.get("document"),
+        num_tokens=report.get("num_tokens", len(tokens)),
+        num_chunks=report.get("num_chunks", 0),
+        published=bool(report.get("published")),
+        seconds=time.perf_counter() - started,
+        fingerprint=report.get("fingerprint", ""),
+    )

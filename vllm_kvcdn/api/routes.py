@@ -1,0 +1,216 @@
+"""The publishing side API, ``/kvcdn/v1/...``, mounted on vLLM's own server.
+
+Writes (publish, delete) need the publisher key (``Authorization: Bearer KEY``); reads
+are open. Publishing prefills through the serving engine itself, so an artifact holds
+exactly what this server computes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from vllm_kvcdn import catalog
+from vllm_kvcdn.api.metrics import document_reads, kvcdn_counters
+from vllm_kvcdn.api.publisher import PublishError, chat_tokens, publish_tokens, text_tokens, verify_tokens
+from vllm_kvcdn.artifact import ArtifactError
+from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.fingerprint import Fingerprint
+from vllm_kvcdn.index import verify_report_key
+from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store, StoreError
+
+logger = get_logger(__name__)
+
+PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"
+MAX_TEXT_CHARS = 4_000_000
+
+router = APIRouter(prefix="/kvcdn/v1", tags=["kvcdn"])
+
+
+@dataclass
+class KVCDNService:
+    """Per-app state the routes use (``app.state.kvcdn``)."""
+
+    engine_client: Any
+    store: Store
+    fingerprint: Fingerprint
+    chunk_size: int
+    max_model_len: int
+    publisher_key: str | None
+
+    @property
+    def tokenizer(self):
+        return self.engine_client.renderer.get_tokenizer()
+
+
+class PublishRequest(BaseModel):
+    text: str | None = Field(None, description="raw prefix, for /v1/completions prompts that start with it")
+    messages: list[dict[str, Any]] | None = Field(None, description="chat prefix: the conversation so far")
+    cache_salt: str | None = Field(None, description="tenant salt; only requests with the same salt hit")
+    title: str = Field("", max_length=512)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def service(request: Request) -> KVCDNService:
+    svc = getattr(request.app.state, "kvcdn", None)
+    if svc is None:
+        raise HTTPException(503, "kvcdn is not configured on this server: start it with `kvcdn serve` "
+                                 "or set --kv-transfer-config with kv_connector=KVCDNConnector")
+    return svc
+
+
+def require_publisher(request: Request, authorization: str | None = Header(None)) -> None:
+    svc = service(request)
+    if not svc.publisher_key:
+        raise HTTPException(403, f"publishing is disabled: set {PUBLISHER_KEY_ENV} (or `kvcdn serve --publisher-key`)")
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), svc.publisher_key.encode()):
+        raise HTTPException(401, "missing or wrong publisher key: send 'Authorization: Bearer <publisher key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def _document_view(svc: KVCDNService, m, reads: dict[str, float]) -> dict:
+    return {
+        "id": m.doc_id,
+        "title": m.title,
+        "num_tokens": m.num_tokens,
+        "num_chunks": len(m.chunks),
+        "bytes": m.total_bytes,
+        "created": m.created,
+        "fingerprint": m.fingerprint,
+        "servable": m.fingerprint == svc.fingerprint.digest and m.chunk_size == svc.chunk_size,
+        "salted": m.salted,
+        "reads": int(reads.get(m.doc_id, 0)),
+        "metadata": m.metadata,
+    }
+
+
+@router.post("/documents", status_code=201, dependencies=[Depends(require_publisher)])
+async def publish_document(body: PublishRequest, request: Request, response: Response) -> dict:
+    svc = service(request)
+    if (body.text is None) == (body.messages is None):
+        raise HTTPException(400, "give exactly one of 'text' (a raw prefix) or 'messages' (a chat prefix)")
+    try:
+        if body.text is not None:
+            if not body.text.strip():
+                raise PublishError(400, "'text' is empty")
+            if len(body.text) > MAX_TEXT_CHARS:
+                raise PublishError(413, f"'text' is longer than {MAX_TEXT_CHARS} characters")
+            tokens = text_tokens(svc.tokenizer, body.text)
+        else:
+            tokens = chat_tokens(svc.tokenizer, body.messages)
+        if len(tokens) >= svc.max_model_len:
+            raise PublishError(413, f"the document is {len(tokens)} tokens; this server's context is "
+                                    f"{svc.max_model_len} (--max-model-len), and a question must still fit")
+        doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size)[-1].key
+        existing = catalog.get_manifest(svc.store, doc_id)
+        if existing is not None:  # content-addressed: the same document is already there
+            response.status_code = 200
+            return _publish_view(existing, seconds=0.0, created=False)
+        result = await publish_tokens(svc.engine_client, tokens, cache_salt=body.cache_salt,
+                                      title=body.title, metadata=body.metadata)
+    except PublishError as e:
+        raise HTTPException(e.status, str(e)) from e
+    if not result.published:
+        raise HTTPException(503, "the engine computed the document but the store did not take it; see the server log")
+    logger.info("kvcdn: published %s (%d tokens) in %.2fs", result.doc_id[:16], result.num_tokens, result.seconds)
+    manifest = catalog.get_manifest(svc.store, result.doc_id)
+    if manifest is None:
+        raise HTTPException(503, "the document's manifest is not in the store after publishing; see the server log")
+    return _publish_view(manifest, seconds=result.seconds, created=True)
+
+
+def _publish_view(m, *, seconds: float, created: bool) -> dict:
+    return {
+        "id": m.doc_id,
+        "num_tokens": m.num_tokens,
+        "num_chunks": len(m.chunks),
+        "bytes": m.total_bytes,
+        "fingerprint": m.fingerprint,
+        "seconds": round(seconds, 4),
+        "created": created,
+    }
+
+
+@router.get("/documents")
+async def list_documents(request: Request) -> dict:
+    svc = service(request)
+    reads = document_reads()
+    docs = [_document_view(svc, m, reads) for m in catalog.manifests(svc.store)]
+    return {"documents": docs, "count": len(docs)}
+
+
+def _one(svc: KVCDNService, doc_id: str):
+    found = catalog.find_manifests(svc.store, doc_id) if len(doc_id) >= 8 else []
+    if len(found) != 1:
+        raise HTTPException(404, f"no document {doc_id!r}" if not found else f"{doc_id!r} is ambiguous")
+    return found[0]
+
+
+@router.get("/documents/{doc_id}")
+async def get_document(doc_id: str, request: Request) -> dict:
+    svc = service(request)
+    m = _one(svc, doc_id)
+    view = _document_view(svc, m, document_reads())
+    view["manifest"] = asdict(m)
+    return view
+
+
+@router.delete("/documents/{doc_id}", dependencies=[Depends(require_publisher)])
+async def delete_document(doc_id: str, request: Request) -> dict:
+    svc = service(request)
+    deleted = catalog.delete_document(svc.store, _one(svc, doc_id))
+    # Drop vLLM's own copies too, so no request is served this document's KV again.
+    await svc.engine_client.reset_prefix_cache()
+    logger.info("kvcdn: deleted %s", deleted.doc_id[:16])
+    return asdict(deleted)
+
+
+@router.post("/documents/{doc_id}/verify", dependencies=[Depends(require_publisher)])
+async def verify_document(doc_id: str, request: Request) -> dict:
+    """Recompute the document through this engine and compare with the store, bit for bit."""
+    svc = service(request)
+    m = _one(svc, doc_id)
+    if m.fingerprint != svc.fingerprint.digest:
+        raise HTTPException(409, "this document was made under another fingerprint; this server cannot recompute it")
+    try:
+        tokens = catalog.document_tokens(svc.store, m)
+    except ArtifactError as e:
+        return {"document": m.doc_id, "identical": False, "error": str(e)}
+    report = await verify_tokens(svc.engine_client, tokens, m.doc_id)
+    data = svc.store.get(verify_report_key(m.doc_id)) if report.get("verified") else None
+    if data is None:
+        raise HTTPException(503, "the engine did not produce a verification report; see the server log")
+    return json.loads(data)
+
+
+@router.get("/stats")
+async def stats(request: Request) -> dict:
+    svc = service(request)
+    counters = kvcdn_counters()
+    return {
+        "fingerprint": svc.fingerprint.digest,
+        "profile": svc.fingerprint.fields,
+        "store": svc.store.url,
+        "chunk_size": svc.chunk_size,
+        **counters,
+    }
+
+
+def store_errors_as_503(app) -> None:
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(status_code=503, content={"error": f"kvcdn store unavailable: {exc}"})
+
+
+def publisher_key_from_env() -> str | None:
+    return os.environ.get(PUBLISHER_KEY_ENV) or None

@@ -1,0 +1,57 @@
+"""A small HTTP client for the side API (stdlib only, used by the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+from vllm_kvcdn.api.routes import PUBLISHER_KEY_ENV
+
+
+class APIError(Exception):
+    pass
+
+
+class SideAPIClient:
+    def __init__(self, server: str, key: str | None = None, timeout: float = 600):
+        self.base = server.rstrip("/") + "/kvcdn/v1"
+        self.key = key or os.environ.get(PUBLISHER_KEY_ENV)
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.key:
+            req.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            raise APIError(f"{method} {path}: HTTP {e.code}: {detail}") from None
+        except urllib.error.URLError as e:
+            raise APIError(f"cannot reach {self.base}: {e.reason}") from None
+
+    def publish(self, *, text: str | None = None, messages: list | None = None, title: str = "",
+                cache_salt: str | None = None, metadata: dict | None = None) -> dict:
+        body = {"text": text, "messages": messages, "title": title, "cache_salt": cache_salt,
+                "metadata": metadata or {}}
+        return self._call("POST", "/documents", {k: v for k, v in body.items() if v is not None})
+
+    def list(self) -> dict:
+        return self._call("GET", "/documents")
+
+    def get(self, doc_id: str) -> dict:
+        return self._call("GET", f"/documents/{doc_id}")
+
+    def delete(self, doc_id: str) -> dict:
+        return self._call("DELETE", f"/documents/{doc_id}")
+
+    def verify(self, doc_id: str) -> dict:
+        return self._call("POST", f"/documents/{doc_id}/verify")
+
+    def stats(self) -> dict:
+        return self._call("GET", "/stats")

@@ -1,0 +1,200 @@
+"""The transformers path (the paper's SAVEKV / GENERATEFROMKV) on Apple MPS, CUDA or CPU.
+
+Publishes and consumes the same artifacts as the vLLM connector. The fingerprint's
+compute profile says ``engine=transformers`` and the device kind, so an artifact from
+vLLM (or another device) is refused unless ``allow_cross_profile=True``: kernels differ
+in the last bits across profiles, so exactness is only promised within one.
+
+    kv = HFKVCDN("path/to/model", store_url="file:///tmp/kvcdn")
+    doc = kv.publish(text=open("manual.txt").read())
+    out = kv.generate(kv.encode(open("manual.txt").read() + "\\nQ: ...?\\nA:"), doc_id=doc.doc_id)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
+from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, fingerprint_diff, model_weights_digest
+from vllm_kvcdn.index import ChunkIndex, chunk_object_key, manifest_object_key
+from vllm_kvcdn.store import open_store
+
+PROFILE_FIELDS = ("engine", "device", "compile")
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` if given, else MPS, then CUDA, then CPU."""
+    if preferred:
+        return torch.device(preferred)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class FingerprintMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # the new tokens only
+    text: str
+    cached_tokens: int  # prompt tokens whose KV came from the artifact
+    doc_id: str | None
+
+
+class HFKVCDN:
+    def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
+                 device: str | None = None, chunk_size: int = 256, allow_cross_profile: bool = False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = pick_device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.store = open_store(store_url)
+        self.chunk_size = chunk_size
+        self.allow_cross_profile = allow_cross_profile
+        self.fingerprint = Fingerprint.build(
+            architecture=architecture_fields(self.model.config.to_dict()),
+            weights_digest=model_weights_digest(model) if Path(model).exists() else f"name:{model}",
+            kv_dtype=dtype,
+            engine="transformers",
+            device=self.device.type,
+            compile_mode="eager",
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    # -- SAVEKV ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def publish(self, token_ids: list[int] | None = None, *, text: str | None = None,
+                cache_salt: str | None = None, title: str = "") -> Manifest:
+        """One forward pass over the document; its KV goes to the store as an artifact."""
+        tokens = list(token_ids) if token_ids is not None else self.encode(text or "")
+        if not tokens:
+            raise ValueError("nothing to publish: the document has no tokens")
+        ids = torch.tensor([tokens], device=self.device)
+        cache = self.model(ids, use_cache=True).past_key_values
+        layers = [(layer.keys[0].transpose(0, 1).cpu(), layer.values[0].transpose(0, 1).cpu())
+                  for layer in cache.layers]
+        chunks = []
+        for span in document_chunks(tokens, self.fingerprint.digest, cache_salt, self.chunk_size):
+            s, e = span.start, span.end
+            data, header = encode_chunk(
+                span.key, span.parent, self.fingerprint.digest, tokens[s:e],
+                [k[s:e].contiguous() for k, _ in layers], [v[s:e].contiguous() for _, v in layers],
+            )
+            if not self.store.contains(chunk_object_key(span.key)):
+                self.store.put(chunk_object_key(span.key), data)
+            chunks.append(ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum))
+        import transformers
+
+        manifest = Manifest(
+            doc_id=chunks[-1].key, fingerprint=self.fingerprint.digest, num_tokens=len(tokens),
+            chunk_size=self.chunk_size, chunks=chunks, profile=self.fingerprint.fields, salted=bool(cache_salt),
+            created=time.time(), producer={"engine": "transformers", "transformers": transformers.__version__,
+                                           "torch": torch.__version__, "device": self.device.type},
+            title=title,
+        )
+        self.store.put(manifest_object_key(manifest.doc_id), manifest.to_json())
+        return manifest
+
+    # -- GENERATEFROMKV ----------------------------------------------------------------
+
+    def check_fingerprint(self, manifest: Manifest) -> None:
+        """Refuse an artifact of another model, dtype or (unless allowed) compute profile."""
+        if manifest.fingerprint == self.fingerprint.digest:
+            return
+        diff = fingerprint_diff(self.fingerprint.fields, manifest.profile)
+        only_profile = all(line.split(":")[0] in PROFILE_FIELDS for line in diff)
+        if diff and only_profile and self.allow_cross_profile:
+            return
+        hint = " (pass allow_cross_profile=True / --allow-cross-profile to use it anyway)" if only_profile else ""
+        raise FingerprintMismatch(
+            f"artifact {manifest.doc_id[:16]} does not fit this model: " + "; ".join(diff or ["fingerprint"]) + hint
+        )
+
+    def find_document(self, prompt: list[int], cache_salt: str | None = None) -> str | None:
+        """The published document (of this fingerprint) covering the longest prefix of ``prompt``."""
+        index = ChunkIndex(self.store, self.fingerprint.digest, self.chunk_size)
+        index.refresh(force=True)
+        match = index.match(prompt, cache_salt)
+        return match.doc_id if match.num_tokens else None
+
+    def load(self, doc_id: str) -> tuple[list[int], "object"]:
+        """(document tokens, a transformers cache holding their KV on this device)."""
+        from transformers import DynamicCache
+
+        manifest = catalog.get_manifest(self.store, doc_id)
+        if manifest is None:
+            raise KeyError(f"no document {doc_id} in {self.store.url}")
+        self.check_fingerprint(manifest)
+        cfg = self.model.config
+        kv_heads = cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        tokens: list[int] = []
+        per_layer: list[tuple[list, list]] = [([], []) for _ in range(cfg.num_hidden_layers)]
+        for c in manifest.chunks:
+            data = self.store.get(chunk_object_key(c.key))
+            if data is None:
+                raise ArtifactError("missing", f"chunk {c.key[:16]} of {doc_id[:16]} is missing from {self.store.url}")
+            kv = decode_chunk(data, key=c.key, fingerprint=manifest.fingerprint, dtype=self.dtype,
+                              num_layers=cfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+            tokens += kv.tokens.tolist()
+            for (ks, vs), k, v in zip(per_layer, kv.keys, kv.values):
+                ks.append(k)
+                vs.append(v)
+        cache = DynamicCache(config=cfg)
+        for i, (ks, vs) in enumerate(per_layer):
+            k = torch.cat(ks).transpose(0, 1).unsqueeze(0).to(self.device)
+            v = torch.cat(vs).transpose(0, 1).unsqueeze(0).to(self.device)
+            cache.update(k, v, i)
+        return tokens, cache
+
+    def _cache_for(self, prompt: list[int], doc_id: str | None):
+        doc_id = doc_id or self.find_document(prompt)
+        if doc_id is None:
+            return None, 0, None
+        doc_tokens, cache = self.load(doc_id)
+        if prompt[: len(doc_tokens)] != doc_tokens:
+            first = next((i for i, (a, b) in enumerate(zip(prompt, doc_tokens)) if a != b), len(prompt))
+            raise ValueError(f"the prompt does not start with document {doc_id[:16]} "
+                             f"(they differ at token {first} of {len(doc_tokens)})")
+        cached = min(len(doc_tokens), len(prompt) - 1)  # the model needs one token to compute
+        if cached < len(doc_tokens):
+            cache.crop(cached)
+        return cache, cached, doc_id
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], *, doc_id: str | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, **kwargs) -> Generation:
+        """Continue ``prompt`` with the document's KV loaded (no re-prefill of the document)."""
+        cache, cached, doc_id = self._cache_for(prompt, doc_id)
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        new = out[0, len(prompt):].tolist()
+        return Generation(new, self.tokenizer.decode(new), cached, doc_id)
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: list[int], *, doc_id: str | None = None, use_artifact: bool = True):
+        """Logits after ``prompt``: from the artifact's KV, or from a full prefill."""
+        cache, cached = (None, 0)
+        if use_artifact:
+            cache, cached, _ = self._cache_for(prompt, doc_id)
+        ids = torch.tensor([prompt[cached:]], device=self.device)
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=self.device)
+        out = self.model(ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+        return out.logits[0, -1].float().cpu()
