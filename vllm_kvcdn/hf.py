@@ -53,12 +53,19 @@ class Generation:
 
 class HFKVCDN:
     def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
-                 device: str | None = None, chunk_size: int = 256, allow_cross_profile: bool = False):
+                 device: str | None = None, chunk_size: int = 256, allow_cross_profile: bool = False,
+                 attn_implementation: str = "eager"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        # "eager" attention computes each query row the same way whether the keys come
+        # from a cache or from the same forward pass: logits from a loaded artifact then
+        # equal a full prefill's bit for bit (measured on CPU). SDPA picks another kernel
+        # when a cache and a mask are present, and moves the last bits.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=self.dtype, attn_implementation=attn_implementation
+        ).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.store = open_store(store_url)
         self.chunk_size = chunk_size
@@ -69,7 +76,7 @@ class HFKVCDN:
             kv_dtype=dtype,
             engine="transformers",
             device=self.device.type,
-            compile_mode="eager",
+            compile_mode=f"eager:attn={attn_implementation}",
         )
 
     def encode(self, text: str) -> list[int]:
