@@ -66,8 +66,8 @@ def main() -> None:
         return vllm_phase(model, args._vllm_phase[0], args.docs, args.new_tokens, args._vllm_phase[1])
 
     import torch
-
     from report import write_report
+
     from vllm_kvcdn.hf import HFKVCDN
 
     work = Path(tempfile.mkdtemp(prefix="kvcdn-cross-"))
@@ -107,14 +107,16 @@ def main() -> None:
 
     def plot(ax):
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["agree_vllm_artifact"] for r in rows], 0.4, label="transformers + vLLM artifact")
+        ax.bar([i - 0.2 for i in x], [r["agree_vllm_artifact"] for r in rows], 0.4,
+               label="transformers + vLLM artifact")
         ax.bar([i + 0.2 for i in x], [r["agree_vllm_engine"] for r in rows], 0.4, label="vLLM engine answer")
         ax.set_xticks(list(x), [r["prompt"] for r in rows], rotation=45, fontsize=7)
         ax.set_ylabel("greedy agreement with transformers prefill")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
 
-    path = write_report(args.out, "cross_profile", title="Cross-profile: vLLM (CPU) artifact used by transformers (CPU)",
+    title = "Cross-profile: vLLM (CPU) artifact used by transformers (CPU)"
+    path = write_report(args.out, "cross_profile", title=title,
                         rows=rows, plot=plot, notes=notes, extra={"summary": {**mean, "worst_logit_diff": worst}},
                         columns=[("prompt", "prompt"), ("doc_tokens", "doc tokens loaded"),
                                  ("agree_vllm_artifact", "agreement, artifact loaded"),

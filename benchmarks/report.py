@@ -61,6 +61,7 @@ def write_report(out_dir: str | Path, name: str, *, title: str, rows: list[dict]
         plt.close(fig)
         md += [f"![{title}]({name}.png)", ""]
     m = payload["machine"]
-    md.append(f"_Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, vLLM {m.get('vllm', '-')}; {m['date']}_")
+    md.append(f"_Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, vLLM {m.get('vllm', '-')}; "
+              f"{m['date']}_")
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return out / f"{name}.md"

@@ -89,6 +89,7 @@ def scenario(tmp_path_factory, run_engine, tiny_model, tiny_variant, prompts) ->
                 _query("e_q", p["e_q"]),
                 _query("d_q_other_salt", p["d_q"], salt="tenant-b"),
                 _query("d_q_salt_a", p["d_q"], salt="tenant-a"),
+                _query("d_q_again", p["d_q"]),  # hot document: whole blocks from the RAM tier
             ],
         }
     )
@@ -166,6 +167,18 @@ def test_prefix_cache_keeps_whole_blocks_connector_loads_the_rest(scenario, prom
     counters = _counters(scenario, "publisher", "d_q_warm")
     assert counters[EXTERNAL_HITS] == 700 - 640  # the partial block beyond vLLM's 5 whole blocks
     assert counters[COMPUTED] == len(prompts["question"])
+
+
+def test_hot_document_from_the_ram_tier_is_still_exact(scenario, prompts):
+    ref = _answer(scenario, "reference", "d_q")
+    got = _answer(scenario, "consumer", "d_q_again")
+    assert got["token_ids"] == ref["token_ids"] and got["logprobs"] == ref["logprobs"]
+    counters = _counters(scenario, "consumer", "d_q_again")
+    assert counters["vllm:kvcdn_ram_tier_hits"] == 3  # two full chunks and the tail's whole block
+    assert counters[EXTERNAL_HITS] == 700 and counters[COMPUTED] == len(prompts["question"])
+    # The first read of D filled the tier; the prompt sharing D's first two chunks used it.
+    assert _counters(scenario, "consumer", "d_q").get("vllm:kvcdn_ram_tier_hits", 0) == 0
+    assert _counters(scenario, "consumer", "d2_other")["vllm:kvcdn_ram_tier_hits"] == 2
 
 
 def test_negative_control_unloaded_tail_is_visible(scenario):

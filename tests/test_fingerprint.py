@@ -38,7 +38,8 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         weights_digest(tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [("kv_dtype", "float16"), ("device", "cuda"), ("compile", "compiled:vllm_compile"), ("engine", "transformers")])
+@pytest.mark.parametrize("field,value", [("kv_dtype", "float16"), ("device", "cuda"),
+                                         ("compile", "compiled:vllm_compile"), ("engine", "transformers")])
 def test_every_profile_field_counts(field, value):
     base = dict(architecture={"num_hidden_layers": 4}, weights_digest="w", kv_dtype="bfloat16",
                 engine="vllm", device="cpu", compile_mode="eager")
@@ -47,5 +48,6 @@ def test_every_profile_field_counts(field, value):
 
 
 def test_architecture_fields_keep_what_shapes_kv():
-    fields = architecture_fields({"num_hidden_layers": 4, "head_dim": 64, "transformers_version": "x", "text_config": None})
+    fields = architecture_fields({"num_hidden_layers": 4, "head_dim": 64, "transformers_version": "x",
+                                  "text_config": None})
     assert fields == {"num_hidden_layers": 4, "head_dim": 64}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_kvcdn.artifact import ArtifactError
-from vllm_kvcdn.hf import FingerprintMismatch, HFKVCDN
+from vllm_kvcdn.hf import HFKVCDN, FingerprintMismatch
 from vllm_kvcdn.index import chunk_object_key
 
 QUESTIONS = ["\nQuestion: which river runs past the stone city? Answer:",
@@ -43,7 +43,8 @@ def test_generate_from_artifact_equals_prefill_from_scratch(hf, docs, capsys):
                     - hf.next_token_logits(prompt, use_artifact=False)).abs().max().item()
             worst = max(worst, diff)
     with capsys.disabled():
-        print(f"\n[hf exactness] dtype={hf.dtype} max |logit diff| over {len(docs) * len(QUESTIONS)} prompts: {worst:g}")
+        print(f"\n[hf exactness] dtype={hf.dtype} max |logit diff| over {len(docs) * len(QUESTIONS)} "
+              f"prompts: {worst:g}")
     # With eager attention every query row is computed the same way from a cache as in
     # one full pass: bf16 logits are bit-identical, as the paper's argument says. In
     # float32, CPU GEMMs block differently by row count and move the last bits (~5e-6).

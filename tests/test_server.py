@@ -152,6 +152,12 @@ def test_bad_bodies_get_a_clear_4xx(kvcdn, body, status, message):
     assert message in text
 
 
+def test_verify_recomputes_and_matches_bit_for_bit(api, published):
+    report = api.verify(published[2]["id"][:16])
+    assert report["identical"] is True
+    assert [c["status"] for c in report["chunks"]] == ["identical"] * published[2]["num_chunks"]
+
+
 def test_delete_then_no_hit_and_still_right(kvcdn, api, published, reference, tiny_model, texts):
     doc = published[3]
     api.delete(doc["id"])
@@ -169,3 +175,36 @@ def test_restart_keeps_published_documents(kvcdn, api, published, reference, tin
     got = ask(kvcdn.url, str(tiny_model), conversations(texts)[5])
     assert got["kvcdn"]["hit"] is True and got["cached"] == published[1]["num_tokens"]
     assert got["text"] == reference[5]["text"] and got["logprobs"] == reference[5]["logprobs"]
+
+
+def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_path, texts):
+    """Operators who skip our wrapper: plain vLLM + --kv-transfer-config, publishing with a
+    flagged /v1/completions request (no side API), then an ordinary request hits."""
+    import sys
+
+    from tests.servers import COMMON_ARGS, SERVER_ENV
+    from vllm_kvcdn.offline import kv_transfer_config
+    from vllm_kvcdn.server_process import Server
+
+    config = json.dumps(kv_transfer_config(f"file://{tmp_path / 'store'}"))
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+            "--enable-prompt-tokens-details", "--kv-transfer-config", config, *COMMON_ARGS]
+    server = Server(argv, tmp_path / "plain.log", env=SERVER_ENV).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        document = " ".join(texts["doc_e"][:60])
+        pub = client.completions.create(model=str(tiny_model), prompt=document, max_tokens=1,
+                                        extra_body={"kv_transfer_params": {"kvcdn": {"publish": True}}})
+        report = pub.model_extra["kv_transfer_params"]["kvcdn"]
+        assert report["published"] is True
+        prompt = document + "\nQuestion: what is the river called?\nAnswer:"
+        resp = client.completions.create(model=str(tiny_model), prompt=prompt, max_tokens=4, temperature=0)
+        kvcdn_report = resp.model_extra["kv_transfer_params"]["kvcdn"]
+        assert kvcdn_report["hit"] is True and kvcdn_report["document"] == report["document"]
+        assert resp.usage.prompt_tokens_details.cached_tokens == kvcdn_report["loaded_tokens"] > 0
+        # The side API is off without `kvcdn serve` (endpoint plugins need VLLM_PLUGINS).
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + "/kvcdn/v1/documents", timeout=10)
+        assert e.value.code == 404
+    finally:
+        server.stop()

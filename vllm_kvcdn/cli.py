@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="publish a sample document and answer a question over it (tiny model, local store)")
-    p.add_argument("--model", default=None, help="model path (default: generate the tiny model under ~/.cache/kvcdn/models)")
+    p.add_argument("--model", default=None,
+                   help="model path (default: generate the tiny model under ~/.cache/kvcdn/models)")
     _store_arg(p)
     p.add_argument("--max-tokens", type=int, default=16)
     p.set_defaults(func=cmd_demo)

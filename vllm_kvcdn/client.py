@@ -35,9 +35,9 @@ class SideAPIClient:
         except urllib.error.URLError as e:
             raise APIError(f"cannot reach {self.base}: {e.reason}") from None
 
-    def publish(self, *, text: str | None = None, messages: list | None = None, title: str = "",
-                cache_salt: str | None = None, metadata: dict | None = None) -> dict:
-        body = {"text": text, "messages": messages, "title": title, "cache_salt": cache_salt,
+    def publish(self, *, text: str | None = None, messages: list | None = None, tokens: list | None = None,
+                title: str = "", cache_salt: str | None = None, metadata: dict | None = None) -> dict:
+        body = {"text": text, "messages": messages, "tokens": tokens, "title": title, "cache_salt": cache_salt,
                 "metadata": metadata or {}}
         return self._call("POST", "/documents", {k: v for k, v in body.items() if v is not None})
 

@@ -18,6 +18,8 @@ class KVCDNConfig:
     chunk_size: int = 256
     # Verify each chunk's checksum before it is copied into the KV cache.
     verify_checksums: bool = True
+    # Host-RAM tier per worker: engine-native images of hot chunks' whole blocks (0: off).
+    ram_tier_gib: float = 2.0
     # Fault injection for tests only: report the partial tail chunk as loaded but
     # leave its slots untouched. Proves the exactness tests can see a wrong load.
     debug_skip_partial_tail: bool = False
@@ -25,6 +27,8 @@ class KVCDNConfig:
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.ram_tier_gib < 0:
+            raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":

@@ -115,33 +115,27 @@ class ChunkIndex:
                 tails.setdefault(c.parent, set()).add(c.num_tokens)
 
     def match(self, tokens: Sequence[int], cache_salt: str | None) -> Match:
-        """The longest run of published chunks that prefixes ``tokens``."""
+        """The longest run of published chunks that prefixes ``tokens``: whole chunks
+        while they match, then the longest published tail hanging off the last one."""
         result = Match()
         if not self._chunks:
             return result
-        parent = chain_seed(self.fingerprint, cache_salt)
-        size = self.chunk_size
-        pos = 0
-        while pos < len(tokens):
-            if pos + size <= len(tokens):
-                key = chunk_key(parent, tokens[pos : pos + size])
-                entry = self._chunks.get(key)
-                if entry is not None and entry.num_tokens == size:
-                    result.spans.append(ChunkSpan(key, parent, pos, size))
-                    result.doc_id = entry.doc_id
-                    parent, pos = key, pos + size
-                    continue
-            for n in sorted(self._tails.get(parent, ()), reverse=True):
-                if pos + n <= len(tokens):
-                    key = chunk_key(parent, tokens[pos : pos + n])
-                    entry = self._chunks.get(key)
-                    if entry is not None and entry.num_tokens == n:
-                        result.spans.append(ChunkSpan(key, parent, pos, n))
-                        result.doc_id = entry.doc_id
-                        break
-            break
+        parent, pos = chain_seed(self.fingerprint, cache_salt), 0
+        while self._extend(result, tokens, parent, pos, self.chunk_size):
+            parent, pos = result.spans[-1].key, result.spans[-1].end
+        for n in sorted(self._tails.get(parent, ()), reverse=True):
+            if self._extend(result, tokens, parent, pos, n):
+                break
         return result
 
-    def chunk_nbytes(self, key: str) -> int:
+    def _extend(self, result: Match, tokens: Sequence[int], parent: str, pos: int, n: int) -> bool:
+        """Append the chunk of ``n`` tokens at ``pos`` if it is published."""
+        if pos + n > len(tokens):
+            return False
+        key = chunk_key(parent, tokens[pos : pos + n])
         entry = self._chunks.get(key)
-        return entry.nbytes if entry else 0
+        if entry is None or entry.num_tokens != n:
+            return False
+        result.spans.append(ChunkSpan(key, parent, pos, n))
+        result.doc_id = entry.doc_id
+        return True

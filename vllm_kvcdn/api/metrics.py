@@ -11,19 +11,22 @@ from prometheus_client import REGISTRY
 PREFIX = "vllm:kvcdn_"
 
 
-def _samples():
+def _samples(suffixes=("_total",)):
     for family in REGISTRY.collect():
         if family.name.startswith(PREFIX):
             for sample in family.samples:
-                if sample.name.endswith("_total"):
+                if sample.name.endswith(suffixes):
                     yield family.name.removeprefix(PREFIX), sample
 
 
 def kvcdn_counters() -> dict:
-    """``{counter: total, "failures": {reason: n}}`` summed over engines."""
+    """``{counter: total, "failures": {reason: n}, "<histogram>_sum"/"_count": ...}`` over engines."""
     out: dict = {"failures": {}}
-    for name, sample in _samples():
-        if name == "load_failures":
+    for name, sample in _samples(("_total", "_sum", "_count")):
+        if sample.name.endswith(("_sum", "_count")):
+            key = name + sample.name[sample.name.rindex("_"):]
+            out[key] = out.get(key, 0) + sample.value
+        elif name == "load_failures":
             reason = sample.labels.get("reason", "?")
             out["failures"][reason] = out["failures"].get(reason, 0) + sample.value
         elif name != "document_reads":

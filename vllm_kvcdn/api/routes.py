@@ -53,6 +53,7 @@ class KVCDNService:
 class PublishRequest(BaseModel):
     text: str | None = Field(None, description="raw prefix, for /v1/completions prompts that start with it")
     messages: list[dict[str, Any]] | None = Field(None, description="chat prefix: the conversation so far")
+    tokens: list[int] | None = Field(None, description="token ids, for clients that tokenize themselves")
     cache_salt: str | None = Field(None, description="tenant salt; only requests with the same salt hit")
     title: str = Field("", max_length=512)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -95,10 +96,15 @@ def _document_view(svc: KVCDNService, m, reads: dict[str, float]) -> dict:
 @router.post("/documents", status_code=201, dependencies=[Depends(require_publisher)])
 async def publish_document(body: PublishRequest, request: Request, response: Response) -> dict:
     svc = service(request)
-    if (body.text is None) == (body.messages is None):
-        raise HTTPException(400, "give exactly one of 'text' (a raw prefix) or 'messages' (a chat prefix)")
+    if sum(x is not None for x in (body.text, body.messages, body.tokens)) != 1:
+        raise HTTPException(400, "give exactly one of 'text' (a raw prefix), 'messages' (a chat prefix) "
+                                 "or 'tokens' (token ids)")
     try:
-        if body.text is not None:
+        if body.tokens is not None:
+            if not body.tokens or min(body.tokens) < 0:
+                raise PublishError(400, "'tokens' must be a non-empty list of token ids")
+            tokens = list(body.tokens)
+        elif body.text is not None:
             if not body.text.strip():
                 raise PublishError(400, "'text' is empty")
             if len(body.text) > MAX_TEXT_CHARS:
@@ -118,6 +124,8 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
                                       title=body.title, metadata=body.metadata)
     except PublishError as e:
         raise HTTPException(e.status, str(e)) from e
+    except ValueError as e:  # the engine refused the prompt (e.g. a token id out of vocabulary)
+        raise HTTPException(400, f"the engine refused the document: {e}") from e
     if not result.published:
         raise HTTPException(503, "the engine computed the document but the store did not take it; see the server log")
     logger.info("kvcdn: published %s (%d tokens) in %.2fs", result.doc_id[:16], result.num_tokens, result.seconds)

@@ -38,7 +38,8 @@ class KVCDNConnector(KVConnectorBase_V1):
         transfer = self._kv_transfer_config
         self.config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)
         self.config.check_block_size(vllm_config.cache_config.block_size)
-        if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
             raise NotImplementedError(
                 "kvcdn: tensor/pipeline parallelism is not supported yet; run with "
                 "--tensor-parallel-size 1 --pipeline-parallel-size 1"
@@ -51,13 +52,14 @@ class KVCDNConnector(KVConnectorBase_V1):
 
             if transfer.kv_load_failure_policy != "recompute":
                 # A cache miss must never fail a request: recompute what did not load.
-                logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r)", transfer.kv_load_failure_policy)
+                logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r)",
+                            transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
             self._scheduler = KVCDNScheduler(self.config, self.fingerprint, store)
             logger.info(
                 "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s)",
                 store.url, self.config.chunk_size, self.fingerprint.digest,
-                self.fingerprint.fields["engine"], self.fingerprint.fields["device"], self.fingerprint.fields["compile"],
+                *(self.fingerprint.fields[k] for k in ("engine", "device", "compile")),
             )
         else:
             from vllm_kvcdn.connector.worker import KVCDNWorker

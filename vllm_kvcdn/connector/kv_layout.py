@@ -32,6 +32,16 @@ class PagedKVLayout(ABC):
     def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (``[n, kv_heads, head_dim]``) stored at the given slots."""
 
+    block_dim = 0  # the dimension of the cache tensor that indexes blocks
+
+    def read_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """Whole blocks as stored (engine-native packing), copied to host memory."""
+        return cache.index_select(self.block_dim, block_ids.to(cache.device)).cpu()
+
+    def write_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, image: torch.Tensor) -> None:
+        """Put whole blocks read by ``read_blocks`` back, at other block ids: a plain copy."""
+        cache.index_copy_(self.block_dim, block_ids.to(cache.device), image.to(cache.device, non_blocking=True))
+
 
 class CpuAttnLayout(PagedKVLayout):
     def __init__(self, dtype: torch.dtype, block_size: int, head_dim: int, cache_dtype: str = "auto"):
@@ -98,6 +108,8 @@ def _probe_plane_maps(dtype: torch.dtype, block_size: int, head_dim: int, isa: s
 
 class FlashLayout(PagedKVLayout):
     """``[2, num_blocks, block_size, kv_heads, head_dim]`` (FlashAttention and kin)."""
+
+    block_dim = 1
 
     def __init__(self, block_size: int):
         self.block_size = block_size

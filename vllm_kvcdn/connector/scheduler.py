@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm_kvcdn.artifact import Manifest
+from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import chain_seed, iter_chunks
 from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
@@ -16,7 +16,7 @@ from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key, verify_report_key
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.store import Store
+from vllm_kvcdn.store import Store, StoreError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -92,8 +92,12 @@ class KVCDNScheduler:
 
     def _manifest_chunks(self, doc_id: str, prompt: list[int]) -> list[tuple[str, str, int]]:
         """Chunks of a published document, to verify against a recompute of ``prompt``."""
-        data = self.store.get(manifest_object_key(doc_id))
-        manifest = Manifest.from_json(data) if data is not None else None
+        try:
+            data = self.store.get(manifest_object_key(doc_id))
+            manifest = Manifest.from_json(data) if data is not None else None
+        except (ArtifactError, StoreError) as e:
+            logger.warning("kvcdn: cannot read the manifest of %s: %s", doc_id[:16], e)
+            manifest = None
         if manifest is None or manifest.num_tokens != len(prompt) or manifest.fingerprint != self.fingerprint.digest:
             logger.warning("kvcdn: cannot verify %s: not published for this model, or other tokens", doc_id[:16])
             return []

@@ -15,8 +15,9 @@ COUNTERS = {
     "matched_requests": "Requests whose prompt matched published chunks (see loaded_tokens for what loaded)",
     "matched_tokens": "Prompt tokens planned for loading from published chunks",
     "loaded_tokens": "Tokens whose KV was copied from the store into the KV cache",
-    "loaded_bytes": "Artifact bytes read and verified for loads",
-    "load_seconds": "Seconds the worker spent loading chunks",
+    "loaded_bytes": "KV bytes written into the KV cache by loads",
+    "store_read_bytes": "Artifact bytes read from the store and verified",
+    "ram_tier_hits": "Chunks whose whole blocks came from the worker's host-RAM tier",
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",
@@ -25,6 +26,9 @@ COUNTERS = {
 
 # Labelled counters: data[name] = {label value: count}.
 LABELLED = {"failures": "reason", "document_reads": "document"}
+# Observations (one per request): data[name] = [values].
+OBSERVED = {"load_duration_seconds": "Time the worker spent loading one request's chunks (read, verify, copy)"}
+LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
 
 class KVCDNStats(KVConnectorStats):
@@ -40,6 +44,9 @@ class KVCDNStats(KVConnectorStats):
     def fail(self, reason: str, count: int = 1) -> None:
         self.add_labelled("failures", reason, count)
 
+    def observe(self, name: str, value: float) -> None:
+        self.data.setdefault(name, []).append(value)
+
     def reset(self):
         self.data = {}
 
@@ -48,14 +55,19 @@ class KVCDNStats(KVConnectorStats):
             if name in LABELLED:
                 for label, n in value.items():
                     self.add_labelled(name, label, n)
+            elif name in OBSERVED:
+                self.data.setdefault(name, []).extend(value)
             else:
                 self.add(name, value)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        out = {k: v for k, v in self.data.items() if k not in LABELLED}
+        out = {k: v for k, v in self.data.items() if k not in LABELLED and k not in OBSERVED}
         for reason, n in self.data.get("failures", {}).items():
             out[f"failed_{reason}"] = n
+        loads = self.data.get("load_duration_seconds", [])
+        if loads:
+            out["load_seconds_total"] = round(sum(loads), 4)
         return out
 
     def is_empty(self) -> bool:
@@ -77,6 +89,11 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
         for name, doc in COUNTERS.items():
             metric = self._counter_cls(name=f"vllm:kvcdn_{name}", documentation=doc, labelnames=labelnames)
             self._counters[name] = create_metric_per_engine(metric, per_engine_labelvalues)
+        self._histograms = {}
+        for name, doc in OBSERVED.items():
+            metric = self._histogram_cls(name=f"vllm:kvcdn_{name}", documentation=doc, buckets=LOAD_BUCKETS,
+                                         labelnames=labelnames)
+            self._histograms[name] = create_metric_per_engine(metric, per_engine_labelvalues)
         self._labelled = {
             "failures": self._counter_cls(
                 name="vllm:kvcdn_load_failures",
@@ -92,7 +109,10 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, value in transfer_stats_data.items():
-            if name in self._labelled:
+            if name in self._histograms:
+                for v in value:
+                    self._histograms[name][engine_idx].observe(v)
+            elif name in self._labelled:
                 engine_labels = self.per_engine_labelvalues[engine_idx]
                 for label, n in value.items():
                     self._labelled[name].labels(*engine_labels, label).inc(n)

@@ -17,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerM
 
 from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
 from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
 from vllm_kvcdn.connector.metadata import KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.stats import KVCDNStats
@@ -54,7 +55,10 @@ class KVGeometry:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        return self.model_dtype if self.cache_dtype == "auto" else getattr(torch, self.cache_dtype)
+        if self.cache_dtype == "auto":
+            return self.model_dtype
+        fp8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+        return fp8.get(self.cache_dtype) or getattr(torch, self.cache_dtype)
 
 
 class KVCDNWorker:
@@ -68,6 +72,8 @@ class KVCDNWorker:
         self.layout: PagedKVLayout | None = None
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()
+        ram_bytes = int(config.ram_tier_gib * (1 << 30))
+        self.ram = PackedBlockCache(ram_bytes) if ram_bytes else None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         def layer_index(name: str) -> int:
@@ -79,6 +85,7 @@ class KVCDNWorker:
         names = sorted(kv_caches, key=layer_index)
         self.caches = [kv_caches[n] for n in names]
         g = self.geometry
+        self.bytes_per_token = len(self.caches) * 2 * g.num_kv_heads * g.head_dim * g.kv_dtype.itemsize
         self.layout = layout_for(
             self.caches[0],
             block_size=g.block_size,
@@ -88,8 +95,8 @@ class KVCDNWorker:
             cache_dtype=g.cache_dtype,
         )
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s",
-            len(self.caches), type(self.layout).__name__, self.store.url,
+            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB",
+            len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
         )
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -105,39 +112,76 @@ class KVCDNWorker:
 
     def _load_request(self, spec: LoadSpec) -> None:
         started = time.perf_counter()
-        loaded_tokens = loaded_bytes = 0
-        g = self.geometry
+        loaded_tokens = 0
         for n, chunk in enumerate(spec.chunks):
             try:
-                data = self.store.get(chunk_object_key(chunk.key))
-                if data is None:
-                    raise ArtifactError("missing", f"chunk {chunk.key[:16]} is not in {self.store.url}")
-                kv = decode_chunk(
-                    data,
-                    key=chunk.key,
-                    fingerprint=self.fingerprint.digest,
-                    dtype=g.kv_dtype,
-                    num_layers=len(self.caches),
-                    num_kv_heads=g.num_kv_heads,
-                    head_dim=g.head_dim,
-                    tokens=chunk.tokens,
-                    verify=self.config.verify_checksums,
-                )
+                self._load_chunk(spec, chunk)
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else "store_error"
                 self._fail(spec, spec.chunks[n:], reason, str(e))
                 break
-            if self.config.debug_skip_partial_tail and chunk.is_tail:
-                continue  # fault injection for tests: claim the tail, leave its slots stale
-            lo, hi = chunk.write_from - chunk.start, chunk.write_to - chunk.start
-            slots = self._slots(spec.block_ids, chunk.write_from, chunk.write_to)
-            for cache, k, v in zip(self.caches, kv.keys, kv.values):
-                self.layout.write(cache, k[lo:hi], v[lo:hi], slots)
-            loaded_tokens += hi - lo
-            loaded_bytes += len(data)
+            except Exception as e:  # never take the engine down: recompute instead
+                logger.exception("kvcdn: unexpected error loading chunk %s", chunk.key[:16])
+                self._fail(spec, spec.chunks[n:], "error", repr(e))
+                break
+            loaded_tokens += chunk.write_to - chunk.write_from
         self.stats.add("loaded_tokens", loaded_tokens)
-        self.stats.add("loaded_bytes", loaded_bytes)
-        self.stats.add("load_seconds", time.perf_counter() - started)
+        self.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
+        self.stats.observe("load_duration_seconds", time.perf_counter() - started)
+
+    def _load_chunk(self, spec: LoadSpec, chunk) -> None:
+        """Write the chunk's tokens [write_from, write_to) into the request's slots: whole
+        blocks from the RAM tier when it holds them, everything else from the verified file."""
+        if self.config.debug_skip_partial_tail and chunk.is_tail:
+            return  # fault injection for tests: claim the tail, leave its slots stale
+        bs = self.geometry.block_size
+        # Whole blocks of this chunk inside the write range (chunks start on block edges).
+        first, last = -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
+        image = self.ram.get(chunk.key) if self.ram is not None and first < last else None
+        todo = [(chunk.write_from, chunk.write_to)]
+        if image is not None:
+            lo, hi = (first - chunk.start) // bs, (last - chunk.start) // bs
+            ids = self._block_ids(spec, first, last)
+            for cache, layer_image in zip(self.caches, image):
+                self.layout.write_blocks(cache, ids, layer_image[lo:hi])
+            todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
+            self.stats.add("ram_tier_hits")
+        if not todo:
+            return
+        kv = self._read_chunk(chunk)
+        for start, end in todo:
+            slots = self._slots(spec.block_ids, start, end)
+            a, b = start - chunk.start, end - chunk.start
+            for cache, k, v in zip(self.caches, kv.keys, kv.values):
+                self.layout.write(cache, k[a:b], v[a:b], slots)
+        whole_end = chunk.start + chunk.num_tokens // bs * bs
+        if self.ram is not None and image is None and chunk.write_from == chunk.start and whole_end > chunk.start \
+                and chunk.write_to >= whole_end:
+            ids = self._block_ids(spec, chunk.start, whole_end)
+            self.ram.put(chunk.key, [self.layout.read_blocks(cache, ids) for cache in self.caches])
+
+    def _read_chunk(self, chunk):
+        g = self.geometry
+        data = self.store.get(chunk_object_key(chunk.key))
+        if data is None:
+            raise ArtifactError("missing", f"chunk {chunk.key[:16]} is not in {self.store.url}")
+        self.stats.add("store_read_bytes", len(data))
+        return decode_chunk(
+            data,
+            key=chunk.key,
+            fingerprint=self.fingerprint.digest,
+            dtype=g.kv_dtype,
+            num_layers=len(self.caches),
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
+            tokens=chunk.tokens,
+            verify=self.config.verify_checksums,
+        )
+
+    def _block_ids(self, spec: LoadSpec, start: int, end: int) -> torch.Tensor:
+        """Ids of the request's blocks holding positions [start, end) (block-aligned)."""
+        bs = self.geometry.block_size
+        return torch.tensor(spec.block_ids[start // bs : end // bs], dtype=torch.long)
 
     def _fail(self, spec: LoadSpec, chunks, reason: str, message: str) -> None:
         """Report every block from the failed chunk on: vLLM recomputes them."""
@@ -165,9 +209,9 @@ class KVCDNWorker:
         for spec in meta.saves:
             try:
                 self._save_document(spec)
-            except (StoreError, OSError) as e:
+            except Exception as e:  # a failed publish is logged and counted; serving goes on
                 self.stats.fail("publish_error")
-                logger.error("kvcdn: publishing request %s failed: %s", spec.req_id, e)
+                logger.exception("kvcdn: publishing request %s failed: %s", spec.req_id, e)
 
     def _encode_chunks(self, spec: SaveSpec):
         """Read the request's KV out of the paged cache; yield (key, parent, n, bytes, header)."""
@@ -206,7 +250,7 @@ class KVCDNWorker:
                 self.store.put(obj, data)
                 new_bytes += len(data)
                 new_chunks += 1
-            chunks.append(ManifestChunk(key=key, parent=parent, num_tokens=n, nbytes=len(data), checksum=header.checksum))
+            chunks.append(ManifestChunk(key, parent, n, nbytes=len(data), checksum=header.checksum))
         doc_id = spec.chunk_keys[-1][0]
         manifest = Manifest(
             doc_id=doc_id,

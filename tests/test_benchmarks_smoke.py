@@ -1,0 +1,44 @@
+"""Keep the benchmark scripts working: each runs once on the tiny model, one repetition.
+(Timings are not checked here; benchmarks/README.md holds the measured figures.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float = 900) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_paper_table_runs_and_every_hit_is_checked(tiny_model, tmp_path):
+    run("paper_table.py", "--model", str(tiny_model), "--shape", "tiny", "--lengths", "300", "--reps", "1",
+        "--kv-cache-gib", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "paper_table_tiny.json").read_text())
+    (row,) = result["rows"]
+    assert row["failed"] == "" and row["kvcdn_s"] > 0 and row["cold_s"] > 0
+    assert (tmp_path / "paper_table_tiny.png").stat().st_size > 0 and (tmp_path / "paper_table_tiny.md").exists()
+
+
+def test_serve_harness_runs_with_hits(tiny_model, tmp_path):
+    run("serve_harness.py", "--model", str(tiny_model), "--shape", "tiny", "--prefix-len", "300",
+        "--num-prefixes", "2", "--num-prompts", "4", "--concurrency", "2", "--variants", "vllm,kvcdn",
+        "--kv-cache-gib", "1", "--out", str(tmp_path))
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "serve_harness_tiny.json").read_text())["rows"]}
+    assert rows["vllm"]["completed"] == 4 and rows["kvcdn"]["completed"] == 4
+    assert rows["kvcdn"]["kvcdn_loaded_tokens"] > 0 and rows["kvcdn"]["failed"] == ""
+
+
+def test_cross_profile_runs(tiny_model, tmp_path):
+    run("cross_profile.py", "--model", str(tiny_model), "--docs", "1", "--new-tokens", "8", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "cross_profile.json").read_text())["summary"]
+    assert 0.0 <= summary["agree_vllm_artifact"] <= 1.0

@@ -1,0 +1,51 @@
+"""Connector settings: parsing, checks, and error messages that name the fix."""
+
+import pytest
+
+from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.serve import build_command, plugin_allowlist
+
+
+def test_defaults_and_env_store(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCDN_STORE", f"file://{tmp_path}")
+    cfg = KVCDNConfig.from_extra_config({})
+    assert cfg.chunk_size == 256 and cfg.store_url == f"file://{tmp_path}" and cfg.verify_checksums
+    assert KVCDNConfig.from_extra_config({"store_url": "file:///x"}).store_url == "file:///x"
+
+
+def test_unknown_key_names_the_known_ones():
+    with pytest.raises(ValueError, match="known keys"):
+        KVCDNConfig.from_extra_config({"chunk_sise": 256})
+
+
+def test_chunk_size_must_be_a_multiple_of_the_block_size():
+    KVCDNConfig(chunk_size=256).check_block_size(128)
+    with pytest.raises(ValueError, match="multiple of the engine's KV block size 128"):
+        KVCDNConfig(chunk_size=200).check_block_size(128)
+    with pytest.raises(ValueError):
+        KVCDNConfig(chunk_size=0)
+
+
+def test_serve_adds_only_what_is_missing():
+    argv, env, key = build_command("m", ["--port", "9"], store_url="file:///s", environ={})
+    assert argv[-3] == "--kv-transfer-config" and '"store_url": "file:///s"' in argv[-2]
+    assert argv[-1] == "--enable-prompt-tokens-details" and key and env["KVCDN_PUBLISHER_KEY"] == key
+    assert env["VLLM_PLUGINS"] == "kvcdn,kvcdn-api"
+    mine = ["--kv-transfer-config", "{}", "--enable-prompt-tokens-details"]
+    argv, env, key = build_command("m", mine, environ={"KVCDN_PUBLISHER_KEY": "k", "VLLM_PLUGINS": "other"})
+    assert argv[-3:] == mine and key is None and env["VLLM_PLUGINS"] == "other,kvcdn,kvcdn-api"
+    assert plugin_allowlist("kvcdn") == "kvcdn,kvcdn-api"
+
+
+def test_presets_parse():
+    import json
+    from pathlib import Path
+
+    presets = Path(__file__).resolve().parent.parent / "connectors"
+    for path in presets.glob("*.json"):
+        config = json.loads(path.read_text())
+        kvcdn = [config] if config["kv_connector"] == "KVCDNConnector" else [
+            c for c in config["kv_connector_extra_config"]["connectors"] if c["kv_connector"] == "KVCDNConnector"]
+        assert kvcdn, path
+        for c in kvcdn:
+            KVCDNConfig.from_extra_config(c["kv_connector_extra_config"]).check_block_size(16)
