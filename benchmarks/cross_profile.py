@@ -120,7 +120,7 @@ def main() -> None:
                         rows=rows, plot=plot, notes=notes, extra={"summary": {**mean, "worst_logit_diff": worst}},
                         columns=[("prompt", "prompt"), ("doc_tokens", "doc tokens loaded"),
                                  ("agree_vllm_artifact", "agreement, artifact loaded"),
-                                 ("max_logit_diff", "max |logit diff|"),
+                                 ("max_logit_diff", "max abs logit diff"),
                                  ("agree_vllm_engine", "agreement, vLLM's own answer")])
     print(path.read_text())
 

@@ -243,7 +243,7 @@ def main() -> None:
 
     def plot(ax):
         for key, label in (("cold_s", "cold prefill"), ("resident_s", "vLLM prefix cache (resident)"),
-                           ("example_hit_s", "ExampleConnector hit"), ("kvcdn_s", "kvcdn hit (store)")):
+                           ("example_hit_s", "ExampleConnector hit"), ("kvcdn_s", "kvcdn hit (hot: RAM tier)")):
             ax.plot([r["L"] for r in rows], [r[key] for r in rows], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
