@@ -34,6 +34,11 @@ def find_manifests(store: Store, id_prefix: str) -> list[Manifest]:
     return [exact] if exact else [m for m in manifests(store) if m.doc_id.startswith(id_prefix)]
 
 
+def chunks_present(store: Store, manifest: Manifest) -> bool:
+    """Every chunk object exists with the size its manifest recorded (a cheap check)."""
+    return all(store.size(chunk_object_key(c.key)) == c.nbytes for c in manifest.chunks)
+
+
 @dataclass
 class Deleted:
     doc_id: str

@@ -102,7 +102,7 @@ class HFKVCDN:
                 span.key, span.parent, self.fingerprint.digest, tokens[s:e],
                 [k[s:e].contiguous() for k, _ in layers], [v[s:e].contiguous() for _, v in layers],
             )
-            if not self.store.contains(chunk_object_key(span.key)):
+            if self.store.size(chunk_object_key(span.key)) != len(data):  # absent or damaged
                 self.store.put(chunk_object_key(span.key), data)
             chunks.append(ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum))
         import transformers

@@ -117,7 +117,8 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
                                     f"{svc.max_model_len} (--max-model-len), and a question must still fit")
         doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size)[-1].key
         existing = catalog.get_manifest(svc.store, doc_id)
-        if existing is not None:  # content-addressed: the same document is already there
+        if existing is not None and catalog.chunks_present(svc.store, existing):
+            # Content-addressed: the same document is already there, whole.
             response.status_code = 200
             return _publish_view(existing, seconds=0.0, created=False)
         result = await publish_tokens(svc.engine_client, tokens, cache_salt=body.cache_salt,

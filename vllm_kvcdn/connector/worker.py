@@ -246,7 +246,9 @@ class KVCDNWorker:
         chunks, new_bytes, new_chunks = [], 0, 0
         for key, parent, n, data, header in self._encode_chunks(spec):
             obj = chunk_object_key(key)
-            if not self.store.contains(obj):  # content-addressed: same key, same bytes
+            # Content-addressed: same key, same bytes. A stored object of another size is
+            # damaged (or of an older format) and is replaced.
+            if self.store.size(obj) != len(data):
                 self.store.put(obj, data)
                 new_bytes += len(data)
                 new_chunks += 1
