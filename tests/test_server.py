@@ -119,6 +119,29 @@ def test_stats_count_what_happened(api, published):
     assert stats["published_documents"] >= 4 and stats["failures"] == {}
 
 
+def test_cli_publishes_lists_and_inspects(kvcdn, tmp_path, texts):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kvcdn_bin = str(Path(sys.executable).with_name("kvcdn"))
+    env = {**os.environ, "KVCDN_PUBLISHER_KEY": KEY}
+    doc = tmp_path / "manual.txt"
+    doc.write_text(" ".join(texts["other"]))
+
+    def cli(*args):
+        out = subprocess.run([kvcdn_bin, *args, "--server", kvcdn.url], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    doc_id = cli("publish", str(doc)).split()[0]
+    listed = json.loads(cli("ls", "--json"))
+    assert doc_id in {d["id"] for d in listed} and any(d["title"] == "manual.txt" for d in listed)
+    assert json.loads(cli("inspect", doc_id[:16]))["manifest"]["doc_id"] == doc_id
+    assert "removed document" in cli("rm", doc_id)
+
+
 def test_writes_need_the_publisher_key(kvcdn):
     with pytest.raises(APIError, match="401"):
         SideAPIClient(kvcdn.url, key="wrong").publish(text="hello")

@@ -17,9 +17,9 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help=f"store URL (default: $KVCDN_STORE or {default_store_url()})")
 
 
-def _server_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--server", default=None if not required else "http://localhost:8000", required=False,
-                   help="a kvcdn server URL (e.g. http://localhost:8000); without it, work on --store directly")
+def _server_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    where = f"default {default}" if default else "without it, work on --store directly"
+    p.add_argument("--server", default=default, help=f"a kvcdn server URL, e.g. http://localhost:8000 ({where})")
     p.add_argument("--key", default=None, help="publisher key (default: $KVCDN_PUBLISHER_KEY)")
 
 
@@ -75,8 +75,9 @@ def cmd_publish(args) -> None:
         if args.chat:
             try:
                 messages = json.loads(text)
-                assert isinstance(messages, list)
-            except (ValueError, AssertionError):
+            except ValueError:
+                messages = None
+            if not isinstance(messages, list):  # plain text: one message
                 messages = [{"role": args.role, "content": text}]
             result = _api(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt))
         else:
@@ -109,6 +110,9 @@ def cmd_ls(args) -> None:
 
 
 def cmd_inspect(args) -> None:
+    if args.server:
+        print(json.dumps(_api(lambda: _client(args).get(args.doc)), indent=1))
+        return
     store = open_store(args.store)
     m = _find_manifest(store, args.doc)
     print(m.to_json().decode())
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("publish", help="publish documents to a kvcdn server (prefill runs on the server)")
     p.add_argument("files", nargs="+", help="text files, or - for standard input")
-    _server_arg(p, required=True)
+    _server_arg(p, default="http://localhost:8000")
     p.add_argument("--chat", action="store_true",
                    help="publish as a chat prefix: a JSON list of messages, or the text as one message")
     p.add_argument("--role", default="user", help="role of the message with --chat and plain text (default user)")
@@ -262,12 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a document's manifest (and verify its chunks)")
     p.add_argument("doc", help="document id (a unique prefix is enough) or a manifest file")
     _store_arg(p)
+    _server_arg(p)
     p.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="recompute a document on the server and compare with the store, bit for bit")
     p.add_argument("doc", help="document id (a unique prefix is enough)")
-    _server_arg(p, required=True)
+    _server_arg(p, default="http://localhost:8000")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("rm", help="delete a document (chunks shared with other documents are kept)")
