@@ -1,28 +1,32 @@
-"""The worker's host-RAM tier: LRU by bytes."""
+"""The worker's host-RAM tier: fixed slots in a preallocated arena, least recently used first."""
 
 import torch
 
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 
 
-def image(nbytes: int) -> list[torch.Tensor]:
-    return [torch.zeros(nbytes // 2, dtype=torch.int8), torch.zeros(nbytes // 2, dtype=torch.int8)]
+def caches(layers=2, blocks=8):
+    return [torch.arange(blocks * 4 * 6, dtype=torch.float32).view(blocks, 4, 6) + 1000 * i for i in range(layers)]
 
 
-def test_lru_eviction_by_bytes():
-    cache = PackedBlockCache(capacity_bytes=300)
-    cache.put("a", image(100))
-    cache.put("b", image(100))
-    assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", image(150))  # evicts b, the least recently used
-    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    assert cache.used_bytes == 250 and len(cache) == 2
+def test_put_get_round_trip_and_lru():
+    cs = caches()
+    slot_bytes = 2 * 2 * 4 * 6 * 4  # 2 layers x 2 blocks per chunk
+    ram = PackedBlockCache(2 * slot_bytes, cs, block_dim=0, blocks_per_chunk=2)
+    assert ram.num_slots == 2 and ram.capacity_bytes == 2 * slot_bytes
+    ram.put("a", cs, torch.tensor([3, 5]))
+    got = ram.get("a", 0, 2)
+    assert all(torch.equal(g, c[[3, 5]]) for g, c in zip(got, cs))
+    assert torch.equal(ram.get("a", 1, 2)[1], cs[1][[5]])
+    ram.put("b", cs, torch.tensor([1]))  # a tail chunk: one whole block
+    assert ram.get("b", 0, 2) is None and ram.get("b", 0, 1) is not None
+    ram.get("a", 0, 1)  # a is now the most recent
+    ram.put("c", cs, torch.tensor([0, 1]))  # evicts b
+    assert ram.get("b", 0, 1) is None and ram.get("a", 0, 2) is not None and len(ram) == 2
 
 
-def test_too_large_or_duplicate_is_not_stored():
-    cache = PackedBlockCache(capacity_bytes=100)
-    cache.put("big", image(200))
-    assert cache.get("big") is None and cache.used_bytes == 0
-    cache.put("x", image(50))
-    cache.put("x", image(50))
-    assert cache.used_bytes == 50
+def test_too_small_capacity_holds_nothing():
+    cs = caches()
+    ram = PackedBlockCache(10, cs, block_dim=0, blocks_per_chunk=2)
+    ram.put("a", cs, torch.tensor([0, 1]))
+    assert ram.num_slots == 0 and ram.get("a", 0, 1) is None

@@ -19,7 +19,7 @@ class KVCDNConfig:
     # Verify each chunk's checksum before it is copied into the KV cache.
     verify_checksums: bool = True
     # Host-RAM tier per worker: engine-native images of hot chunks' whole blocks (0: off).
-    ram_tier_gib: float = 2.0
+    ram_tier_gib: float = 1.0
     # Fault injection for tests only: report the partial tail chunk as loaded but
     # leave its slots untouched. Proves the exactness tests can see a wrong load.
     debug_skip_partial_tail: bool = False

@@ -2,9 +2,14 @@
 
 A cold load reads a chunk file, verifies it and packs its K/V into the paged cache with
 the platform's op (on CPU that op transposes K and is the slowest step of a load). The
-packed blocks it produced are then kept here, keyed by chunk key, so the next load of a
-hot document is a plain block copy. Only whole blocks are kept; a chunk's partial last
+packed blocks it produced are then copied here, keyed by chunk key, so the next load of
+a hot document is a plain block copy. Only whole blocks are kept; a chunk's partial last
 block is always written from the file. Least recently used images go first.
+
+The memory is one arena of fixed-size slots (one chunk's blocks for every layer),
+allocated and touched when the worker starts: filling fresh memory page by page on the
+request path cost more than the load itself (measured: 0.9 s of a 1.4 s first read of
+940 MB).
 """
 
 from __future__ import annotations
@@ -15,31 +20,45 @@ import torch
 
 
 class PackedBlockCache:
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self._images: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+    def __init__(self, capacity_bytes: int, caches: list[torch.Tensor], block_dim: int, blocks_per_chunk: int):
+        layer = list(caches[0].shape)
+        layer[block_dim] = blocks_per_chunk
+        slot_bytes = len(caches) * torch.Size(layer).numel() * caches[0].element_size()
+        self.num_slots = capacity_bytes // slot_bytes
+        self.block_dim = block_dim
+        pin = caches[0].is_cuda
+        self.arena = torch.empty((self.num_slots, len(caches), *layer), dtype=caches[0].dtype, pin_memory=pin)
+        self.arena.zero_()  # touch every page now, not on the request path
+        self._slots: OrderedDict[str, tuple[int, int]] = OrderedDict()  # chunk key -> (slot, blocks held)
+        self._free = list(range(self.num_slots))
 
-    @staticmethod
-    def _size(image: list[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in image)
+    @property
+    def capacity_bytes(self) -> int:
+        return self.arena.numel() * self.arena.element_size()
 
-    def get(self, chunk_key: str) -> list[torch.Tensor] | None:
-        """Per-layer packed whole blocks of the chunk, in block order; None if not held."""
-        image = self._images.get(chunk_key)
-        if image is not None:
-            self._images.move_to_end(chunk_key)
-        return image
+    def get(self, chunk_key: str, lo: int, hi: int) -> list[torch.Tensor] | None:
+        """Per-layer images of the chunk's whole blocks [lo, hi); None if not held."""
+        held = self._slots.get(chunk_key)
+        if held is None or hi > held[1]:
+            return None
+        self._slots.move_to_end(chunk_key)
+        return [layer.narrow(self.block_dim, lo, hi - lo) for layer in self.arena[held[0]]]
 
-    def put(self, chunk_key: str, image: list[torch.Tensor]) -> None:
-        size = self._size(image)
-        if size > self.capacity_bytes or chunk_key in self._images:
+    def put(self, chunk_key: str, caches: list[torch.Tensor], block_ids: torch.Tensor) -> None:
+        """Copy the chunk's whole blocks (``block_ids``, in order) out of the paged caches."""
+        if not self.num_slots or chunk_key in self._slots:
             return
-        while self.used_bytes + size > self.capacity_bytes:
-            _, evicted = self._images.popitem(last=False)
-            self.used_bytes -= self._size(evicted)
-        self._images[chunk_key] = image
-        self.used_bytes += size
+        if not self._free:
+            _, (slot, _) = self._slots.popitem(last=False)
+            self._free.append(slot)
+        slot = self._free.pop()
+        for layer, cache in zip(self.arena[slot], caches):
+            dst = layer.narrow(self.block_dim, 0, len(block_ids))
+            if dst.is_contiguous() and dst.device == cache.device:
+                torch.index_select(cache, self.block_dim, block_ids, out=dst)  # no temporary
+            else:
+                dst.copy_(cache.index_select(self.block_dim, block_ids.to(cache.device)))
+        self._slots[chunk_key] = (slot, len(block_ids))
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self._slots)

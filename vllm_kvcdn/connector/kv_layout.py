@@ -34,12 +34,9 @@ class PagedKVLayout(ABC):
 
     block_dim = 0  # the dimension of the cache tensor that indexes blocks
 
-    def read_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """Whole blocks as stored (engine-native packing), copied to host memory."""
-        return cache.index_select(self.block_dim, block_ids.to(cache.device)).cpu()
-
     def write_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, image: torch.Tensor) -> None:
-        """Put whole blocks read by ``read_blocks`` back, at other block ids: a plain copy."""
+        """Put images of whole blocks (engine-native packing, see ``block_cache``) back at
+        other block ids: a plain copy."""
         cache.index_copy_(self.block_dim, block_ids.to(cache.device), image.to(cache.device, non_blocking=True))
 
 

@@ -72,8 +72,7 @@ class KVCDNWorker:
         self.layout: PagedKVLayout | None = None
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()
-        ram_bytes = int(config.ram_tier_gib * (1 << 30))
-        self.ram = PackedBlockCache(ram_bytes) if ram_bytes else None
+        self.ram: PackedBlockCache | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         def layer_index(name: str) -> int:
@@ -94,6 +93,10 @@ class KVCDNWorker:
             model_dtype=g.model_dtype,
             cache_dtype=g.cache_dtype,
         )
+        ram_bytes = int(self.config.ram_tier_gib * (1 << 30))
+        if ram_bytes:
+            self.ram = PackedBlockCache(ram_bytes, self.caches, self.layout.block_dim,
+                                        self.config.chunk_size // g.block_size)
         logger.info(
             "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
@@ -137,13 +140,13 @@ class KVCDNWorker:
         bs = self.geometry.block_size
         # Whole blocks of this chunk inside the write range (chunks start on block edges).
         first, last = -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
-        image = self.ram.get(chunk.key) if self.ram is not None and first < last else None
+        lo, hi = (first - chunk.start) // bs, (last - chunk.start) // bs
+        image = self.ram.get(chunk.key, lo, hi) if self.ram is not None and first < last else None
         todo = [(chunk.write_from, chunk.write_to)]
         if image is not None:
-            lo, hi = (first - chunk.start) // bs, (last - chunk.start) // bs
             ids = self._block_ids(spec, first, last)
             for cache, layer_image in zip(self.caches, image):
-                self.layout.write_blocks(cache, ids, layer_image[lo:hi])
+                self.layout.write_blocks(cache, ids, layer_image)
             todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
             self.stats.add("ram_tier_hits")
         if not todo:
@@ -157,8 +160,7 @@ class KVCDNWorker:
         whole_end = chunk.start + chunk.num_tokens // bs * bs
         if self.ram is not None and image is None and chunk.write_from == chunk.start and whole_end > chunk.start \
                 and chunk.write_to >= whole_end:
-            ids = self._block_ids(spec, chunk.start, whole_end)
-            self.ram.put(chunk.key, [self.layout.read_blocks(cache, ids) for cache in self.caches])
+            self.ram.put(chunk.key, self.caches, self._block_ids(spec, chunk.start, whole_end))
 
     def _read_chunk(self, chunk):
         g = self.geometry
