@@ -14,7 +14,7 @@ def machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_isa()}
     try:
         import vllm
 
@@ -22,6 +22,24 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def cpu_isa() -> dict:
+    """The CPU model and the instruction-set facts that pick vLLM's CPU kernels (machines of
+    our kind differ: some have AVX-512, some only AVX2)."""
+    import torch
+
+    model, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags |= {f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx"))}
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_isa": " ".join(sorted(flags)) or "AVX2 only (no AVX-512)",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -61,7 +79,7 @@ def write_report(out_dir: str | Path, name: str, *, title: str, rows: list[dict]
         plt.close(fig)
         md += [f"![{title}]({name}.png)", ""]
     m = payload["machine"]
-    md.append(f"_Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, vLLM {m.get('vllm', '-')}; "
-              f"{m['date']}_")
+    md.append(f"_Machine: {m['cpus']} CPUs ({m['cpu_model']}; {m['cpu_isa']}), {m['platform']}, "
+              f"torch {m['torch']}, vLLM {m.get('vllm', '-')}; {m['date']}_")
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return out / f"{name}.md"

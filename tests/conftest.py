@@ -3,16 +3,10 @@ a runner that executes real vLLM engines in fresh processes."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="session")
@@ -54,28 +48,17 @@ def texts() -> dict[str, list[str]]:
 
 
 class EngineRunner:
-    """Runs ``tests/engine_job.py`` in a fresh process; returns its JSON results."""
+    """Runs a ``vllm_kvcdn.engine_job`` spec on a fresh engine process; returns its results."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.count = 0
 
-    def __call__(self, spec: dict, timeout: float = 600) -> dict:
+    def __call__(self, spec: dict, timeout: float = 900) -> dict:
+        from vllm_kvcdn.engine_job import run_in_subprocess
+
         self.count += 1
-        spec_path = self.workdir / f"engine-{self.count}.json"
-        out_path = self.workdir / f"engine-{self.count}.out.json"
-        log_path = self.workdir / f"engine-{self.count}.log"
-        spec_path.write_text(json.dumps(spec))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        with open(log_path, "w") as log:
-            proc = subprocess.run(
-                [sys.executable, str(HERE / "engine_job.py"), str(spec_path), str(out_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-            )
-        if proc.returncode != 0:
-            tail = log_path.read_text()[-6000:]
-            raise RuntimeError(f"engine job failed (rc={proc.returncode}), log {log_path}:\n{tail}")
-        return json.loads(out_path.read_text())
+        return run_in_subprocess(spec, self.workdir, f"engine-{self.count}", timeout=timeout)
 
 
 @pytest.fixture(scope="session")

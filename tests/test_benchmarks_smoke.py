@@ -42,3 +42,11 @@ def test_cross_profile_runs(tiny_model, tmp_path):
     run("cross_profile.py", "--model", str(tiny_model), "--docs", "1", "--new-tokens", "8", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "cross_profile.json").read_text())["summary"]
     assert 0.0 <= summary["agree_vllm_artifact"] <= 1.0
+
+
+def test_exactness_runs_and_a_hit_equals_vllm_computing_the_same_spans(tiny_model, tmp_path):
+    run("exactness.py", "--model", str(tiny_model), "--shape", "tiny", "--lengths", "300", "--new-tokens", "4",
+        "--out", str(tmp_path))
+    (row,) = json.loads((tmp_path / "exactness_tiny.json").read_text())["rows"]
+    assert row["hit_equals_doc_step"] is True and row["hit_computed"] == 16
+    assert (tmp_path / "exactness_kernel.md").exists() and (tmp_path / "exactness_tiny.png").stat().st_size > 0

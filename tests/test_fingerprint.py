@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, fingerprint_diff, weights_digest
+from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, cpu_kernels, fingerprint_diff, weights_digest
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +39,11 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("kv_dtype", "float16"), ("device", "cuda"),
-                                         ("compile", "compiled:vllm_compile"), ("engine", "transformers")])
+                                         ("compile", "compiled:vllm_compile"), ("engine", "transformers"),
+                                         ("kernels", {"attn_isa": "vec", "threads": 4})])
 def test_every_profile_field_counts(field, value):
     base = dict(architecture={"num_hidden_layers": 4}, weights_digest="w", kv_dtype="bfloat16",
-                engine="vllm", device="cpu", compile_mode="eager")
+                engine="vllm", device="cpu", compile_mode="eager", kernels={"attn_isa": "vec", "threads": 2})
     key = {"compile": "compile_mode"}.get(field, field)
     assert Fingerprint.build(**base).digest != Fingerprint.build(**{**base, key: value}).digest
 
@@ -51,3 +52,13 @@ def test_architecture_fields_keep_what_shapes_kv():
     fields = architecture_fields({"num_hidden_layers": 4, "head_dim": 64, "transformers_version": "x",
                                   "text_config": None})
     assert fields == {"num_hidden_layers": 4, "head_dim": 64}
+
+
+def test_cpu_kernels_name_what_moves_the_bits():
+    kernels = cpu_kernels(threads=2, attn_isa="vec")
+    assert kernels["attn_isa"] == "vec" and kernels["threads"] == 2
+    assert kernels["gemm_isa"]  # torch's CPU capability, e.g. "AVX2" or "AVX512"
+    base = dict(architecture={}, weights_digest="w", kv_dtype="bfloat16", engine="vllm", device="cpu",
+                compile_mode="eager")
+    two, four = (Fingerprint.build(**base, kernels=cpu_kernels(threads=n, attn_isa="vec")) for n in (2, 4))
+    assert fingerprint_diff(two.fields, four.fields) == ["kernels.threads: 2 vs 4"]

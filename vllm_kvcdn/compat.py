@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from vllm_kvcdn.connector.worker import KVGeometry
-from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, model_weights_digest
+from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, cpu_kernels, cuda_kernels, model_weights_digest
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
 
@@ -24,7 +27,66 @@ def kv_dtype_name(vllm_config) -> str:
     return cache_dtype
 
 
-def vllm_fingerprint(vllm_config) -> Fingerprint:
+def cpu_worker_threads(vllm_config, *, in_worker: bool) -> int | str:
+    """OpenMP threads of the CPU worker (rank 0); vLLM's CPU attention splits its work by them.
+
+    The worker's own affinity is already bound to one core when it asks, so it reads what
+    vLLM exported to it (``OMP_NUM_THREADS``); every other process (API server, engine
+    core) asks vLLM's own OpenMP manager, as the executor did when it spawned the worker.
+    The two must agree: if they did not, no key would match (a miss, never a wrong load).
+    """
+    import vllm.envs as envs
+
+    if envs.VLLM_CPU_OMP_THREADS_BIND == "nobind":
+        return "unbound"  # the OS decides: exactness across restarts is not promised
+    if in_worker:
+        import torch
+
+        return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    manager_log = logging.getLogger("vllm.utils.ompmultiprocessing")
+    level = manager_log.level
+    manager_log.setLevel(logging.ERROR)  # it logs its whole binding plan; the executor already did
+    try:
+        return len(OMPProcessManager(vllm_config).cpu_lists[0])
+    finally:
+        manager_log.setLevel(level)
+
+
+def cpu_kernel_build() -> str:
+    """Which of vLLM's x86 kernel builds this CPU loads (``CpuPlatform.import_kernels``:
+    ``_C`` with AVX-512 BF16, ``_C_AVX512``, ``_C_AVX2``); they round differently."""
+    import torch
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+        return "default"
+    if torch.cpu._is_avx512_supported():
+        return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+    return "avx2"
+
+
+def kernel_profile(vllm_config, *, in_worker: bool) -> dict:
+    """The fingerprint's ``kernels``: what picks the kernels that decide the last bits."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        model_config = vllm_config.model_config
+        isa = _get_attn_isa(model_config.dtype, vllm_config.cache_config.block_size,
+                            model_config.get_head_size(), vllm_config.cache_config.cache_dtype)
+        return cpu_kernels(attn_isa=isa, threads=cpu_worker_threads(vllm_config, in_worker=in_worker),
+                           vllm_kernels=cpu_kernel_build())
+    if current_platform.is_cuda():
+        import vllm.envs as envs
+
+        return cuda_kernels(batch_invariant=envs.VLLM_BATCH_INVARIANT)
+    return {}
+
+
+def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
     from vllm.platforms import current_platform
 
     model_config = vllm_config.model_config
@@ -35,6 +97,7 @@ def vllm_fingerprint(vllm_config) -> Fingerprint:
         engine="vllm",
         device=current_platform.device_type,
         compile_mode=compile_mode(vllm_config),
+        kernels=kernel_profile(vllm_config, in_worker=in_worker),
     )
 
 

@@ -20,6 +20,11 @@ class KVCDNConfig:
     verify_checksums: bool = True
     # Host-RAM tier per worker: engine-native images of hot chunks' whole blocks (0: off).
     ram_tier_gib: float = 1.0
+    # How long a publish may hold back new requests while in-flight ones finish, so its
+    # prefill runs alone and its bytes depend only on the tokens and the compute profile
+    # (connector/publish_gate.py). 0: publishes share steps; their bytes then depend on
+    # the batch, which the manifest records.
+    publish_isolation_s: float = 10.0
     # Fault injection for tests only: report the partial tail chunk as loaded but
     # leave its slots untouched. Proves the exactness tests can see a wrong load.
     debug_skip_partial_tail: bool = False
@@ -29,6 +34,8 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
         if self.ram_tier_gib < 0:
             raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
+        if self.publish_isolation_s < 0:
+            raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":

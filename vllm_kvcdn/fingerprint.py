@@ -1,10 +1,11 @@
 """Model fingerprint: everything that decides the exact bits of a KV cache.
 
 It covers the architecture fields that shape KV, a digest of the weight files, the KV
-dtype and the compute profile (engine, device kind, eager vs compiled): kernels differ
-in the last bits across profiles, so exactness is promised within one. The digest of
-the canonical JSON of those fields seeds every chunk key, so an artifact made under
-another fingerprint can never match.
+dtype and the compute profile: engine, device kind, eager vs compiled, and the kernel
+facts that move the last bits (``kernels``; see ``cpu_kernels`` and ``cuda_kernels``).
+Exactness is promised within one profile. The digest of the canonical JSON of those
+fields seeds every chunk key, so an artifact made under another fingerprint can never
+match.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Fingerprint:
         engine: str,
         device: str,
         compile_mode: str,
+        kernels: dict | None = None,
     ) -> "Fingerprint":
         fields = {
             "architecture": architecture,
@@ -67,9 +69,54 @@ class Fingerprint:
             "engine": engine,
             "device": device,
             "compile": compile_mode,
+            "kernels": kernels or {},
         }
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
         return cls(digest=hashlib.sha256(canonical.encode()).hexdigest()[:32], fields=fields)
+
+
+# Fields of the compute profile: they change the last bits, not the model.
+PROFILE_FIELDS = ("engine", "device", "compile", "kernels")
+
+
+def cpu_kernels(*, threads: int | str, attn_isa: str | None = None, **extra) -> dict:
+    """What moves a CPU engine's last bits besides the model (measured with vLLM 0.32's
+    CPU attention, see README "Exactness"): the instruction set its kernels were built
+    for (attention ISA; torch's GEMM capability; ``extra``: the engine's kernel build),
+    how many OpenMP threads split the attention work, and the L2 size the attention
+    kernel sizes its tiles by."""
+    import torch
+
+    return {
+        "attn_isa": attn_isa,
+        "gemm_isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "l2_kib": _l2_cache_kib(),
+        **extra,
+    }
+
+
+def cuda_kernels(device_index: int = 0, **extra) -> dict:
+    """The GPU facts that pick kernels: compute capability, model (SM count)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device_index)
+    return {"capability": f"{props.major}.{props.minor}", "gpu": props.name,
+            "sms": props.multi_processor_count, **extra}
+
+
+def _l2_cache_kib() -> int | None:
+    """Per-core L2 size in KiB, from Linux sysfs (None elsewhere)."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip().upper()  # e.g. "512K", "2M"
+        except OSError:
+            continue
+        scale = {"K": 1, "M": 1024}.get(size[-1:])
+        return int(size[:-1]) * scale if scale and size[:-1].isdigit() else None
+    return None
 
 
 def architecture_fields(config: dict) -> dict:
@@ -83,9 +130,9 @@ def fingerprint_diff(ours: dict, theirs: dict) -> list[str]:
     out = []
     for name in sorted(set(ours) | set(theirs)):
         a, b = ours.get(name), theirs.get(name)
-        if name == "architecture" and isinstance(a, dict) and isinstance(b, dict):
+        if name in ("architecture", "kernels") and isinstance(a, dict) and isinstance(b, dict):
             out += [
-                f"architecture.{k}: {a.get(k)!r} vs {b.get(k)!r}"
+                f"{name}.{k}: {a.get(k)!r} vs {b.get(k)!r}"
                 for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k)
             ]

@@ -21,11 +21,17 @@ import torch
 from vllm_kvcdn import catalog
 from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
 from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, fingerprint_diff, model_weights_digest
+from vllm_kvcdn.fingerprint import (
+    PROFILE_FIELDS,
+    Fingerprint,
+    architecture_fields,
+    cpu_kernels,
+    cuda_kernels,
+    fingerprint_diff,
+    model_weights_digest,
+)
 from vllm_kvcdn.index import ChunkIndex, chunk_object_key, manifest_object_key
 from vllm_kvcdn.store import open_store
-
-PROFILE_FIELDS = ("engine", "device", "compile")
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -37,6 +43,15 @@ def pick_device(preferred: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _kernels(device: torch.device) -> dict:
+    """What decides the last bits on this device (see ``fingerprint.cpu_kernels``)."""
+    if device.type == "cpu":
+        return cpu_kernels(threads=torch.get_num_threads())
+    if device.type == "cuda":
+        return cuda_kernels(device.index or 0)
+    return {}
 
 
 class FingerprintMismatch(ValueError):
@@ -77,6 +92,7 @@ class HFKVCDN:
             engine="transformers",
             device=self.device.type,
             compile_mode=f"eager:attn={attn_implementation}",
+            kernels=_kernels(self.device),
         )
 
     def encode(self, text: str) -> list[int]:
@@ -124,7 +140,7 @@ class HFKVCDN:
         if manifest.fingerprint == self.fingerprint.digest:
             return
         diff = fingerprint_diff(self.fingerprint.fields, manifest.profile)
-        only_profile = all(line.split(":")[0] in PROFILE_FIELDS for line in diff)
+        only_profile = all(line.split(":")[0].split(".")[0] in PROFILE_FIELDS for line in diff)
         if diff and only_profile and self.allow_cross_profile:
             return
         hint = " (pass allow_cross_profile=True / --allow-cross-profile to use it anyway)" if only_profile else ""

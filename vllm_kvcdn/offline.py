@@ -72,22 +72,37 @@ class Answer:
     num_cached_tokens: int  # vLLM's own count of prompt tokens not computed
 
 
-def generate(llm, prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False,
-             cache_salt: str | None = None, title: str = "", metadata: dict | None = None) -> Answer:
+def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False, verify: str | None = None,
+            cache_salt: str | None = None, title: str = "", metadata: dict | None = None):
+    """(prompt, sampling params) of one greedy request: a query, a publish, or a verify of
+    the document ``verify`` (recompute ``prompt_ids`` and compare with the store)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {}
-    if publish:
-        extra["kv_transfer_params"] = {
-            PUBLISH_PARAM: {"publish": True, "title": title, "metadata": metadata or {}}
-        }
+    if publish or verify:
+        kvcdn = {"verify": verify} if verify else {"publish": True, "title": title, "metadata": metadata or {}}
+        extra["kv_transfer_params"] = {PUBLISH_PARAM: kvcdn}
         max_tokens = 1
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)
     prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
     if cache_salt:
         prompt["cache_salt"] = cache_salt
-    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    return prompt, params
+
+
+def generate_many(llm, requests: list[tuple]) -> list[Answer]:
+    """Submit ``request(...)`` results together (they may share engine steps)."""
+    outputs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+    return [_answer(out) for out in outputs]
+
+
+def generate(llm, prompt_ids: list[int], **kw) -> Answer:
+    """One request alone (see ``request`` for the keywords)."""
+    return generate_many(llm, [request(prompt_ids, **kw)])[0]
+
+
+def _answer(out) -> Answer:
     comp = out.outputs[0]
     logprobs = [lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs or [])]
     return Answer(

@@ -53,7 +53,9 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0,
+    # The whole document is computed, never read from vLLM's prefix cache (the connector
+    # also insists): cached blocks were computed in other requests' steps.
+    params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
                             extra_args={"kv_transfer_params": {PUBLISH_PARAM: kvcdn_params}})
     prompt = TokensPrompt(prompt_token_ids=tokens)
     if cache_salt:
@@ -68,9 +70,9 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
 
 
 async def verify_tokens(engine_client, tokens: list[int], doc_id: str) -> dict:
-    """Recompute a published document from scratch and have the worker compare it with the
-    stored chunks byte for byte. A random salt keeps vLLM's own prefix cache out of it."""
-    return await _prefill(engine_client, tokens, {"verify": doc_id}, cache_salt=f"kvcdn-verify-{uuid.uuid4().hex}")
+    """Recompute a published document from scratch, as a publish does, and have the worker
+    compare it with the stored chunks byte for byte."""
+    return await _prefill(engine_client, tokens, {"verify": doc_id}, cache_salt=None)
 
 
 async def publish_tokens(engine_client, tokens: list[int], *, cache_salt: str | None, title: str,

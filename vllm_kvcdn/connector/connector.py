@@ -44,7 +44,7 @@ class KVCDNConnector(KVConnectorBase_V1):
                 "kvcdn: tensor/pipeline parallelism is not supported yet; run with "
                 "--tensor-parallel-size 1 --pipeline-parallel-size 1"
             )
-        self.fingerprint = vllm_fingerprint(vllm_config)
+        self.fingerprint = vllm_fingerprint(vllm_config, in_worker=role == KVConnectorRole.WORKER)
         store = open_store(self.config.store_url)
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
@@ -57,9 +57,9 @@ class KVCDNConnector(KVConnectorBase_V1):
                 transfer.kv_load_failure_policy = "recompute"
             self._scheduler = KVCDNScheduler(self.config, self.fingerprint, store)
             logger.info(
-                "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s)",
+                "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s, kernels %s)",
                 store.url, self.config.chunk_size, self.fingerprint.digest,
-                *(self.fingerprint.fields[k] for k in ("engine", "device", "compile")),
+                *(self.fingerprint.fields[k] for k in ("engine", "device", "compile", "kernels")),
             )
         else:
             from vllm_kvcdn.connector.worker import KVCDNWorker

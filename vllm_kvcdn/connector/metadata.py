@@ -35,6 +35,7 @@ class SaveSpec:
     metadata: dict = field(default_factory=dict)
     salted: bool = False
     verify: bool = False  # compare with the stored chunks and write a report, instead of publishing
+    prefill: dict = field(default_factory=dict)  # how the document was computed (scheduler's _Publishing.prefill)
 
 
 @dataclass

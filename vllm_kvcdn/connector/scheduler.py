@@ -12,6 +12,7 @@ from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import chain_seed, iter_chunks
 from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key, verify_report_key
@@ -37,6 +38,15 @@ class _Publishing:
     salted: bool = False
     block_ids: list[int] = field(default_factory=list)
     planned: bool = False
+    # Per prefill step: [first position, tokens computed, requests in the step].
+    steps: list[list[int]] = field(default_factory=list)
+
+    @property
+    def prefill(self) -> dict:
+        """How the document was computed: its bytes are a function of the tokens and the
+        compute profile only when it ran alone, from position 0 (README "Exactness")."""
+        alone = bool(self.steps) and self.steps[0][0] == 0 and all(batch == 1 for *_, batch in self.steps)
+        return {"steps": self.steps, "alone": alone}
 
     @property
     def doc_id(self) -> str | None:
@@ -67,6 +77,8 @@ class KVCDNScheduler:
         self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size)
         self.index.refresh(force=True)
         self.stats = KVCDNStats()
+        self.gate = PublishGate(config.publish_isolation_s)
+        self._held_publishes: list["Request"] = []  # told "ask again" in this scheduling pass
         self._matches: dict[str, tuple[Match, int]] = {}
         self._loads: list[LoadSpec] = []
         self._publishing: dict[str, _Publishing] = {}
@@ -79,6 +91,9 @@ class KVCDNScheduler:
         if params is None:
             self.stats.add("lookups")
             return
+        # A publish computes the whole document itself: blocks vLLM's prefix cache holds
+        # were computed in other requests' steps and may differ in the last bits.
+        request.skip_reading_prefix_cache = True
         prompt = list(request.prompt_token_ids or [])
         if params.get("verify"):
             chunk_keys = self._manifest_chunks(str(params["verify"]), prompt)
@@ -103,11 +118,21 @@ class KVCDNScheduler:
             return []
         return [(c.key, c.parent, c.num_tokens) for c in manifest.chunks]
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
         prompt = request.prompt_token_ids or []
-        # A publish request computes its own KV; vLLM needs the last token computed.
-        if req_id in self._publishing or len(prompt) < 2:
+        if req_id in self._publishing:  # computes its own KV, alone (see publish_gate)
+            if self.gate.may_admit_publish(req_id):
+                return 0, False
+            # vLLM 0.32 turns any answer into 0 for a request that skips reading the prefix
+            # cache; lower the flag for this answer only: it is raised again at the end of
+            # this scheduling pass (build_connector_meta), before the next cache lookup.
+            request.skip_reading_prefix_cache = False
+            self._held_publishes.append(request)
+            return None, False
+        if not self.gate.may_admit(req_id):
+            return None, False  # a publish runs alone right now: ask again next step
+        if len(prompt) < 2:  # vLLM needs the last prompt token computed
             return 0, False
         self.index.refresh()
         match = self.index.match(prompt, request.cache_salt)
@@ -120,6 +145,7 @@ class KVCDNScheduler:
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         req_id = request.request_id
+        self.gate.on_admitted(req_id, publish=req_id in self._publishing)
         planned = self._matches.pop(req_id, None)
         if num_external_tokens == 0 or planned is None:
             return
@@ -153,6 +179,9 @@ class KVCDNScheduler:
     # -- per step ---------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVCDNMetadata:
+        for request in self._held_publishes:
+            request.skip_reading_prefix_cache = True
+        self._held_publishes = []
         meta = KVCDNMetadata(loads=self._loads)
         self._loads = []
         if self._publishing:
@@ -182,9 +211,14 @@ class KVCDNScheduler:
         saves = []
         for req_id, computed in progress:
             state = self._publishing[req_id]
-            if state.planned or computed + out.num_scheduled_tokens[req_id] < len(state.prompt):
+            scheduled = out.num_scheduled_tokens.get(req_id, 0)
+            if state.planned or not scheduled:
+                continue
+            state.steps.append([computed, scheduled, len(out.num_scheduled_tokens)])
+            if computed + scheduled < len(state.prompt):
                 continue
             state.planned = True
+            self.gate.on_prefill_done(req_id)
             if not state.chunk_keys:
                 continue
             saves.append(
@@ -197,6 +231,7 @@ class KVCDNScheduler:
                     metadata=dict(state.params.get("metadata") or {}),
                     salted=state.salted,
                     verify=state.verify,
+                    prefill=state.prefill,
                 )
             )
         return saves
@@ -211,6 +246,7 @@ class KVCDNScheduler:
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
+        self.gate.on_finished(req_id)
         self._matches.pop(req_id, None)
         state = self._publishing.pop(req_id, None)
         if state is not None:
@@ -237,4 +273,5 @@ class KVCDNScheduler:
             "num_tokens": len(state.prompt),
             "num_chunks": len(state.chunk_keys),
             "fingerprint": self.fingerprint.digest,
+            "prefill": state.prefill,
         }

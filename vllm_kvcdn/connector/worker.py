@@ -265,7 +265,7 @@ class KVCDNWorker:
             profile=self.fingerprint.fields,
             salted=spec.salted,
             created=time.time(),
-            producer=_producer(),
+            producer={**_producer(), "prefill": spec.prefill},
             title=spec.title,
             metadata=spec.metadata,
         )

@@ -1,0 +1,142 @@
+"""Run one real vLLM engine through a list of operations, in a fresh process.
+
+The tests and ``benchmarks/exactness.py`` use it: every engine is a new process (engines
+never share state, and each gets vLLM's CPU thread setup of its own), and every
+operation records the change in vLLM's own counters, so callers check what vLLM did,
+not what the connector claims.
+
+    python -m vllm_kvcdn.engine_job SPEC.json OUT.json
+
+SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_size",
+"extra_config", "engine_args" (more ``vllm.LLM`` arguments), "ops": [...]}``. Each op has a
+``name`` and an ``op``:
+
+- ``query`` / ``publish`` / ``verify``: one request alone (``ids``, ``salt``, ``max_tokens``,
+  a publish's ``title``;
+  ``verify`` names the document to recompute ``ids`` against in ``doc``, or ``@OP`` for the
+  document an earlier publish op reported);
+- ``batch``: ``requests`` (ops of the three kinds above) submitted together;
+- ``kv_blocks``: digests of the paged-cache bytes behind the connector's last ``load`` or
+  ``save`` (``of``), over its first ``tokens`` positions: whole blocks as raw bytes, the
+  partial block's valid slots through the engine's own packing (see ``kv_layout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from vllm_kvcdn.offline import CPU_ENV_DEFAULTS
+
+
+def run(spec: dict) -> dict:
+    from vllm_kvcdn.offline import engine_counters, generate_many, make_llm, request
+
+    if any(op["op"] == "kv_blocks" for op in spec["ops"]):
+        # The digests are computed inside the worker process by a function we send it.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = make_llm(
+        spec["model"],
+        store_url=spec.get("store_url"),
+        extra_config=spec.get("extra_config"),
+        enable_prefix_caching=spec.get("prefix_caching", True),
+        chunk_size=spec.get("chunk_size", 256),
+        **spec.get("engine_args", {}),
+    )
+    if any(op["op"] == "kv_blocks" for op in spec["ops"]):
+        llm.collective_rpc(_install_block_spy)
+
+    def to_request(op: dict):
+        doc = op.get("doc") if op["op"] == "verify" else None
+        if doc and doc.startswith("@"):
+            doc = results[doc[1:]]["answer"]["kvcdn"].get("document")
+        return request(op["ids"], max_tokens=op.get("max_tokens", 12), publish=op["op"] == "publish",
+                       verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""))
+
+    results = {}
+    for op in spec["ops"]:
+        before = engine_counters(llm)
+        started_at = time.time()
+        if op["op"] == "kv_blocks":
+            (digests,) = llm.collective_rpc(_block_digests, args=(op["of"], op["tokens"]))
+            results[op["name"]] = digests
+            continue
+        batch = op["requests"] if op["op"] == "batch" else [op]
+        started = time.perf_counter()
+        answers = [asdict(a) for a in generate_many(llm, [to_request(r) for r in batch])]
+        seconds = time.perf_counter() - started
+        after = engine_counters(llm)
+        delta = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+        result = {"answers": answers} if op["op"] == "batch" else {"answer": answers[0]}
+        results[op["name"]] = {**result, "counters": delta, "seconds": seconds, "started": started_at}
+    return results
+
+
+def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900) -> dict:
+    """Run ``spec`` in a fresh process (``workdir/name.*`` keep its spec, log and output)."""
+    spec_path, out_path, log_path = (workdir / f"{name}{ext}" for ext in (".json", ".out.json", ".log"))
+    spec_path.write_text(json.dumps(spec))
+    env = {**CPU_ENV_DEFAULTS, **os.environ}  # every engine inherits the same CPU settings
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "vllm_kvcdn.engine_job", str(spec_path), str(out_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine job {name} failed (rc={proc.returncode}), log {log_path}:\n"
+                           + log_path.read_text()[-6000:])
+    return json.loads(out_path.read_text())
+
+
+# -- inside the worker process (sent with collective_rpc) --------------------------------
+
+def _install_block_spy(worker) -> None:
+    """Remember the block ids (from position 0) of the connector's last load and save."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    half = get_kv_transfer_group()._worker
+    half.spied_blocks = {}
+    load, save = half._load_request, half._save_document
+
+    def spy_load(spec):
+        half.spied_blocks["load"] = list(spec.block_ids)
+        return load(spec)
+
+    def spy_save(spec):
+        half.spied_blocks["save"] = list(spec.block_ids)
+        return save(spec)
+
+    half._load_request, half._save_document = spy_load, spy_save
+
+
+def _block_digests(worker, of: str, tokens: int) -> dict:
+    import torch
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    half = get_kv_transfer_group()._worker
+    bs = half.geometry.block_size
+    block_ids = half.spied_blocks[of]
+    whole = torch.tensor(block_ids[: tokens // bs], dtype=torch.long)
+    tail = half._slots(block_ids, tokens // bs * bs, tokens)
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    return {
+        "whole_blocks": len(whole),
+        "whole": [digest([cache.index_select(half.layout.block_dim, whole)]) for cache in half.caches],
+        "partial": [digest(half.layout.read(cache, tail)) for cache in half.caches],
+    }
+
+
+if __name__ == "__main__":
+    spec_file, out_file = sys.argv[1], sys.argv[2]
+    result = run(json.loads(Path(spec_file).read_text()))
+    Path(out_file).write_text(json.dumps(result))
