@@ -85,7 +85,7 @@ def kernel_rows(lengths: list[int]) -> list[dict]:
 
 def engine_rows(model: str, lengths: list[int], new_tokens: int, work: Path) -> list[dict]:
     from vllm_kvcdn.engine_job import run_in_subprocess
-    from vllm_kvcdn.exactness import agreement, max_logprob_diff
+    from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
 
     store = f"file://{work / 'store'}"
     docs = {n: tokens(n, f"doc-{n}") for n in lengths}
@@ -123,7 +123,7 @@ def engine_rows(model: str, lengths: list[int], new_tokens: int, work: Path) -> 
             "L": n, **kv_difference(work / "store", alone, within, n),
             "hit_agree": agreement(hit, cold), "hit_diff": max_logprob_diff(hit, cold, common_agree),
             "own_cache_agree": agreement(own, cold), "own_cache_diff": max_logprob_diff(own, cold, common_agree),
-            "hit_equals_doc_step": hit["token_ids"] == step["token_ids"] and hit["logprobs"] == step["logprobs"],
+            "hit_equals_doc_step": identical(hit, step),
             "hit_computed": hits[f"hit_{n}"]["counters"].get("vllm:request_prefill_kv_computed_tokens"),
         })
     return rows

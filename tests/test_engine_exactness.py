@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.exactness import agreement, max_logprob_diff
+from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
 from vllm_kvcdn.index import chunk_object_key, verify_report_key
 
 pytestmark = pytest.mark.engine
@@ -185,10 +185,6 @@ def _counters(results, engine, op):
     return results[engine][op]["counters"]
 
 
-def _identical(got: dict, ref: dict) -> bool:
-    return got["token_ids"] == ref["token_ids"] and got["logprobs"] == ref["logprobs"]
-
-
 # -- what publishing reports ----------------------------------------------------------------
 
 
@@ -244,7 +240,7 @@ def test_level1_loaded_blocks_equal_the_blocks_a_prefill_wrote(scenario):
 def test_level2_block_aligned_hit_equals_vllms_own_prefix_cache(scenario, prompts):
     for j in range(len(QUESTIONS)):
         got, ref = _answer(scenario, "consumer", f"a_q{j}"), _answer(scenario, "vllm", f"apc_a_q{j}")
-        assert _identical(got, ref), j
+        assert identical(got, ref), j
         question = len(prompts[f"a_q{j}"]) - 512
         assert _counters(scenario, "consumer", f"a_q{j}")[COMPUTED] == question  # the same span
         assert _counters(scenario, "vllm", f"apc_a_q{j}")[COMPUTED] == question
@@ -253,7 +249,7 @@ def test_level2_block_aligned_hit_equals_vllms_own_prefix_cache(scenario, prompt
 def test_level2_partial_tail_hit_equals_vllm_computing_the_document_in_its_own_step(scenario, prompts):
     for j in range(len(QUESTIONS)):
         got, ref = _answer(scenario, "consumer", f"d_q{j}"), _answer(scenario, "vllm_doc_step", f"d_q{j}")
-        assert _identical(got, ref), j
+        assert identical(got, ref), j
     counters = _counters(scenario, "consumer", "d_q0")
     question = len(prompts["d_q0"]) - 700
     # vLLM computed only the question; the whole 700-token document came from the store.
@@ -266,14 +262,14 @@ def test_level2_partial_tail_hit_equals_vllm_computing_the_document_in_its_own_s
 
 def test_level2_prefix_cache_keeps_whole_blocks_connector_loads_the_rest(scenario, prompts):
     got, ref = _answer(scenario, "publisher", "d_q0_warm"), _answer(scenario, "vllm_doc_step", "d_q0")
-    assert _identical(got, ref)
+    assert identical(got, ref)
     counters = _counters(scenario, "publisher", "d_q0_warm")
     assert counters[EXTERNAL_HITS] == 700 - 640  # the partial block beyond vLLM's 5 whole blocks
     assert counters[COMPUTED] == len(prompts["d_q0"]) - 700
 
 
 def test_level2_hot_document_from_the_ram_tier(scenario, prompts):
-    assert _identical(_answer(scenario, "consumer", "d_q0_again"), _answer(scenario, "vllm_doc_step", "d_q0"))
+    assert identical(_answer(scenario, "consumer", "d_q0_again"), _answer(scenario, "vllm_doc_step", "d_q0"))
     counters = _counters(scenario, "consumer", "d_q0_again")
     assert counters["vllm:kvcdn_ram_tier_hits"] == 3  # two full chunks and the tail's whole block
     assert counters[EXTERNAL_HITS] == 700 and counters[COMPUTED] == len(prompts["d_q0"]) - 700
@@ -286,7 +282,7 @@ def test_level2_shared_first_two_chunks_hit_exactly_those(scenario, prompts):
     counters = _counters(scenario, "consumer", "d2_other")
     assert counters[EXTERNAL_HITS] == 512
     assert counters[COMPUTED] == len(prompts["d2_other"]) - 512
-    assert _identical(_answer(scenario, "consumer", "d2_other"), _answer(scenario, "vllm", "apc_d2_other"))
+    assert identical(_answer(scenario, "consumer", "d2_other"), _answer(scenario, "vllm", "apc_d2_other"))
 
 
 def test_level2_holds_for_requests_batched_together(scenario, prompts):
@@ -295,7 +291,7 @@ def test_level2_holds_for_requests_batched_together(scenario, prompts):
     got, ref = scenario["consumer"]["batch"], scenario["vllm"]["apc_batch"]
     assert len(got["answers"]) == 16
     for k, a, b in zip(batch_set(), got["answers"], ref["answers"]):
-        assert _identical(a, b), k
+        assert identical(a, b), k
         assert a["kvcdn"]["hit"] is True and a["num_cached_tokens"] == BATCH_DOCS[k[0]], k
     questions = sum(len(prompts[k]) - BATCH_DOCS[k[0]] for k in batch_set())
     assert got["counters"][COMPUTED] == ref["counters"][COMPUTED] == questions
@@ -303,7 +299,7 @@ def test_level2_holds_for_requests_batched_together(scenario, prompts):
 
 def test_level2_same_salt_hits_exactly(scenario):
     assert _counters(scenario, "consumer", "d_q0_salt_a")[EXTERNAL_HITS] == 700
-    assert _identical(_answer(scenario, "consumer", "d_q0_salt_a"), _answer(scenario, "vllm_doc_step", "d_q0"))
+    assert identical(_answer(scenario, "consumer", "d_q0_salt_a"), _answer(scenario, "vllm_doc_step", "d_q0"))
 
 
 # -- level 3: cold-equivalence, no worse than vLLM's own cache ------------------------------

@@ -1,6 +1,6 @@
 """The level-3 measures: greedy agreement and logprob difference between two answers."""
 
-from vllm_kvcdn.exactness import agreement, max_logprob_diff
+from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
 
 
 def answer(tokens, logprobs):
@@ -20,3 +20,10 @@ def test_logprob_difference_over_a_prefix_always_includes_the_first_token():
     assert max_logprob_diff(got, ref) == 0.5
     assert abs(max_logprob_diff(got, ref, 2) - 0.01) < 1e-12
     assert abs(max_logprob_diff(got, ref, 0) - 0.01) < 1e-12
+
+
+def test_identical_means_same_tokens_and_bit_equal_logprobs():
+    ref = answer([5, 6], [-1.0, -2.0])
+    assert identical(answer([5, 6], [-1.0, -2.0]), ref)
+    assert not identical(answer([5, 6], [-1.0, -2.0000001]), ref)
+    assert not identical(answer([5, 7], [-1.0, -2.0]), ref)

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vllm_kvcdn.exactness import agreement, max_logprob_diff
+from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
 from vllm_kvcdn.store import default_store_url
 
 SAMPLE_TITLE = "kvcdn sample document"
@@ -118,8 +118,7 @@ def _report(kv: dict, ref: dict, store_url: str, doc_id: str, doc_tokens: int, w
     verdict = json.loads(verdict) if verdict else {}
     chunks = verdict.get("chunks", [])
     level1 = verdict.get("identical") is True and verdict.get("checked_at", 0) >= kv["verify"]["started"]
-    step = ref["doc_step"]["answer"]
-    level2 = hit["token_ids"] == step["token_ids"] and hit["logprobs"] == step["logprobs"]
+    level2 = identical(hit, ref["doc_step"]["answer"])
     agree_hit, agree_own = agreement(hit, cold), agreement(own, cold)
     common, n = min(agree_hit, agree_own), len(cold["token_ids"])
     print(f"\n[kvcdn] level 1, bytes:  the stored KV equals what this engine computes for the document: "

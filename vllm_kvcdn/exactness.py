@@ -1,9 +1,14 @@
-"""How close two answers to the same prompt are: the measures behind level 3 of the
-exactness contract (README "Exactness"), used by ``kvcdn demo``, the tests and
+"""How close two answers to the same prompt are: bit-equal (level 2), or the measures
+behind level 3 of the exactness contract (README "Exactness"), used by ``kvcdn demo``, the tests and
 ``benchmarks/exactness.py``. Answers are ``offline.Answer`` dicts (token ids, logprobs).
 """
 
 from __future__ import annotations
+
+
+def identical(got: dict, ref: dict) -> bool:
+    """The same greedy tokens with bit-equal logprobs (levels 1-2: the same computation)."""
+    return got["token_ids"] == ref["token_ids"] and got["logprobs"] == ref["logprobs"]
 
 
 def agreement(got: dict, ref: dict) -> int:
