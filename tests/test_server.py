@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests.servers import kvcdn_server, vllm_server
 from vllm_kvcdn.client import APIError, SideAPIClient
+from vllm_kvcdn.index import chunk_object_key
 
 pytestmark = pytest.mark.engine
 
@@ -127,6 +132,7 @@ def reference(tiny_model, texts, tmp_path_factory) -> Reference:
 def kvcdn(tiny_model, tmp_path_factory, reference):
     base = tmp_path_factory.mktemp("kvcdn-server")
     server = kvcdn_server(tiny_model, base / "store", KEY, base / "server.log").start()
+    server.store_path = base / "store"
     yield server
     server.stop()
 
@@ -178,18 +184,11 @@ def test_stats_count_what_happened(api, published):
 
 
 def test_cli_publishes_lists_and_inspects(kvcdn, tmp_path, texts):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    kvcdn_bin = str(Path(sys.executable).with_name("kvcdn"))
-    env = {**os.environ, "KVCDN_PUBLISHER_KEY": KEY}
     doc = tmp_path / "manual.txt"
     doc.write_text(" ".join(texts["other"]))
 
     def cli(*args):
-        out = subprocess.run([kvcdn_bin, *args, "--server", kvcdn.url], env=env, capture_output=True, text=True)
+        out = _kvcdn_cli(*args, "--server", kvcdn.url)
         assert out.returncode == 0, out.stderr
         return out.stdout
 
@@ -205,11 +204,39 @@ def test_writes_need_the_publisher_key(kvcdn):
         SideAPIClient(kvcdn.url, key="wrong").publish(text="hello")
     with pytest.raises(APIError, match="401"):
         SideAPIClient(kvcdn.url, key="").delete("0" * 64)
+    code, text = _post(kvcdn.url, json.dumps({"text": "hello"}).encode(), authorization=KEY)  # no "Bearer "
+    assert code == 401 and "Bearer" in text
 
 
-def _post(url: str, body: bytes) -> tuple[int, str]:
+def _complete(url: str, model: str, prompt: str, kv_transfer_params) -> dict:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    resp = client.completions.create(model=model, prompt=prompt, max_tokens=1,
+                                     extra_body={"kv_transfer_params": kv_transfer_params})
+    return resp.model_extra["kv_transfer_params"]["kvcdn"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"kvcdn": {"verify": "../../../../etc/passwd"}},  # once killed the engine
+        {"kvcdn": {"verify": "../../../../etc/passwd", "key": KEY}},
+        {"kvcdn": {"publish": True}},  # once wrote a manifest without any key
+        {"kvcdn": {"publish": True, "key": "guess"}},
+        {"kvcdn": {"publish": "yes", "metadata": "x" * 100_000}},
+        {"kvcdn": "publish"},
+    ],
+)
+def test_openai_routes_cannot_publish_or_verify_without_the_key(kvcdn, api, published, tiny_model, texts, params):
+    before = api.list()["count"]
+    report = _complete(kvcdn.url, str(tiny_model), " ".join(texts["other"]), params)
+    assert report["rejected"] and "published" not in report and "verified" not in report, report
+    assert api.list()["count"] == before  # nothing written
+    assert _complete(kvcdn.url, str(tiny_model), "still alive?", None)["hit"] is False  # the engine serves on
+
+
+def _post(url: str, body: bytes, authorization: str = f"Bearer {KEY}") -> tuple[int, str]:
     req = urllib.request.Request(url + "/kvcdn/v1/documents", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+                                 headers={"Content-Type": "application/json", "Authorization": authorization})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.read().decode()
@@ -225,12 +252,76 @@ def _post(url: str, body: bytes) -> tuple[int, str]:
         (json.dumps({"text": "x", "messages": [{"role": "user", "content": "y"}]}).encode(), 400, "exactly one"),
         (json.dumps({"messages": []}).encode(), 400, "messages"),
         (json.dumps({"text": "river " * 5000}).encode(), 413, "context"),
+        (json.dumps({"tokens": [1, 2, 4294967296]}).encode(), 400, "token ids in [0,"),
+        (json.dumps({"tokens": [1, 2, 10**9]}).encode(), 400, "token ids in [0,"),
+        (json.dumps({"text": "hi", "metadata": {"blob": "x" * 5_000_000}}).encode(), 400, "limit"),
     ],
 )
 def test_bad_bodies_get_a_clear_4xx(kvcdn, body, status, message):
     code, text = _post(kvcdn.url, body)
     assert code == status or (status == 400 and code == 422), text
     assert message in text
+
+
+def _kvcdn_cli(*args: str) -> subprocess.CompletedProcess:
+    kvcdn_bin = str(Path(sys.executable).with_name("kvcdn"))
+    return subprocess.run([kvcdn_bin, *args], env={**os.environ, "KVCDN_PUBLISHER_KEY": KEY},
+                          capture_output=True, text=True)
+
+
+def test_damaged_manifest_is_listed_explained_replaced_and_deleted(kvcdn, api, texts):
+    text = " ".join(texts["other"][:4])
+    doc = api.publish(text=text, title="to be damaged")
+    manifest = kvcdn.store_path / "manifests" / f"{doc['id']}.json"
+    manifest.write_text("{not json")
+    listed = {d["id"]: d for d in api.list()["documents"]}
+    assert "damaged" in listed[doc["id"]]
+    with pytest.raises(APIError, match="409.*damaged manifest.*publish it again"):
+        api.get(doc["id"])
+    again = api.publish(text=text, title="replaced")  # a republish replaces it
+    assert again["created"] is True and api.get(doc["id"])["title"] == "replaced"
+    manifest.write_text("{not json")
+    store = f"file://{kvcdn.store_path}"
+    assert "DAMAGED" in _kvcdn_cli("ls", "--store", store).stdout
+    api.delete(doc["id"][:16])  # and a delete removes it
+    assert doc["id"] not in {d["id"] for d in api.list()["documents"]}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_republish_repairs_damaged_chunks(kvcdn, api, texts, damage):
+    text = " ".join(texts["doc_e"][10:40] if damage == "flip" else texts["doc_e"][40:70])
+    doc = api.publish(text=text)
+    chunks = api.get(doc["id"])["manifest"]["chunks"]
+    path = kvcdn.store_path / chunk_object_key(chunks[0 if damage == "flip" else -1]["key"])
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x04  # same size
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+    store = f"file://{kvcdn.store_path}"
+    assert api.get(doc["id"], verify=True)["intact"] is False
+    assert _kvcdn_cli("inspect", doc["id"], "--verify", "--store", store).returncode != 0  # the CLI agrees
+    again = api.publish(text=text)
+    assert again["created"] is True  # recomputed: a damaged copy is never taken as "already published"
+    assert api.get(doc["id"], verify=True)["intact"] is True
+    for where in (["--store", store], ["--server", kvcdn.url]):
+        done = _kvcdn_cli("inspect", doc["id"], "--verify", *where)
+        assert done.returncode == 0 and "checksum" not in done.stdout, done.stdout + done.stderr
+
+
+def test_a_long_document_is_tokenized_off_the_event_loop(kvcdn):
+    """While a 3.6M-character document is tokenized, the server keeps answering."""
+    body = json.dumps({"text": "the stone city by the river " * 130_000}).encode()
+    with futures.ThreadPoolExecutor(1) as pool:
+        publish = pool.submit(_post, kvcdn.url, body)
+        answered = 0
+        while not publish.done():
+            with urllib.request.urlopen(kvcdn.url + "/health", timeout=30) as r:
+                answered += (r.status == 200) and not publish.done()
+        code, text = publish.result()
+    assert code == 413 and "context" in text  # tokenized, then refused: longer than the context
+    assert answered >= 3, answered  # on the event loop, /health would wait for the tokenizer
 
 
 def test_verify_recomputes_and_matches_bit_for_bit(api, published):
@@ -258,25 +349,29 @@ def test_restart_keeps_published_documents(kvcdn, api, published, reference, tin
     reference.check(got, 5)
 
 
-def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_path, texts):
+def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_path, texts, monkeypatch):
     """Operators who skip our wrapper: plain vLLM + --kv-transfer-config, publishing with a
-    flagged /v1/completions request (no side API), then an ordinary request hits."""
+    flagged /v1/completions request (no side API) that carries the publish_key they opted
+    into, then an ordinary request hits."""
     import sys
 
     from tests.servers import COMMON_ARGS, SERVER_ENV
     from vllm_kvcdn.offline import kv_transfer_config
     from vllm_kvcdn.server_process import Server
 
-    config = json.dumps(kv_transfer_config(f"file://{tmp_path / 'store'}"))
+    monkeypatch.delenv("KVCDN_PUBLISHER_KEY", raising=False)
+    store = tmp_path / "store"
+    config = json.dumps(kv_transfer_config(f"file://{store}", publish_key="plain-key"))
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
             "--enable-prompt-tokens-details", "--kv-transfer-config", config, *COMMON_ARGS]
     server = Server(argv, tmp_path / "plain.log", env=SERVER_ENV).start()
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         document = " ".join(texts["doc_e"][:60])
-        pub = client.completions.create(model=str(tiny_model), prompt=document, max_tokens=1,
-                                        extra_body={"kv_transfer_params": {"kvcdn": {"publish": True}}})
-        report = pub.model_extra["kv_transfer_params"]["kvcdn"]
+        for params in ({"publish": True}, {"publish": True, "key": "plain-ke"}):
+            refused = _complete(server.url, str(tiny_model), document, {"kvcdn": params})
+            assert "key" in refused["rejected"] and not list(store.glob("manifests/*")), refused
+        report = _complete(server.url, str(tiny_model), document, {"kvcdn": {"publish": True, "key": "plain-key"}})
         assert report["published"] is True
         prompt = document + "\nQuestion: what is the river called?\nAnswer:"
         resp = client.completions.create(model=str(tiny_model), prompt=prompt, max_tokens=4, temperature=0)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest, decode_chunk
+from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, read_chunk_header
+from vllm_kvcdn.chain import is_chunk_key
 from vllm_kvcdn.index import MANIFEST_PREFIX, chunk_object_key, manifest_object_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
@@ -13,30 +14,90 @@ from vllm_kvcdn.store import Store
 logger = get_logger(__name__)
 
 
-def manifests(store: Store) -> Iterator[Manifest]:
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest object that does not parse: listed, explained, deletable, replaceable."""
+
+    doc_id: str
+    error: str
+
+    def advice(self) -> str:
+        return (f"document {self.doc_id} has a damaged manifest ({self.error}); publish it again to replace "
+                f"it, or delete it (DELETE /kvcdn/v1/documents/{self.doc_id}, `kvcdn rm {self.doc_id[:16]}`)")
+
+
+Entry = Manifest | DamagedManifest
+
+
+def _doc_id(manifest_key: str) -> str:
+    return manifest_key.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
+
+
+def _read(store: Store, key: str) -> Entry | None:
+    data = store.get(key)
+    if data is None:
+        return None  # deleted meanwhile
+    try:
+        return Manifest.from_json(data)
+    except ArtifactError as e:
+        return DamagedManifest(_doc_id(key), str(e))
+
+
+def entries(store: Store) -> Iterator[Entry]:
+    """Every document's manifest, damaged ones included."""
     for key in sorted(store.list(MANIFEST_PREFIX)):
-        data = store.get(key)
-        if data is None:
-            continue  # deleted while we listed
-        try:
-            yield Manifest.from_json(data)
-        except ArtifactError as e:
-            logger.warning("kvcdn: skipping %s: %s", key, e)
+        entry = _read(store, key)
+        if entry is not None:
+            yield entry
+
+
+def manifests(store: Store) -> Iterator[Manifest]:
+    """The manifests that parse (the damaged ones are logged and left out)."""
+    for entry in entries(store):
+        if isinstance(entry, DamagedManifest):
+            logger.warning("kvcdn: skipping the manifest of %s: %s", entry.doc_id[:16], entry.error)
+        else:
+            yield entry
+
+
+def get_entry(store: Store, doc_id: str) -> Entry | None:
+    return _read(store, manifest_object_key(doc_id)) if len(doc_id) == 64 else None
 
 
 def get_manifest(store: Store, doc_id: str) -> Manifest | None:
-    data = store.get(manifest_object_key(doc_id)) if len(doc_id) == 64 else None
-    return Manifest.from_json(data) if data is not None else None
+    """The document's manifest; None when absent or damaged (a republish replaces it)."""
+    entry = get_entry(store, doc_id)
+    return entry if isinstance(entry, Manifest) else None
+
+
+def find(store: Store, id_prefix: str) -> list[Entry]:
+    exact = get_entry(store, id_prefix)
+    return [exact] if exact else [e for e in entries(store) if e.doc_id.startswith(id_prefix)]
 
 
 def find_manifests(store: Store, id_prefix: str) -> list[Manifest]:
-    exact = get_manifest(store, id_prefix)
-    return [exact] if exact else [m for m in manifests(store) if m.doc_id.startswith(id_prefix)]
+    return [e for e in find(store, id_prefix) if isinstance(e, Manifest)]
 
 
-def chunks_present(store: Store, manifest: Manifest) -> bool:
-    """Every chunk object exists with the size its manifest recorded (a cheap check)."""
-    return all(store.size(chunk_object_key(c.key)) == c.nbytes for c in manifest.chunks)
+def intact(store: Store, manifest: Manifest) -> bool:
+    """Every chunk is there, passes its checksum and is the one the manifest records."""
+    return all(status == "ok" for _, status in verify_chunks(store, manifest))
+
+
+def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
+                      tokens: list[int]) -> tuple[ManifestChunk, bool]:
+    """Content-addressed write of one chunk: an intact stored copy is kept (other
+    documents' manifests record its checksum), a missing or damaged one is replaced.
+    Returns the manifest entry of what is stored, and whether it was written."""
+    stored = store.get(chunk_object_key(entry.key))
+    if stored is not None:
+        try:
+            kept = decode_chunk(stored, key=entry.key, fingerprint=fingerprint, tokens=tokens)  # checksum too
+            return replace(entry, nbytes=len(stored), checksum=kept.header.checksum), False
+        except ArtifactError as e:
+            logger.warning("kvcdn: replacing damaged chunk %s: %s", entry.key[:16], e)
+    store.put(chunk_object_key(entry.key), data)
+    return entry, True
 
 
 @dataclass
@@ -46,12 +107,30 @@ class Deleted:
     chunks_kept: int  # still used by other documents
 
 
-def delete_document(store: Store, manifest: Manifest) -> Deleted:
+def delete_document(store: Store, entry: Entry) -> Deleted:
     """Manifest first (no request can match it any more), then chunks no one else uses."""
-    store.delete(manifest_object_key(manifest.doc_id))
+    store.delete(manifest_object_key(entry.doc_id))
+    keys = [c.key for c in entry.chunks] if isinstance(entry, Manifest) else _chain_back(store, entry.doc_id)
     still_used = {c.key for other in manifests(store) for c in other.chunks}
-    deleted = sum(store.delete(chunk_object_key(c.key)) for c in manifest.chunks if c.key not in still_used)
-    return Deleted(manifest.doc_id, deleted, len(manifest.chunks) - deleted)
+    deleted = sum(store.delete(chunk_object_key(k)) for k in keys if k not in still_used)
+    return Deleted(entry.doc_id, deleted, len(keys) - deleted)
+
+
+def _chain_back(store: Store, last_key: str) -> list[str]:
+    """A document's chunk keys without its manifest: from its last chunk (the document
+    id), parent by parent, as far as the chunk headers can be read."""
+    keys, key = [], last_key
+    while is_chunk_key(key) and key not in keys:  # a header is data: never follow it outside the store
+        data = store.get(chunk_object_key(key))
+        if data is None:
+            break
+        try:
+            header, _, _ = read_chunk_header(data)
+        except ArtifactError:
+            break
+        keys.append(key)
+        key = header.parent
+    return keys
 
 
 def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:

@@ -10,11 +10,18 @@ way by its exact tokens, so a hit can cover the whole document.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 CHAIN_VERSION = b"kvcdn/1"
+_KEY = re.compile(r"[0-9a-f]{64}")  # a sha256 hex digest: chunk keys and document ids
+
+
+def is_chunk_key(value: object) -> bool:
+    """Whether ``value`` can be a chunk key or document id (and so a safe store key part)."""
+    return isinstance(value, str) and _KEY.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,20 @@ def _server_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--key", default=None, help="publisher key (default: $KVCDN_PUBLISHER_KEY)")
 
 
-def _find_manifest(store, doc: str) -> Manifest:
-    if Path(doc).is_file():
-        return Manifest.from_json(Path(doc).read_bytes())
-    matches = catalog.find_manifests(store, doc)
+def _find_entry(store, doc: str) -> catalog.Entry:
+    matches = catalog.find(store, doc)
     if len(matches) != 1:
         raise SystemExit(f"kvcdn: {len(matches)} documents match {doc!r} in {store.url}; give more of the id")
     return matches[0]
+
+
+def _find_manifest(store, doc: str) -> Manifest:
+    if Path(doc).is_file():
+        return Manifest.from_json(Path(doc).read_bytes())
+    entry = _find_entry(store, doc)
+    if isinstance(entry, catalog.DamagedManifest):
+        raise SystemExit(f"kvcdn: {entry.advice()}")
+    return entry
 
 
 def cmd_make_tiny_model(args) -> None:
@@ -94,16 +101,23 @@ def cmd_ls(args) -> None:
             return
         print(f"{len(docs)} documents on {args.server}")
         for d in docs:
+            if "damaged" in d:
+                print(f"{d['id'][:16]}  DAMAGED manifest: {d['damaged']}")
+                continue
             print(f"{d['id'][:16]}  {d['num_tokens']:>7} tok  {d['num_chunks']:>4} chunks  {d['bytes'] / 1e6:>9.2f} MB"
                   f"  reads={d['reads']:<6} {'servable' if d['servable'] else 'other model'}  {d['title']}")
         return
     store = open_store(args.store)
-    rows = list(catalog.manifests(store))
+    rows = list(catalog.entries(store))
     if args.json:
-        print(json.dumps([json.loads(m.to_json()) for m in rows], indent=1))
+        print(json.dumps([json.loads(m.to_json()) if isinstance(m, Manifest) else {"doc_id": m.doc_id,
+                          "damaged": m.error} for m in rows], indent=1))
         return
     print(f"{len(rows)} documents in {store.url}")
     for m in rows:
+        if isinstance(m, catalog.DamagedManifest):
+            print(f"{m.doc_id[:16]}  DAMAGED manifest: {m.error}")
+            continue
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))
         print(f"{m.doc_id[:16]}  {m.num_tokens:>7} tok  {len(m.chunks):>4} chunks  "
               f"{m.total_bytes / 1e6:>9.2f} MB  {when}  fp={m.fingerprint[:12]}  {m.title}")
@@ -111,18 +125,22 @@ def cmd_ls(args) -> None:
 
 def cmd_inspect(args) -> None:
     if args.server:
-        print(json.dumps(_api(lambda: _client(args).get(args.doc)), indent=1))
-        return
-    store = open_store(args.store)
-    m = _find_manifest(store, args.doc)
-    print(m.to_json().decode())
-    if args.verify:
-        results = catalog.verify_chunks(store, m)
-        for (key, status), c in zip(results, m.chunks):
-            print(f"chunk {key[:16]} {c.num_tokens:>4} tok {c.nbytes:>10} B  {status}")
-        bad = sum(status != "ok" for _, status in results)
-        if bad:
-            raise SystemExit(f"kvcdn: {bad} of {len(m.chunks)} chunks failed verification")
+        view = _api(lambda: _client(args).get(args.doc, verify=args.verify))
+        print(json.dumps(view, indent=1))
+        results = [(c["key"], c["status"]) for c in view.get("chunks", [])]
+        chunks = view["manifest"]["chunks"]
+    else:
+        store = open_store(args.store)
+        m = _find_manifest(store, args.doc)
+        print(m.to_json().decode())
+        results = catalog.verify_chunks(store, m) if args.verify else []
+        chunks = [{"num_tokens": c.num_tokens, "nbytes": c.nbytes} for c in m.chunks]
+    for (key, status), c in zip(results, chunks):
+        print(f"chunk {key[:16]} {c['num_tokens']:>4} tok {c['nbytes']:>10} B  {status}")
+    bad = sum(status != "ok" for _, status in results)
+    if bad:
+        raise SystemExit(f"kvcdn: {bad} of {len(chunks)} chunks failed verification; publish the document "
+                         f"again to repair it")
 
 
 def cmd_verify(args) -> None:
@@ -142,7 +160,7 @@ def cmd_rm(args) -> None:
               f"{d['chunks_kept']} still used by other documents)")
         return
     store = open_store(args.store)
-    d = catalog.delete_document(store, _find_manifest(store, args.doc))
+    d = catalog.delete_document(store, _find_entry(store, args.doc))
     print(f"removed document {d.doc_id[:16]} ({d.chunks_deleted} chunks deleted, "
           f"{d.chunks_kept} still used by other documents)")
 

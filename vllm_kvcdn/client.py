@@ -7,7 +7,7 @@ import os
 import urllib.error
 import urllib.request
 
-from vllm_kvcdn.api.routes import PUBLISHER_KEY_ENV
+from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 
 
 class APIError(Exception):
@@ -44,8 +44,8 @@ class SideAPIClient:
     def list(self) -> dict:
         return self._call("GET", "/documents")
 
-    def get(self, doc_id: str) -> dict:
-        return self._call("GET", f"/documents/{doc_id}")
+    def get(self, doc_id: str, verify: bool = False) -> dict:
+        return self._call("GET", f"/documents/{doc_id}" + ("?verify=true" if verify else ""))
 
     def delete(self, doc_id: str) -> dict:
         return self._call("DELETE", f"/documents/{doc_id}")

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from vllm_kvcdn.store import default_store_url
 
-PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, ...}}
+PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
+PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class KVCDNConfig:
     # (connector/publish_gate.py). 0: publishes share steps; their bytes then depend on
     # the batch, which the manifest records.
     publish_isolation_s: float = 10.0
+    # The publisher key: a request may publish or verify through kv_transfer_params only
+    # when it carries this key ({"kvcdn": {"publish": true, "key": ...}}). Empty (the
+    # default, unless $KVCDN_PUBLISHER_KEY is set, as `kvcdn serve` does): no request may.
+    # vLLM logs its arguments at start: prefer the environment variable.
+    publish_key: str = field(default="", repr=False)
     # Fault injection for tests only: report the partial tail chunk as loaded but
     # leave its slots untouched. Proves the exactness tests can see a wrong load.
     debug_skip_partial_tail: bool = False
@@ -34,12 +40,15 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
         if self.ram_tier_gib < 0:
             raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
+        if not isinstance(self.publish_key, str):
+            raise ValueError("kvcdn: publish_key must be a string")
         if self.publish_isolation_s < 0:
             raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":
-        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE`` overrides an absent store_url."""
+        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE`` and ``KVCDN_PUBLISHER_KEY``
+        stand in for an absent store_url and publish_key."""
         extra = dict(extra or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(extra) - known)
@@ -49,6 +58,8 @@ class KVCDNConfig:
             )
         if "store_url" not in extra and os.environ.get("KVCDN_STORE"):
             extra["store_url"] = os.environ["KVCDN_STORE"]
+        if "publish_key" not in extra and os.environ.get(PUBLISHER_KEY_ENV):
+            extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
         return cls(**extra)
 
     def check_block_size(self, block_size: int) -> None:

@@ -12,10 +12,14 @@ SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_siz
 ``name`` and an ``op``:
 
 - ``query`` / ``publish`` / ``verify``: one request alone (``ids``, ``salt``, ``max_tokens``,
-  a publish's ``title``;
+  a publish's ``title``, the publisher ``key`` to send: this process's own unless given;
   ``verify`` names the document to recompute ``ids`` against in ``doc``, or ``@OP`` for the
   document an earlier publish op reported);
 - ``batch``: ``requests`` (ops of the three kinds above) submitted together;
+- ``abort``: one query (``ids``) aborted after ``after_steps`` engine steps (needs
+  ``"inproc": true`` in the spec: the engine core then steps only when asked), the
+  engine then run until it is idle; returns what the connector reported for it, if anything;
+- ``reset``: empty vLLM's prefix cache;
 - ``kv_blocks``: digests of the paged-cache bytes behind the connector's last ``load`` or
   ``save`` (``of``), over its first ``tokens`` positions: whole blocks as raw bytes, the
   partial block's valid slots through the engine's own packing (see ``kv_layout``).
@@ -36,11 +40,14 @@ from vllm_kvcdn.offline import CPU_ENV_DEFAULTS
 
 
 def run(spec: dict) -> dict:
-    from vllm_kvcdn.offline import engine_counters, generate_many, make_llm, request
+    from vllm_kvcdn.offline import PUBLISH_KEY, engine_counters, generate_many, make_llm, request
 
     if any(op["op"] == "kv_blocks" for op in spec["ops"]):
         # The digests are computed inside the worker process by a function we send it.
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if spec.get("inproc"):
+        # The engine core runs in this process and takes one step per LLMEngine.step().
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     llm = make_llm(
         spec["model"],
         store_url=spec.get("store_url"),
@@ -57,7 +64,8 @@ def run(spec: dict) -> dict:
         if doc and doc.startswith("@"):
             doc = results[doc[1:]]["answer"]["kvcdn"].get("document")
         return request(op["ids"], max_tokens=op.get("max_tokens", 12), publish=op["op"] == "publish",
-                       verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""))
+                       verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""),
+                       key=op.get("key", PUBLISH_KEY))
 
     results = {}
     for op in spec["ops"]:
@@ -66,6 +74,12 @@ def run(spec: dict) -> dict:
         if op["op"] == "kv_blocks":
             (digests,) = llm.collective_rpc(_block_digests, args=(op["of"], op["tokens"]))
             results[op["name"]] = digests
+            continue
+        if op["op"] == "reset":
+            results[op["name"]] = {"reset": llm.reset_prefix_cache()}
+            continue
+        if op["op"] == "abort":
+            results[op["name"]] = _abort_after(llm.llm_engine, to_request(op), op["after_steps"])
             continue
         batch = op["requests"] if op["op"] == "batch" else [op]
         started = time.perf_counter()
@@ -76,6 +90,28 @@ def run(spec: dict) -> dict:
         result = {"answers": answers} if op["op"] == "batch" else {"answer": answers[0]}
         results[op["name"]] = {**result, "counters": delta, "seconds": seconds, "started": started_at}
     return results
+
+
+def _abort_after(engine, request: tuple, steps: int) -> dict:
+    """Submit one request, take ``steps`` engine steps, abort it, run until idle."""
+    from vllm_kvcdn.config import PUBLISH_PARAM
+
+    reports, finished = [], False
+
+    def take(outputs) -> None:
+        nonlocal finished
+        for out in outputs:
+            finished |= out.finished
+            if out.kv_transfer_params:
+                reports.append(out.kv_transfer_params.get(PUBLISH_PARAM))
+
+    req_id = engine.add_request(f"abort-{time.monotonic_ns()}", *request)
+    for _ in range(steps):
+        take(engine.step())
+    engine.abort_request([req_id], internal=True)
+    while engine.has_unfinished_requests():
+        take(engine.step())
+    return {"reports": reports, "finished_before_abort": finished}
 
 
 def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900) -> dict:

@@ -118,9 +118,8 @@ class HFKVCDN:
                 span.key, span.parent, self.fingerprint.digest, tokens[s:e],
                 [k[s:e].contiguous() for k, _ in layers], [v[s:e].contiguous() for _, v in layers],
             )
-            if self.store.size(chunk_object_key(span.key)) != len(data):  # absent or damaged
-                self.store.put(chunk_object_key(span.key), data)
-            chunks.append(ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum))
+            entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
+            chunks.append(catalog.keep_or_put_chunk(self.store, entry, data, self.fingerprint.digest, tokens[s:e])[0])
         import transformers
 
         manifest = Manifest(

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvcdn.config import PUBLISH_PARAM
+
+# Offline engines publish through their own requests: each process is its own publisher.
+PUBLISH_KEY = secrets.token_urlsafe(16)
 
 # Same CPU thread setup for every engine, with or without a connector: a connector
 # otherwise makes vLLM reserve a core, which changes numerics (DESIGN 4b).
@@ -31,7 +35,8 @@ def kv_transfer_config(store_url: str, chunk_size: int = 256, **extra: Any) -> d
         "kv_connector": "KVCDNConnector",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"store_url": store_url, "chunk_size": chunk_size, **extra},
+        "kv_connector_extra_config": {"store_url": store_url, "chunk_size": chunk_size, "publish_key": PUBLISH_KEY,
+                                      **extra},
     }
 
 
@@ -73,15 +78,19 @@ class Answer:
 
 
 def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False, verify: str | None = None,
-            cache_salt: str | None = None, title: str = "", metadata: dict | None = None):
+            cache_salt: str | None = None, title: str = "", metadata: dict | None = None,
+            key: str | None = PUBLISH_KEY):
     """(prompt, sampling params) of one greedy request: a query, a publish, or a verify of
-    the document ``verify`` (recompute ``prompt_ids`` and compare with the store)."""
+    the document ``verify`` (recompute ``prompt_ids`` and compare with the store); a
+    publish or verify carries the publisher ``key`` (None: none)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {}
     if publish or verify:
         kvcdn = {"verify": verify} if verify else {"publish": True, "title": title, "metadata": metadata or {}}
+        if key is not None:
+            kvcdn["key"] = key
         extra["kv_transfer_params"] = {PUBLISH_PARAM: kvcdn}
         max_tokens = 1
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from vllm_kvcdn.api.plugin import PLUGIN_NAME
-from vllm_kvcdn.api.routes import PUBLISHER_KEY_ENV
+from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.store import default_store_url
 
 GENERAL_PLUGIN_NAME = "kvcdn"  # the vllm.general_plugins entry point (registers the connector)

@@ -24,7 +24,7 @@ class KVCDNEndpointPlugin:
         store_errors_as_503(app)
 
     async def init_state(self, engine_client, state, args) -> None:
-        from vllm_kvcdn.api.routes import KVCDNService, publisher_key_from_env
+        from vllm_kvcdn.api.routes import KVCDNService
         from vllm_kvcdn.compat import vllm_fingerprint
         from vllm_kvcdn.config import KVCDNConfig
         from vllm_kvcdn.connector import CONNECTOR_NAME
@@ -38,13 +38,14 @@ class KVCDNEndpointPlugin:
             logger.warning("kvcdn side API disabled: the server does not run %s", CONNECTOR_NAME)
             return
         config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)
-        key = publisher_key_from_env()
+        key = config.publish_key or None  # extra config, else $KVCDN_PUBLISHER_KEY
         state.kvcdn = KVCDNService(
             engine_client=engine_client,
             store=open_store(config.store_url),
             fingerprint=vllm_fingerprint(vllm_config),
             chunk_size=config.chunk_size,
             max_model_len=vllm_config.model_config.max_model_len,
+            vocab_size=vllm_config.model_config.get_vocab_size(),
             publisher_key=key,
         )
         logger.info(

@@ -22,6 +22,9 @@ def text_tokens(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+_CUT_MARK = "\ue000kvcdn-cut\ue000"  # private-use characters: never part of a chat template
+
+
 def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
     """Tokens the chat template gives for ``messages``, cut at the end of the last
     message's content: a later chat request that starts with these messages (and adds a
@@ -31,11 +34,19 @@ def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
     content = messages[-1]["content"]
     if not isinstance(content, str) or not content:
         raise PublishError(400, "the last message's content must be a non-empty string")
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    end = rendered.rfind(content)
-    if end < 0:
+
+    def render(msgs: list[dict]) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+
+    # Find where the content ends by rendering it once more followed by a marker: a
+    # search for the content itself can land inside the template's own text (a document
+    # ending in "end" matched inside "<|im_end|>").
+    marked = render([*messages[:-1], {**messages[-1], "content": content + _CUT_MARK}])
+    cut = marked.find(_CUT_MARK)
+    prefix = marked[:cut] if cut >= 0 else ""
+    if not prefix.endswith(content) or not render(messages).startswith(prefix):
         raise PublishError(400, "the chat template does not reproduce the last message's content verbatim")
-    return list(tokenizer.encode(rendered[: end + len(content)], add_special_tokens=False))
+    return list(tokenizer.encode(prefix, add_special_tokens=False))
 
 
 @dataclass
@@ -66,21 +77,24 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
     report = ((final.kv_transfer_params if final else None) or {}).get(PUBLISH_PARAM) or {}
     if not report:
         raise PublishError(503, "the engine did not report back: is it running KVCDNConnector?")
+    if report.get("rejected"):
+        raise PublishError(503, f"the engine refused to publish: {report['rejected']}")
     return report
 
 
-async def verify_tokens(engine_client, tokens: list[int], doc_id: str) -> dict:
+async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: str) -> dict:
     """Recompute a published document from scratch, as a publish does, and have the worker
     compare it with the stored chunks byte for byte."""
-    return await _prefill(engine_client, tokens, {"verify": doc_id}, cache_salt=None)
+    return await _prefill(engine_client, tokens, {"verify": doc_id, "key": key}, cache_salt=None)
 
 
-async def publish_tokens(engine_client, tokens: list[int], *, cache_salt: str | None, title: str,
+async def publish_tokens(engine_client, tokens: list[int], *, key: str, cache_salt: str | None, title: str,
                          metadata: dict) -> Published:
-    """Prefill ``tokens`` once through the serving engine, flagged so the connector saves it."""
+    """Prefill ``tokens`` once through the serving engine, flagged (with the publisher key,
+    which never leaves this process) so the connector saves it."""
     started = time.perf_counter()
-    report = await _prefill(engine_client, tokens, {"publish": True, "title": title, "metadata": metadata},
-                            cache_salt)
+    report = await _prefill(engine_client, tokens,
+                            {"publish": True, "key": key, "title": title, "metadata": metadata}, cache_salt)
     return Published(
         doc_id=report.get("document"),
         num_tokens=report.get("num_tokens", len(tokens)),

@@ -7,9 +7,9 @@ exactly what this server computes.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,8 +19,10 @@ from pydantic import BaseModel, Field
 from vllm_kvcdn import catalog
 from vllm_kvcdn.api.metrics import document_reads, kvcdn_counters
 from vllm_kvcdn.api.publisher import PublishError, chat_tokens, publish_tokens, text_tokens, verify_tokens
-from vllm_kvcdn.artifact import ArtifactError
+from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.config import PUBLISHER_KEY_ENV
+from vllm_kvcdn.connector.params import metadata_problem
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.index import verify_report_key
 from vllm_kvcdn.log import get_logger
@@ -28,7 +30,6 @@ from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)
 
-PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"
 MAX_TEXT_CHARS = 4_000_000
 
 router = APIRouter(prefix="/kvcdn/v1", tags=["kvcdn"])
@@ -43,6 +44,7 @@ class KVCDNService:
     fingerprint: Fingerprint
     chunk_size: int
     max_model_len: int
+    vocab_size: int
     publisher_key: str | None
 
     @property
@@ -71,8 +73,8 @@ def require_publisher(request: Request, authorization: str | None = Header(None)
     svc = service(request)
     if not svc.publisher_key:
         raise HTTPException(403, f"publishing is disabled: set {PUBLISHER_KEY_ENV} (or `kvcdn serve --publisher-key`)")
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), svc.publisher_key.encode()):
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme != "Bearer" or not hmac.compare_digest(given.strip().encode(), svc.publisher_key.encode()):
         raise HTTPException(401, "missing or wrong publisher key: send 'Authorization: Bearer <publisher key>'",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -99,29 +101,33 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
     if sum(x is not None for x in (body.text, body.messages, body.tokens)) != 1:
         raise HTTPException(400, "give exactly one of 'text' (a raw prefix), 'messages' (a chat prefix) "
                                  "or 'tokens' (token ids)")
+    problem = metadata_problem(body.metadata)
+    if problem:
+        raise HTTPException(400, problem)
     try:
         if body.tokens is not None:
-            if not body.tokens or min(body.tokens) < 0:
-                raise PublishError(400, "'tokens' must be a non-empty list of token ids")
+            if not body.tokens or not all(0 <= t < svc.vocab_size for t in body.tokens):
+                raise PublishError(400, f"'tokens' must be a non-empty list of token ids in [0, {svc.vocab_size})")
             tokens = list(body.tokens)
         elif body.text is not None:
             if not body.text.strip():
                 raise PublishError(400, "'text' is empty")
             if len(body.text) > MAX_TEXT_CHARS:
                 raise PublishError(413, f"'text' is longer than {MAX_TEXT_CHARS} characters")
-            tokens = text_tokens(svc.tokenizer, body.text)
+            # Off the event loop: a long document takes seconds to tokenize.
+            tokens = await asyncio.to_thread(text_tokens, svc.tokenizer, body.text)
         else:
-            tokens = chat_tokens(svc.tokenizer, body.messages)
+            tokens = await asyncio.to_thread(chat_tokens, svc.tokenizer, body.messages)
         if len(tokens) >= svc.max_model_len:
             raise PublishError(413, f"the document is {len(tokens)} tokens; this server's context is "
                                     f"{svc.max_model_len} (--max-model-len), and a question must still fit")
         doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size)[-1].key
-        existing = catalog.get_manifest(svc.store, doc_id)
-        if existing is not None and catalog.chunks_present(svc.store, existing):
-            # Content-addressed: the same document is already there, whole.
+        existing = catalog.get_manifest(svc.store, doc_id)  # None too when damaged: replaced below
+        if existing is not None and await asyncio.to_thread(catalog.intact, svc.store, existing):
+            # Content-addressed: the same document is already there, every chunk checked.
             response.status_code = 200
             return _publish_view(existing, seconds=0.0, created=False)
-        result = await publish_tokens(svc.engine_client, tokens, cache_salt=body.cache_salt,
+        result = await publish_tokens(svc.engine_client, tokens, key=svc.publisher_key, cache_salt=body.cache_salt,
                                       title=body.title, metadata=body.metadata)
     except PublishError as e:
         raise HTTPException(e.status, str(e)) from e
@@ -152,30 +158,44 @@ def _publish_view(m, *, seconds: float, created: bool) -> dict:
 async def list_documents(request: Request) -> dict:
     svc = service(request)
     reads = document_reads()
-    docs = [_document_view(svc, m, reads) for m in catalog.manifests(svc.store)]
+    docs = [_document_view(svc, e, reads) if isinstance(e, Manifest) else {"id": e.doc_id, "damaged": e.error}
+            for e in catalog.entries(svc.store)]
     return {"documents": docs, "count": len(docs)}
 
 
-def _one(svc: KVCDNService, doc_id: str):
-    found = catalog.find_manifests(svc.store, doc_id) if len(doc_id) >= 8 else []
+def _one_entry(svc: KVCDNService, doc_id: str) -> catalog.Entry:
+    found = catalog.find(svc.store, doc_id) if len(doc_id) >= 8 else []
     if len(found) != 1:
         raise HTTPException(404, f"no document {doc_id!r}" if not found else f"{doc_id!r} is ambiguous")
     return found[0]
 
 
+def _one(svc: KVCDNService, doc_id: str) -> Manifest:
+    entry = _one_entry(svc, doc_id)
+    if isinstance(entry, catalog.DamagedManifest):
+        raise HTTPException(409, entry.advice())
+    return entry
+
+
 @router.get("/documents/{doc_id}")
-async def get_document(doc_id: str, request: Request) -> dict:
+async def get_document(doc_id: str, request: Request, verify: bool = False) -> dict:
+    """The document and its manifest; ``?verify=true`` also reads and checks every chunk
+    (what `kvcdn inspect --verify` reports)."""
     svc = service(request)
     m = _one(svc, doc_id)
     view = _document_view(svc, m, document_reads())
     view["manifest"] = asdict(m)
+    if verify:
+        checked = await asyncio.to_thread(catalog.verify_chunks, svc.store, m)
+        view["chunks"] = [{"key": key, "status": status} for key, status in checked]
+        view["intact"] = all(status == "ok" for _, status in checked)
     return view
 
 
 @router.delete("/documents/{doc_id}", dependencies=[Depends(require_publisher)])
 async def delete_document(doc_id: str, request: Request) -> dict:
     svc = service(request)
-    deleted = catalog.delete_document(svc.store, _one(svc, doc_id))
+    deleted = catalog.delete_document(svc.store, _one_entry(svc, doc_id))
     # Drop vLLM's own copies too, so no request is served this document's KV again.
     await svc.engine_client.reset_prefix_cache()
     logger.info("kvcdn: deleted %s", deleted.doc_id[:16])
@@ -193,7 +213,7 @@ async def verify_document(doc_id: str, request: Request) -> dict:
         tokens = catalog.document_tokens(svc.store, m)
     except ArtifactError as e:
         return {"document": m.doc_id, "identical": False, "error": str(e)}
-    report = await verify_tokens(svc.engine_client, tokens, m.doc_id)
+    report = await verify_tokens(svc.engine_client, tokens, m.doc_id, key=svc.publisher_key)
     data = svc.store.get(verify_report_key(m.doc_id)) if report.get("verified") else None
     if data is None:
         raise HTTPException(503, "the engine did not produce a verification report; see the server log")
@@ -219,7 +239,3 @@ def store_errors_as_503(app) -> None:
         from fastapi.responses import JSONResponse
 
         return JSONResponse(status_code=503, content={"error": f"kvcdn store unavailable: {exc}"})
-
-
-def publisher_key_from_env() -> str | None:
-    return os.environ.get(PUBLISHER_KEY_ENV) or None

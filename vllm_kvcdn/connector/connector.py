@@ -87,6 +87,11 @@ class KVCDNConnector(KVConnectorBase_V1):
         if isinstance(meta, KVCDNMetadata) and meta.saves:
             self._worker.wait_for_save(meta)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return None, self._worker.take_finished_loads() or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
 

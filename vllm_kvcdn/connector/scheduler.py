@@ -12,6 +12,7 @@ from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import chain_seed, iter_chunks
 from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.params import PublishAsk, parse_params
 from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
@@ -31,10 +32,9 @@ logger = get_logger(__name__)
 class _Publishing:
     """A publish (or verify) request on its way through prefill."""
 
-    params: dict
+    ask: PublishAsk
     prompt: list[int]
     chunk_keys: list[tuple[str, str, int]]  # (key, parent, num_tokens) of each chunk to write
-    verify: bool = False  # recompute and compare with the stored chunks instead of writing
     salted: bool = False
     block_ids: list[int] = field(default_factory=list)
     planned: bool = False
@@ -49,6 +49,11 @@ class _Publishing:
         return {"steps": self.steps, "alone": alone}
 
     @property
+    def verify(self) -> bool:
+        """Recompute and compare with the stored chunks instead of writing."""
+        return self.ask.verify is not None
+
+    @property
     def doc_id(self) -> str | None:
         return self.chunk_keys[-1][0] if self.chunk_keys else None
 
@@ -59,14 +64,6 @@ class _Hit:
     matched_tokens: int
     loaded_tokens: int
     failed: bool = False
-
-
-def publish_params(request: "Request") -> dict | None:
-    """The request's ``kv_transfer_params["kvcdn"]`` when it asks to publish or verify."""
-    params = (request.kv_transfer_params or {}).get(PUBLISH_PARAM)
-    if isinstance(params, dict) and (params.get("publish") or params.get("verify")):
-        return params
-    return None
 
 
 class KVCDNScheduler:
@@ -83,26 +80,31 @@ class KVCDNScheduler:
         self._loads: list[LoadSpec] = []
         self._publishing: dict[str, _Publishing] = {}
         self._hits: dict[str, _Hit] = {}
+        self._rejected: dict[str, str] = {}  # request id -> why its kvcdn params were ignored
 
     # -- matching -------------------------------------------------------------
 
     def on_new_request(self, request: "Request") -> None:
-        params = publish_params(request)
-        if params is None:
+        parsed = parse_params(request.kv_transfer_params, self.config.publish_key)
+        if parsed.rejected:
+            self._rejected[request.request_id] = parsed.rejected
+            self.stats.add_labelled("rejected_params", parsed.reason)
+            logger.warning("kvcdn: request %s: kvcdn params ignored: %s", request.request_id, parsed.rejected)
+        ask = parsed.ask
+        if ask is None:
             self.stats.add("lookups")
             return
         # A publish computes the whole document itself: blocks vLLM's prefix cache holds
         # were computed in other requests' steps and may differ in the last bits.
         request.skip_reading_prefix_cache = True
         prompt = list(request.prompt_token_ids or [])
-        if params.get("verify"):
-            chunk_keys = self._manifest_chunks(str(params["verify"]), prompt)
+        if ask.verify:
+            chunk_keys = self._manifest_chunks(ask.verify, prompt)
         else:
             seed = chain_seed(self.fingerprint.digest, request.cache_salt)
             chunk_keys = [(s.key, s.parent, s.num_tokens) for s in iter_chunks(prompt, seed, self.config.chunk_size)]
         self._publishing[request.request_id] = _Publishing(
-            params=params, prompt=prompt, chunk_keys=chunk_keys, verify=bool(params.get("verify")),
-            salted=bool(request.cache_salt),
+            ask=ask, prompt=prompt, chunk_keys=chunk_keys, salted=bool(request.cache_salt),
         )
 
     def _manifest_chunks(self, doc_id: str, prompt: list[int]) -> list[tuple[str, str, int]]:
@@ -134,6 +136,9 @@ class KVCDNScheduler:
             return None, False  # a publish runs alone right now: ask again next step
         if len(prompt) < 2:  # vLLM needs the last prompt token computed
             return 0, False
+        previous = self._hits.get(req_id)
+        if previous is not None and previous.failed:
+            return 0, False  # its load failed: recompute, never retry the same chunks
         self.index.refresh()
         match = self.index.match(prompt, request.cache_salt)
         hit = min(match.num_tokens, len(prompt) - 1)
@@ -141,7 +146,12 @@ class KVCDNScheduler:
             self._matches.pop(req_id, None)
             return 0, False
         self._matches[req_id] = (match, hit)
-        return hit - num_computed_tokens, False
+        # Asynchronous, so vLLM registers the loaded blocks in its prefix cache only after
+        # the worker reports the load finished, and only the blocks before the first one
+        # that failed: a failed load, even of a request aborted before its recompute,
+        # never leaves blocks another request can hit (a synchronous load's blocks are
+        # registered when allocated, before any byte is written).
+        return hit - num_computed_tokens, True
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         req_id = request.request_id
@@ -227,8 +237,8 @@ class KVCDNScheduler:
                     token_ids=state.prompt,
                     block_ids=list(state.block_ids),
                     chunk_keys=state.chunk_keys,
-                    title=str(state.params.get("title", "")),
-                    metadata=dict(state.params.get("metadata") or {}),
+                    title=state.ask.title,
+                    metadata=dict(state.ask.metadata),
                     salted=state.salted,
                     verify=state.verify,
                     prefill=state.prefill,
@@ -248,21 +258,24 @@ class KVCDNScheduler:
         req_id = request.request_id
         self.gate.on_finished(req_id)
         self._matches.pop(req_id, None)
+        rejected = self._rejected.pop(req_id, None)
         state = self._publishing.pop(req_id, None)
-        if state is not None:
-            return False, {PUBLISH_PARAM: self._publish_report(state)}
         hit = self._hits.pop(req_id, None)
-        if hit is None:
-            return False, {PUBLISH_PARAM: {"hit": False, "loaded_tokens": 0}}
-        return False, {
-            PUBLISH_PARAM: {
+        if state is not None:
+            report = self._publish_report(state)
+        elif hit is None:
+            report = {"hit": False, "loaded_tokens": 0}
+        else:
+            report = {
                 "hit": not hit.failed,
                 "document": hit.doc_id,
                 "matched_tokens": hit.matched_tokens,
                 "loaded_tokens": 0 if hit.failed else hit.loaded_tokens,
                 **({"error": "load failed; tokens were recomputed"} if hit.failed else {}),
             }
-        }
+        if rejected:
+            report["rejected"] = rejected
+        return False, {PUBLISH_PARAM: report}
 
     def _publish_report(self, state: _Publishing) -> dict:
         doc_id = state.doc_id

@@ -25,7 +25,7 @@ COUNTERS = {
 
 
 # Labelled counters: data[name] = {label value: count}.
-LABELLED = {"failures": "reason", "document_reads": "document"}
+LABELLED = {"failures": "reason", "document_reads": "document", "rejected_params": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {"load_duration_seconds": "Time the worker spent loading one request's chunks (read, verify, copy)"}
 LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
@@ -65,6 +65,8 @@ class KVCDNStats(KVConnectorStats):
         out = {k: v for k, v in self.data.items() if k not in LABELLED and k not in OBSERVED}
         for reason, n in self.data.get("failures", {}).items():
             out[f"failed_{reason}"] = n
+        for reason, n in self.data.get("rejected_params", {}).items():
+            out[f"rejected_{reason}"] = n
         loads = self.data.get("load_duration_seconds", [])
         if loads:
             out["load_seconds_total"] = round(sum(loads), 4)
@@ -98,6 +100,11 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
             "failures": self._counter_cls(
                 name="vllm:kvcdn_load_failures",
                 documentation="Chunks not used, by reason (a miss: those tokens were recomputed)",
+                labelnames=[*labelnames, "reason"],
+            ),
+            "rejected_params": self._counter_cls(
+                name="vllm:kvcdn_rejected_params",
+                documentation="Requests whose kvcdn params were ignored, by reason (malformed, unauthorized)",
                 labelnames=[*labelnames, "reason"],
             ),
             "document_reads": self._counter_cls(

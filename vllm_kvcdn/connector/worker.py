@@ -1,8 +1,11 @@
 """Worker half: copy verified chunks into the paged KV cache; save published prompts.
 
-A chunk that is missing, truncated, corrupt or made under another fingerprint is never
-written: its blocks are reported through vLLM's load-error channel, and vLLM
-recomputes those tokens (``kv_load_failure_policy="recompute"``).
+Loads are asynchronous in vLLM's sense: the request waits (``WAITING_FOR_REMOTE_KVS``)
+until ``take_finished_loads`` reports it, and only then does vLLM register its blocks in
+the prefix cache. A chunk that is missing, truncated, corrupt or made under another
+fingerprint is never written: its blocks are reported through vLLM's load-error
+channel, vLLM caches only the blocks before them and recomputes the rest
+(``kv_load_failure_policy="recompute"``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 
 from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
+from vllm_kvcdn.catalog import keep_or_put_chunk
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
@@ -72,6 +76,7 @@ class KVCDNWorker:
         self.layout: PagedKVLayout | None = None
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()
+        self._finished_loads: set[str] = set()  # loads done (or failed) since vLLM last asked
         self.ram: PackedBlockCache | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -112,6 +117,13 @@ class KVCDNWorker:
     def start_load_kv(self, meta: KVCDNMetadata) -> None:
         for spec in meta.loads:
             self._load_request(spec)
+            self._finished_loads.add(spec.req_id)
+
+    def take_finished_loads(self) -> set[str]:
+        """Requests whose load ended, failed or not (vLLM's ``finished_recving``); a failed
+        one's blocks were reported through ``get_block_ids_with_load_errors`` already."""
+        done, self._finished_loads = self._finished_loads, set()
+        return done
 
     def _load_request(self, spec: LoadSpec) -> None:
         started = time.perf_counter()
@@ -246,15 +258,14 @@ class KVCDNWorker:
             return self._verify_document(spec)
         started = time.perf_counter()
         chunks, new_bytes, new_chunks = [], 0, 0
+        start = 0
         for key, parent, n, data, header in self._encode_chunks(spec):
-            obj = chunk_object_key(key)
-            # Content-addressed: same key, same bytes. A stored object of another size is
-            # damaged (or of an older format) and is replaced.
-            if self.store.size(obj) != len(data):
-                self.store.put(obj, data)
-                new_bytes += len(data)
-                new_chunks += 1
-            chunks.append(ManifestChunk(key, parent, n, nbytes=len(data), checksum=header.checksum))
+            entry, written = keep_or_put_chunk(self.store, ManifestChunk(key, parent, n, len(data), header.checksum),
+                                               data, self.fingerprint.digest, spec.token_ids[start : start + n])
+            new_bytes += len(data) if written else 0
+            new_chunks += written
+            chunks.append(entry)
+            start += n
         doc_id = spec.chunk_keys[-1][0]
         manifest = Manifest(
             doc_id=doc_id,
