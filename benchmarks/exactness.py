@@ -135,7 +135,7 @@ def kv_difference(store: Path, alone: str, within: str, n: int) -> dict:
 
     from vllm_kvcdn import catalog
     from vllm_kvcdn.artifact import decode_chunk
-    from vllm_kvcdn.index import chunk_object_key
+    from vllm_kvcdn.store.keys import chunk_object_key
     from vllm_kvcdn.store import open_store
 
     fs = open_store(f"file://{store}")

@@ -2,7 +2,7 @@
 
 from vllm_kvcdn import catalog
 from vllm_kvcdn.hf import HFKVCDN
-from vllm_kvcdn.index import chunk_object_key
+from vllm_kvcdn.store.keys import chunk_object_key
 
 
 def test_delete_keeps_chunks_other_documents_use(tiny_model, tmp_path):

@@ -19,15 +19,15 @@ is read from vLLM's own counters.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.config import TEST_FAULTS_ENV
 from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
-from vllm_kvcdn.index import chunk_object_key, verify_report_key
+from vllm_kvcdn.store.keys import chunk_object_key
 
 pytestmark = pytest.mark.engine
 
@@ -143,7 +143,7 @@ def scenario(tmp_path_factory, run_engine, tiny_model, tiny_variant, prompts) ->
     })
     results["tail_unloaded"] = run_engine({
         "model": model, "store_url": f"file://{store}", "prefix_caching": False,
-        "extra_config": {"debug_skip_partial_tail": True},
+        "env": {TEST_FAULTS_ENV: "skip_partial_tail"},
         "ops": [_query(k, p[k]) for k in level3_set() if not k.startswith("a_")],
     })
     results["variant"] = run_engine({"model": str(tiny_variant), "store_url": f"file://{store}",
@@ -218,11 +218,12 @@ def test_a_publish_beside_other_traffic_waits_and_runs_alone(scenario, prompts):
 def test_level1_a_fresh_engine_recomputes_every_stored_byte(scenario):
     """`verify`: another engine process computes the documents again, as a publish does,
     and compares with the store byte for byte (G was published beside other requests).
-    The worker writes its verdict to the store (a fresh one here: no older verdict)."""
+    The verdict comes back in the response, per chunk."""
     for name in ("a", "d", "g"):
-        assert _answer(scenario, "consumer", f"verify_{name}")["kvcdn"]["verified"] is True
-        report = json.loads((Path(scenario["store"]) / verify_report_key(_doc_id(scenario, name))).read_text())
+        report = _answer(scenario, "consumer", f"verify_{name}")["kvcdn"]
+        assert report["verified"] is True and report["document"] == _doc_id(scenario, name), report
         assert report["identical"] is True, (name, report["chunks"])
+        assert report["chunks"] and all(c["status"] == "identical" for c in report["chunks"])
 
 
 def test_level1_loaded_blocks_equal_the_blocks_a_prefill_wrote(scenario):

@@ -9,7 +9,7 @@ import torch
 
 from vllm_kvcdn.artifact import ArtifactError
 from vllm_kvcdn.hf import HFKVCDN, FingerprintMismatch
-from vllm_kvcdn.index import chunk_object_key
+from vllm_kvcdn.store.keys import chunk_object_key
 
 QUESTIONS = ["\nQuestion: which river runs past the stone city? Answer:",
              "\nQ: what does the engine store in a chunk? A:",

@@ -4,7 +4,8 @@ import time
 
 from vllm_kvcdn.artifact import Manifest, ManifestChunk
 from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.index import ChunkIndex, manifest_object_key
+from vllm_kvcdn.index import ChunkIndex
+from vllm_kvcdn.store.keys import manifest_object_key
 from vllm_kvcdn.store import FileStore
 
 FP = "f" * 32

@@ -29,7 +29,7 @@ import pytest
 
 from tests.servers import kvcdn_server, vllm_server
 from vllm_kvcdn.client import APIError, SideAPIClient
-from vllm_kvcdn.index import chunk_object_key
+from vllm_kvcdn.store.keys import chunk_object_key
 
 pytestmark = pytest.mark.engine
 
@@ -353,7 +353,7 @@ def test_restart_keeps_published_documents(kvcdn, api, published, reference, tin
 def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_path, texts, monkeypatch):
     """Operators who skip our wrapper: plain vLLM + --kv-transfer-config, publishing with a
     flagged /v1/completions request (no side API) that carries the publish_key they opted
-    into, then an ordinary request hits."""
+    into, waiting for its result with a second request, then an ordinary request hits."""
     import sys
 
     from tests.servers import COMMON_ARGS, SERVER_ENV
@@ -373,7 +373,12 @@ def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_p
             refused = _complete(server.url, str(tiny_model), document, {"kvcdn": params})
             assert "key" in refused["rejected"] and not list(store.glob("manifests/*")), refused
         report = _complete(server.url, str(tiny_model), document, {"kvcdn": {"publish": True, "key": "plain-key"}})
-        assert report["published"] is True
+        # Written in the background: the response says so; a wait_for request gets the result.
+        assert report["pending"] is True and "published" not in report, report
+        wait = {"kvcdn": {"wait_for": report["document"], "key": "plain-key"}}
+        result = _complete(server.url, str(tiny_model), "Hello", wait)
+        assert result["published"] is True and result["document"] == report["document"], result
+        assert result["new_chunks"] == result["num_chunks"] > 0, result
         prompt = document + "\nQuestion: what is the river called?\nAnswer:"
         resp = client.completions.create(model=str(tiny_model), prompt=prompt, max_tokens=4, temperature=0)
         kvcdn_report = resp.model_extra["kv_transfer_params"]["kvcdn"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, read_chunk_header
+from vllm_kvcdn.artifact import ArtifactError, Manifest, read_chunk_header
 from vllm_kvcdn.chain import is_chunk_key
-from vllm_kvcdn.index import MANIFEST_PREFIX, chunk_object_key, manifest_object_key
+from vllm_kvcdn.documents import read_chunk
+from vllm_kvcdn.store.keys import MANIFEST_PREFIX, chunk_object_key, doc_id_of, manifest_object_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 
@@ -29,10 +30,6 @@ class DamagedManifest:
 Entry = Manifest | DamagedManifest
 
 
-def _doc_id(manifest_key: str) -> str:
-    return manifest_key.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
-
-
 def _read(store: Store, key: str) -> Entry | None:
     data = store.get(key)
     if data is None:
@@ -40,7 +37,7 @@ def _read(store: Store, key: str) -> Entry | None:
     try:
         return Manifest.from_json(data)
     except ArtifactError as e:
-        return DamagedManifest(_doc_id(key), str(e))
+        return DamagedManifest(doc_id_of(key), str(e))
 
 
 def entries(store: Store) -> Iterator[Entry]:
@@ -84,22 +81,6 @@ def intact(store: Store, manifest: Manifest) -> bool:
     return all(status == "ok" for _, status in verify_chunks(store, manifest))
 
 
-def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
-                      tokens: list[int]) -> tuple[ManifestChunk, bool]:
-    """Content-addressed write of one chunk: an intact stored copy is kept (other
-    documents' manifests record its checksum), a missing or damaged one is replaced.
-    Returns the manifest entry of what is stored, and whether it was written."""
-    stored = store.get(chunk_object_key(entry.key))
-    if stored is not None:
-        try:
-            kept = decode_chunk(stored, key=entry.key, fingerprint=fingerprint, tokens=tokens)  # checksum too
-            return replace(entry, nbytes=len(stored), checksum=kept.header.checksum), False
-        except ArtifactError as e:
-            logger.warning("kvcdn: replacing damaged chunk %s: %s", entry.key[:16], e)
-    store.put(chunk_object_key(entry.key), data)
-    return entry, True
-
-
 @dataclass
 class Deleted:
     doc_id: str
@@ -137,11 +118,8 @@ def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     """(chunk key, "ok" or what is wrong) for every chunk: reads and checks each one."""
     out = []
     for c in manifest.chunks:
-        data = store.get(chunk_object_key(c.key))
         try:
-            if data is None:
-                raise ArtifactError("missing", "chunk object is missing")
-            kv = decode_chunk(data, key=c.key, fingerprint=manifest.fingerprint)
+            kv, _ = read_chunk(store, c.key, fingerprint=manifest.fingerprint)
             status = "ok" if kv.header.checksum == c.checksum else "checksum differs from the manifest"
         except ArtifactError as e:
             status = f"{e.reason}: {e}"
@@ -153,8 +131,5 @@ def document_tokens(store: Store, manifest: Manifest) -> list[int]:
     """The document's token ids, read back from its chunks."""
     tokens: list[int] = []
     for c in manifest.chunks:
-        data = store.get(chunk_object_key(c.key))
-        if data is None:
-            raise ArtifactError("missing", f"chunk {c.key[:16]} is missing")
-        tokens += decode_chunk(data, key=c.key).tokens.tolist()
+        tokens += read_chunk(store, c.key)[0].tokens.tolist()
     return tokens

@@ -9,6 +9,16 @@ from vllm_kvcdn.store import default_store_url
 
 PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
 PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
+TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
+
+
+def injected_faults() -> dict[str, str]:
+    """Faults tests and benchmarks inject (``name`` or ``name=value``, comma-separated);
+    never set in production. ``skip_partial_tail``: claim a document's partial last chunk
+    loaded, leave its slots stale (proves the exactness tests can see a wrong load).
+    ``chunk_get_delay_s=S``: sleep S seconds before each chunk read (store/latency.py)."""
+    faults = (f.partition("=") for f in os.environ.get(TEST_FAULTS_ENV, "").split(",") if f)
+    return {name.strip(): value.strip() for name, _, value in faults}
 
 
 @dataclass(frozen=True)
@@ -31,9 +41,12 @@ class KVCDNConfig:
     # default, unless $KVCDN_PUBLISHER_KEY is set, as `kvcdn serve` does): no request may.
     # vLLM logs its arguments at start: prefer the environment variable.
     publish_key: str = field(default="", repr=False)
-    # Fault injection for tests only: report the partial tail chunk as loaded but
-    # leave its slots untouched. Proves the exactness tests can see a wrong load.
-    debug_skip_partial_tail: bool = False
+    # Store reads, checks and writes run in background threads, never holding an engine
+    # step. false: they run inside the step (how kvcdn ran before background I/O; kept so benchmarks
+    # can compare both in one run).
+    async_io: bool = True
+    # Chunk reads in flight at once per worker (a remote store's round trips overlap).
+    io_threads: int = 4
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -42,6 +55,8 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
         if not isinstance(self.publish_key, str):
             raise ValueError("kvcdn: publish_key must be a string")
+        if not isinstance(self.io_threads, int) or self.io_threads < 1:
+            raise ValueError(f"kvcdn: io_threads must be a positive integer, got {self.io_threads!r}")
         if self.publish_isolation_s < 0:
             raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
 

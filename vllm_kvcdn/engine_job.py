@@ -8,7 +8,8 @@ not what the connector claims.
     python -m vllm_kvcdn.engine_job SPEC.json OUT.json
 
 SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_size",
-"extra_config", "engine_args" (more ``vllm.LLM`` arguments), "ops": [...]}``. Each op has a
+"extra_config", "engine_args" (more ``vllm.LLM`` arguments), "env" (more environment, e.g.
+test faults), "ops": [...]}``. Each op has a
 ``name`` and an ``op``:
 
 - ``query`` / ``publish`` / ``verify``: one request alone (``ids``, ``salt``, ``max_tokens``,
@@ -16,9 +17,14 @@ SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_siz
   ``verify`` names the document to recompute ``ids`` against in ``doc``, or ``@OP`` for the
   document an earlier publish op reported);
 - ``batch``: ``requests`` (ops of the three kinds above) submitted together;
-- ``abort``: one query (``ids``) aborted after ``after_steps`` engine steps (needs
-  ``"inproc": true`` in the spec: the engine core then steps only when asked), the
+- ``abort``: one query (``ids``) aborted after ``after_steps`` engine steps, ``pause_s``
+  apart (time for background loads; needs ``"inproc": true`` in the spec: the engine core
+  then steps only when asked), the
   engine then run until it is idle; returns what the connector reported for it, if anything;
+- ``delete_during``: one query (``ids``) whose document (``doc``, or ``@OP``) is deleted
+  from the store after ``after_steps`` engine steps (``inproc`` too; pair it with a slowed
+  store, ``KVCDN_TEST_FAULTS=chunk_get_delay_s=S``, so the load is still reading); returns
+  the answer and counters as ``query`` does;
 - ``reset``: empty vLLM's prefix cache;
 - ``kv_blocks``: digests of the paged-cache bytes behind the connector's last ``load`` or
   ``save`` (``of``), over its first ``tokens`` positions: whole blocks as raw bytes, the
@@ -59,10 +65,12 @@ def run(spec: dict) -> dict:
     if any(op["op"] == "kv_blocks" for op in spec["ops"]):
         llm.collective_rpc(_install_block_spy)
 
+    def doc_of(op: dict) -> str | None:
+        doc = op.get("doc")
+        return results[doc[1:]]["answer"]["kvcdn"].get("document") if doc and doc.startswith("@") else doc
+
     def to_request(op: dict):
-        doc = op.get("doc") if op["op"] == "verify" else None
-        if doc and doc.startswith("@"):
-            doc = results[doc[1:]]["answer"]["kvcdn"].get("document")
+        doc = doc_of(op) if op["op"] == "verify" else None
         return request(op["ids"], max_tokens=op.get("max_tokens", 12), publish=op["op"] == "publish",
                        verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""),
                        key=op.get("key", PUBLISH_KEY))
@@ -79,11 +87,16 @@ def run(spec: dict) -> dict:
             results[op["name"]] = {"reset": llm.reset_prefix_cache()}
             continue
         if op["op"] == "abort":
-            results[op["name"]] = _abort_after(llm.llm_engine, to_request(op), op["after_steps"])
+            results[op["name"]] = _abort_after(llm.llm_engine, to_request(op), op["after_steps"],
+                                                   op.get("pause_s", 0.0))
             continue
         batch = op["requests"] if op["op"] == "batch" else [op]
         started = time.perf_counter()
-        answers = [asdict(a) for a in generate_many(llm, [to_request(r) for r in batch])]
+        if op["op"] == "delete_during":
+            answers = [asdict(_delete_during(llm.llm_engine, to_request(op), spec["store_url"], doc_of(op),
+                                             op["after_steps"]))]
+        else:
+            answers = [asdict(a) for a in generate_many(llm, [to_request(r) for r in batch])]
         seconds = time.perf_counter() - started
         after = engine_counters(llm)
         delta = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
@@ -92,8 +105,9 @@ def run(spec: dict) -> dict:
     return results
 
 
-def _abort_after(engine, request: tuple, steps: int) -> dict:
-    """Submit one request, take ``steps`` engine steps, abort it, run until idle."""
+def _abort_after(engine, request: tuple, steps: int, pause_s: float) -> dict:
+    """Submit one request, take ``steps`` engine steps (``pause_s`` apart), abort it, run
+    until idle."""
     from vllm_kvcdn.config import PUBLISH_PARAM
 
     reports, finished = [], False
@@ -107,6 +121,7 @@ def _abort_after(engine, request: tuple, steps: int) -> dict:
 
     req_id = engine.add_request(f"abort-{time.monotonic_ns()}", *request)
     for _ in range(steps):
+        time.sleep(pause_s)
         take(engine.step())
     engine.abort_request([req_id], internal=True)
     while engine.has_unfinished_requests():
@@ -114,11 +129,29 @@ def _abort_after(engine, request: tuple, steps: int) -> dict:
     return {"reports": reports, "finished_before_abort": finished}
 
 
+def _delete_during(engine, request: tuple, store_url: str, doc_id: str, steps: int):
+    """Submit one request, take ``steps`` engine steps, delete ``doc_id`` from the store
+    (as another server's `kvcdn rm` would), run until idle; the request's answer."""
+    from vllm_kvcdn import catalog
+    from vllm_kvcdn.offline import _answer
+    from vllm_kvcdn.store import open_store
+
+    req_id = engine.add_request(f"delete-during-{time.monotonic_ns()}", *request)
+    final = None
+    for _ in range(steps):
+        final = next((o for o in engine.step() if o.request_id == req_id and o.finished), final)
+    store = open_store(store_url)
+    catalog.delete_document(store, catalog.get_entry(store, doc_id))
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.request_id == req_id and o.finished), final)
+    return _answer(final)
+
+
 def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900) -> dict:
     """Run ``spec`` in a fresh process (``workdir/name.*`` keep its spec, log and output)."""
     spec_path, out_path, log_path = (workdir / f"{name}{ext}" for ext in (".json", ".out.json", ".log"))
     spec_path.write_text(json.dumps(spec))
-    env = {**CPU_ENV_DEFAULTS, **os.environ}  # every engine inherits the same CPU settings
+    env = {**CPU_ENV_DEFAULTS, **os.environ, **spec.get("env", {})}  # every engine: the same CPU settings
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "vllm_kvcdn.engine_job", str(spec_path), str(out_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
@@ -136,7 +169,7 @@ def _install_block_spy(worker) -> None:
 
     half = get_kv_transfer_group()._worker
     half.spied_blocks = {}
-    load, save = half._load_request, half._save_document
+    load, save = half._load_request, half._submit_save
 
     def spy_load(spec):
         half.spied_blocks["load"] = list(spec.block_ids)
@@ -146,7 +179,7 @@ def _install_block_spy(worker) -> None:
         half.spied_blocks["save"] = list(spec.block_ids)
         return save(spec)
 
-    half._load_request, half._save_document = spy_load, spy_save
+    half._load_request, half._submit_save = spy_load, spy_save
 
 
 def _block_digests(worker, of: str, tokens: int) -> dict:

@@ -12,15 +12,15 @@ in the last bits across profiles, so exactness is only promised within one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vllm_kvcdn import catalog
-from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
+from vllm_kvcdn.artifact import Manifest
 from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.documents import read_chunk, write_document
 from vllm_kvcdn.fingerprint import (
     PROFILE_FIELDS,
     Fingerprint,
@@ -30,7 +30,7 @@ from vllm_kvcdn.fingerprint import (
     fingerprint_diff,
     model_weights_digest,
 )
-from vllm_kvcdn.index import ChunkIndex, chunk_object_key, manifest_object_key
+from vllm_kvcdn.index import ChunkIndex
 from vllm_kvcdn.store import open_store
 
 
@@ -111,25 +111,16 @@ class HFKVCDN:
         cache = self.model(ids, use_cache=True).past_key_values
         layers = [(layer.keys[0].transpose(0, 1).cpu(), layer.values[0].transpose(0, 1).cpu())
                   for layer in cache.layers]
-        chunks = []
-        for span in document_chunks(tokens, self.fingerprint.digest, cache_salt, self.chunk_size):
-            s, e = span.start, span.end
-            data, header = encode_chunk(
-                span.key, span.parent, self.fingerprint.digest, tokens[s:e],
-                [k[s:e].contiguous() for k, _ in layers], [v[s:e].contiguous() for _, v in layers],
-            )
-            entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
-            chunks.append(catalog.keep_or_put_chunk(self.store, entry, data, self.fingerprint.digest, tokens[s:e])[0])
         import transformers
 
-        manifest = Manifest(
-            doc_id=chunks[-1].key, fingerprint=self.fingerprint.digest, num_tokens=len(tokens),
-            chunk_size=self.chunk_size, chunks=chunks, profile=self.fingerprint.fields, salted=bool(cache_salt),
-            created=time.time(), producer={"engine": "transformers", "transformers": transformers.__version__,
-                                           "torch": torch.__version__, "device": self.device.type},
-            title=title,
-        )
-        self.store.put(manifest_object_key(manifest.doc_id), manifest.to_json())
+        producer = {"engine": "transformers", "transformers": transformers.__version__,
+                    "torch": torch.__version__, "device": self.device.type}
+        spans = document_chunks(tokens, self.fingerprint.digest, cache_salt, self.chunk_size)
+        manifest = write_document(
+            self.store, spans=spans, tokens=tokens, kv=layers, fingerprint=self.fingerprint.digest,
+            profile=self.fingerprint.fields, chunk_size=self.chunk_size, producer=producer,
+            salted=bool(cache_salt), title=title,
+        ).manifest
         return manifest
 
     # -- GENERATEFROMKV ----------------------------------------------------------------
@@ -168,11 +159,8 @@ class HFKVCDN:
         tokens: list[int] = []
         per_layer: list[tuple[list, list]] = [([], []) for _ in range(cfg.num_hidden_layers)]
         for c in manifest.chunks:
-            data = self.store.get(chunk_object_key(c.key))
-            if data is None:
-                raise ArtifactError("missing", f"chunk {c.key[:16]} of {doc_id[:16]} is missing from {self.store.url}")
-            kv = decode_chunk(data, key=c.key, fingerprint=manifest.fingerprint, dtype=self.dtype,
-                              num_layers=cfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+            kv, _ = read_chunk(self.store, c.key, fingerprint=manifest.fingerprint, dtype=self.dtype,
+                               num_layers=cfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
             tokens += kv.tokens.tolist()
             for (ks, vs), k, v in zip(per_layer, kv.keys, kv.values):
                 ks.append(k)

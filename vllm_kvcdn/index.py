@@ -4,41 +4,41 @@ It answers one question fast: how many leading tokens of this prompt are covered
 published chunks of this fingerprint and salt? Full chunks are found by key; a
 document's partial last chunk is found by trying the tail lengths published after
 the current parent key.
+
+Matching does no I/O: a background refresher (``start_refresher``) rebuilds the index
+from the store's manifests when they change and swaps it in whole; a publish this
+engine finished is added at once (``add``), so its readers need not wait for a refresh.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest
+from vllm_kvcdn import catalog
 from vllm_kvcdn.chain import ChunkSpan, chain_seed, chunk_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store, StoreError
+from vllm_kvcdn.store.keys import MANIFEST_PREFIX
 
 logger = get_logger(__name__)
-
-MANIFEST_PREFIX = "manifests/"
-
-
-def chunk_object_key(key: str) -> str:
-    return f"chunks/{key[:2]}/{key}.safetensors"
-
-
-def manifest_object_key(doc_id: str) -> str:
-    return f"{MANIFEST_PREFIX}{doc_id}.json"
-
-
-def verify_report_key(doc_id: str) -> str:
-    return f"verify/{doc_id}.json"
 
 
 @dataclass(frozen=True)
 class IndexedChunk:
     num_tokens: int
-    nbytes: int
     doc_id: str
+
+
+@dataclass(frozen=True)
+class PublishedChunk:
+    """What the index needs of one chunk of a document: (key, parent, num_tokens)."""
+
+    key: str
+    parent: str
+    num_tokens: int
 
 
 @dataclass
@@ -51,18 +51,46 @@ class Match:
         return self.spans[-1].end if self.spans else 0
 
 
+@dataclass
+class _View:
+    chunks: dict[str, IndexedChunk] = field(default_factory=dict)
+    tails: dict[str, set[int]] = field(default_factory=dict)  # parent key -> partial chunk lengths
+
+
 class ChunkIndex:
     def __init__(self, store: Store, fingerprint: str, chunk_size: int, refresh_interval_s: float = 2.0):
         self.store = store
         self.fingerprint = fingerprint
         self.chunk_size = chunk_size
         self.refresh_interval_s = refresh_interval_s
-        self._chunks: dict[str, IndexedChunk] = {}
-        self._tails: dict[str, set[int]] = {}  # parent key -> partial chunk lengths
+        self._view = _View()  # replaced whole by a rebuild; read without a lock
+        self._lock = threading.Lock()  # orders add() against a rebuild's swap
+        self._added: list[tuple[int, str, list[PublishedChunk]]] = []  # (generation, doc, chunks)
+        self._generation = 0
         self._version: object = object()
         self._refreshed_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.num_documents = 0
         self.num_foreign = 0  # manifests under another fingerprint or chunk size
+
+    # -- keeping it fresh -------------------------------------------------------------
+
+    def start_refresher(self) -> None:
+        """Refresh in a daemon thread every ``refresh_interval_s`` (after one refresh now)."""
+        self.refresh(force=True)
+        self._thread = threading.Thread(target=self._refresh_loop, name="kvcdn-index", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.refresh_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # never let the refresher die: the old index keeps serving
+                logger.exception("kvcdn: index refresh failed; keeping the old index")
 
     def refresh(self, force: bool = False) -> None:
         """Rebuild from the store's manifests when they changed (cheap check)."""
@@ -80,60 +108,67 @@ class ChunkIndex:
             logger.warning("kvcdn: store unavailable, keeping the old index: %s", e)
 
     def _rebuild(self) -> None:
-        chunks: dict[str, IndexedChunk] = {}
-        tails: dict[str, set[int]] = {}
+        with self._lock:
+            started = self._generation
+        view = _View()
         docs = foreign = 0
-        for key in self.store.list(MANIFEST_PREFIX):
-            data = self.store.get(key)
-            if data is None:
-                continue  # deleted while we listed
-            try:
-                manifest = Manifest.from_json(data)
-            except ArtifactError as e:
-                logger.warning("kvcdn: skipping manifest %s: %s", key, e)
-                continue
+        for manifest in catalog.manifests(self.store):
             if manifest.fingerprint != self.fingerprint or manifest.chunk_size != self.chunk_size:
                 foreign += 1
                 continue
             docs += 1
-            self._add(manifest, chunks, tails)
-        self._chunks, self._tails = chunks, tails
+            self._add(view, manifest.doc_id, manifest.chunks)
+        with self._lock:
+            # Publishes added while we listed may have been missed by the listing.
+            for generation, doc_id, chunks in self._added:
+                if generation > started:
+                    self._add(view, doc_id, chunks)
+            self._added = [a for a in self._added if a[0] > started]
+            self._view = view
         self.num_documents, self.num_foreign = docs, foreign
         logger.info(
             "kvcdn: index holds %d documents, %d chunks (%d manifests of other models/settings)",
-            docs, len(chunks), foreign,
+            docs, len(view.chunks), foreign,
         )
 
-    def add(self, manifest: Manifest) -> None:
-        if manifest.fingerprint == self.fingerprint and manifest.chunk_size == self.chunk_size:
-            self._add(manifest, self._chunks, self._tails)
+    def add(self, doc_id: str, chunks: Iterable[PublishedChunk]) -> None:
+        """A document this engine just published (its manifest is already stored)."""
+        chunks = list(chunks)
+        with self._lock:
+            self._generation += 1
+            self._added.append((self._generation, doc_id, chunks))
+            self._add(self._view, doc_id, chunks)
 
-    def _add(self, manifest: Manifest, chunks: dict, tails: dict) -> None:
-        for c in manifest.chunks:
-            chunks.setdefault(c.key, IndexedChunk(c.num_tokens, c.nbytes, manifest.doc_id))
-            if c.num_tokens < manifest.chunk_size:
-                tails.setdefault(c.parent, set()).add(c.num_tokens)
+    def _add(self, view: _View, doc_id: str, chunks: Iterable) -> None:
+        for c in chunks:
+            view.chunks.setdefault(c.key, IndexedChunk(c.num_tokens, doc_id))
+            if c.num_tokens < self.chunk_size:
+                view.tails.setdefault(c.parent, set()).add(c.num_tokens)
+
+    # -- matching ---------------------------------------------------------------------
 
     def match(self, tokens: Sequence[int], cache_salt: str | None) -> Match:
         """The longest run of published chunks that prefixes ``tokens``: whole chunks
         while they match, then the longest published tail hanging off the last one."""
         result = Match()
-        if not self._chunks:
+        view = self._view
+        if not view.chunks:
             return result
         parent, pos = chain_seed(self.fingerprint, cache_salt), 0
-        while self._extend(result, tokens, parent, pos, self.chunk_size):
+        while self._extend(view, result, tokens, parent, pos, self.chunk_size):
             parent, pos = result.spans[-1].key, result.spans[-1].end
-        for n in sorted(self._tails.get(parent, ()), reverse=True):
-            if self._extend(result, tokens, parent, pos, n):
+        for n in sorted(view.tails.get(parent, ()), reverse=True):
+            if self._extend(view, result, tokens, parent, pos, n):
                 break
         return result
 
-    def _extend(self, result: Match, tokens: Sequence[int], parent: str, pos: int, n: int) -> bool:
+    @staticmethod
+    def _extend(view: _View, result: Match, tokens: Sequence[int], parent: str, pos: int, n: int) -> bool:
         """Append the chunk of ``n`` tokens at ``pos`` if it is published."""
         if pos + n > len(tokens):
             return False
         key = chunk_key(parent, tokens[pos : pos + n])
-        entry = self._chunks.get(key)
+        entry = view.chunks.get(key)
         if entry is None or entry.num_tokens != n:
             return False
         result.spans.append(ChunkSpan(key, parent, pos, n))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvcdn.config import PUBLISH_PARAM
+from vllm_kvcdn.connector.params import WAIT_PROMPT
 
 # Offline engines publish through their own requests: each process is its own publisher.
 PUBLISH_KEY = secrets.token_urlsafe(16)
@@ -78,17 +79,23 @@ class Answer:
 
 
 def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False, verify: str | None = None,
-            cache_salt: str | None = None, title: str = "", metadata: dict | None = None,
-            key: str | None = PUBLISH_KEY):
-    """(prompt, sampling params) of one greedy request: a query, a publish, or a verify of
-    the document ``verify`` (recompute ``prompt_ids`` and compare with the store); a
-    publish or verify carries the publisher ``key`` (None: none)."""
+            wait_for: str | None = None, cache_salt: str | None = None, title: str = "",
+            metadata: dict | None = None, key: str | None = PUBLISH_KEY):
+    """(prompt, sampling params) of one greedy request: a query, a publish, a verify of
+    the document ``verify`` (recompute ``prompt_ids`` and compare with the store), or a
+    wait for the result of the last publish or verify of ``wait_for``; all but a query
+    carry the publisher ``key`` (None: none)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {}
-    if publish or verify:
-        kvcdn = {"verify": verify} if verify else {"publish": True, "title": title, "metadata": metadata or {}}
+    if publish or verify or wait_for:
+        if wait_for:
+            kvcdn = {"wait_for": wait_for}
+        elif verify:
+            kvcdn = {"verify": verify}
+        else:
+            kvcdn = {"publish": True, "title": title, "metadata": metadata or {}}
         if key is not None:
             kvcdn["key"] = key
         extra["kv_transfer_params"] = {PUBLISH_PARAM: kvcdn}
@@ -101,9 +108,24 @@ def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = Fals
 
 
 def generate_many(llm, requests: list[tuple]) -> list[Answer]:
-    """Submit ``request(...)`` results together (they may share engine steps)."""
+    """Submit ``request(...)`` results together (they may share engine steps). A publish
+    or verify answers once its result is back (the worker writes in the background)."""
     outputs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
-    return [_answer(out) for out in outputs]
+    answers = [_answer(out) for out in outputs]
+    pending = [i for i, a in enumerate(answers) if a.kvcdn.get("pending") and a.kvcdn.get("document")]
+    if pending:
+        waits = [request(WAIT_PROMPT, max_tokens=1, wait_for=answers[i].kvcdn["document"],
+                         key=_publish_key(requests[i][1])) for i in pending]
+        results = llm.generate([p for p, _ in waits], [s for _, s in waits], use_tqdm=False)
+        for i, out in zip(pending, results):
+            published = {k: v for k, v in answers[i].kvcdn.items() if k != "pending"}
+            answers[i].kvcdn = {**published, **_answer(out).kvcdn}
+    return answers
+
+
+def _publish_key(params) -> str | None:
+    kvcdn = ((params.extra_args or {}).get("kv_transfer_params") or {}).get(PUBLISH_PARAM) or {}
+    return kvcdn.get("key")
 
 
 def generate(llm, prompt_ids: list[int], **kw) -> Answer:

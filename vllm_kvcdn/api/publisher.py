@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from vllm_kvcdn.config import PUBLISH_PARAM
+from vllm_kvcdn.connector.params import WAIT_PROMPT
 
 
 class PublishError(Exception):
@@ -59,14 +60,13 @@ class Published:
     fingerprint: str
 
 
-async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None) -> dict:
-    """One flagged prefill through the serving engine; returns the connector's report."""
+async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None,
+               skip_prefix_cache: bool) -> dict:
+    """One flagged request through the serving engine; returns the connector's report."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # The whole document is computed, never read from vLLM's prefix cache (the connector
-    # also insists): cached blocks were computed in other requests' steps.
-    params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
+    params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=skip_prefix_cache,
                             extra_args={"kv_transfer_params": {PUBLISH_PARAM: kvcdn_params}})
     prompt = TokensPrompt(prompt_token_ids=tokens)
     if cache_salt:
@@ -79,6 +79,18 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
         raise PublishError(503, "the engine did not report back: is it running KVCDNConnector?")
     if report.get("rejected"):
         raise PublishError(503, f"the engine refused to publish: {report['rejected']}")
+    return report
+
+
+async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None) -> dict:
+    """One flagged prefill through the serving engine, then (the worker writes in the
+    background) a wait for its result; returns the two reports merged."""
+    # The whole document is computed, never read from vLLM's prefix cache (the connector
+    # also insists): cached blocks were computed in other requests' steps.
+    report = await _run(engine_client, tokens, kvcdn_params, cache_salt, skip_prefix_cache=True)
+    if report.pop("pending", False) and report.get("document"):
+        wait = {"wait_for": report["document"], "key": kvcdn_params["key"]}
+        report.update(await _run(engine_client, WAIT_PROMPT, wait, None, skip_prefix_cache=False))
     return report
 
 

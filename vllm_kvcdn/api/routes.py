@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +23,6 @@ from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.params import metadata_problem
 from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import verify_report_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store, StoreError
 
@@ -214,10 +212,9 @@ async def verify_document(doc_id: str, request: Request) -> dict:
     except ArtifactError as e:
         return {"document": m.doc_id, "identical": False, "error": str(e)}
     report = await verify_tokens(svc.engine_client, tokens, m.doc_id, key=svc.publisher_key)
-    data = svc.store.get(verify_report_key(m.doc_id)) if report.get("verified") else None
-    if data is None:
-        raise HTTPException(503, "the engine did not produce a verification report; see the server log")
-    return json.loads(data)
+    if not report.get("verified"):
+        raise HTTPException(503, f"the engine could not verify it: {report.get('error', 'see the server log')}")
+    return report
 
 
 @router.get("/stats")

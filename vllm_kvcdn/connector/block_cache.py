@@ -36,6 +36,11 @@ class PackedBlockCache:
     def capacity_bytes(self) -> int:
         return self.arena.numel() * self.arena.element_size()
 
+    def holds(self, chunk_key: str, hi: int) -> bool:
+        """Whether the chunk's whole blocks [0, hi) are held (no LRU update)."""
+        held = self._slots.get(chunk_key)
+        return held is not None and hi <= held[1]
+
     def get(self, chunk_key: str, lo: int, hi: int) -> list[torch.Tensor] | None:
         """Per-layer images of the chunk's whole blocks [lo, hi); None if not held."""
         held = self._slots.get(chunk_key)

@@ -12,11 +12,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from vllm_kvcdn.compat import kv_geometry, vllm_fingerprint
-from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
+from vllm_kvcdn.connector.worker import KVCDNWorker, WorkerReport
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import open_store
+from vllm_kvcdn.store.latency import LatencyStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -46,6 +48,9 @@ class KVCDNConnector(KVConnectorBase_V1):
             )
         self.fingerprint = vllm_fingerprint(vllm_config, in_worker=role == KVConnectorRole.WORKER)
         store = open_store(self.config.store_url)
+        delay = injected_faults().get("chunk_get_delay_s")
+        if delay:
+            store = LatencyStore(store, float(delay))
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvcdn.connector.scheduler import KVCDNScheduler
@@ -62,8 +67,6 @@ class KVCDNConnector(KVConnectorBase_V1):
                 *(self.fingerprint.fields[k] for k in ("engine", "device", "compile", "kernels")),
             )
         else:
-            from vllm_kvcdn.connector.worker import KVCDNWorker
-
             self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config))
 
     # -- worker side -------------------------------------------------------------
@@ -90,13 +93,18 @@ class KVCDNConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        return None, self._worker.take_finished_loads() or None
+        meta = self._connector_metadata
+        idle = isinstance(meta, KVCDNMetadata) and meta.idle
+        return None, self._worker.take_finished_loads(idle) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
 
     def build_connector_worker_meta(self):
         return self._worker.build_worker_meta() if self._worker else None
+
+    def shutdown(self):
+        (self._worker or self._scheduler).shutdown()
 
     def get_kv_connector_stats(self):
         half = self._worker or self._scheduler
@@ -117,9 +125,9 @@ class KVCDNConnector(KVConnectorBase_V1):
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
-        meta = connector_output.kv_connector_worker_meta
-        if meta is not None and getattr(meta, "req_ids", None):
-            self._scheduler.update_connector_output(meta.req_ids)
+        report = connector_output.kv_connector_worker_meta
+        if isinstance(report, WorkerReport):
+            self._scheduler.update_connector_output(report)
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         return self._scheduler.request_finished(request)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from vllm_kvcdn.chain import ChunkSpan
+
 
 @dataclass
 class ChunkLoad:
@@ -28,13 +30,14 @@ class LoadSpec:
 @dataclass
 class SaveSpec:
     req_id: str
+    doc_id: str  # the document published (its last chunk's key) or verified
     token_ids: list[int]  # the whole document (the request's prompt)
     block_ids: list[int]  # the request's blocks, from position 0
-    chunk_keys: list[tuple[str, str, int]]  # (key, parent, num_tokens), in order
+    spans: list[ChunkSpan] = field(default_factory=list)  # the chunks to write (a verify reads the manifest's)
     title: str = ""
     metadata: dict = field(default_factory=dict)
     salted: bool = False
-    verify: bool = False  # compare with the stored chunks and write a report, instead of publishing
+    verify: bool = False  # compare with the stored chunks instead of publishing
     prefill: dict = field(default_factory=dict)  # how the document was computed (scheduler's _Publishing.prefill)
 
 
@@ -42,3 +45,4 @@ class SaveSpec:
 class KVCDNMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    idle: bool = False  # the step computes nothing: the worker may wait for its background jobs

@@ -18,13 +18,16 @@ from vllm_kvcdn.config import PUBLISH_PARAM
 
 MAX_TITLE_CHARS = 512
 MAX_METADATA_BYTES = 16 * 1024  # JSON; the manifest carries it to every reader
+WAIT_PROMPT = [0]  # the prompt of a wait_for request: one token, nothing to match
 
 
 @dataclass(frozen=True)
 class PublishAsk:
-    """A checked publish (``verify`` is None) or verify (the document id) request."""
+    """A checked publish, verify (``verify``: the document id) or wait for the result of
+    either (``wait_for``: the document id; see ``scheduler`` "Publish results")."""
 
     verify: str | None = None
+    wait_for: str | None = None
     title: str = ""
     metadata: dict = field(default_factory=dict)
 
@@ -71,15 +74,16 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
         return KVCDNParams()
     if not isinstance(params, dict):
         return _reject("malformed", f"kv_transfer_params.{PUBLISH_PARAM} must be a JSON object")
-    publish, verify = params.get("publish", False), params.get("verify")
-    if not publish and verify is None:
+    publish, verify, wait_for = params.get("publish", False), params.get("verify"), params.get("wait_for")
+    if not publish and verify is None and wait_for is None:
         return KVCDNParams()  # nothing asked (e.g. a client echoing back a response's report)
     if publish is not True and publish is not False:
         return _reject("malformed", "'publish' must be true or false")
-    if publish and verify is not None:
-        return _reject("malformed", "ask for 'publish' or 'verify', not both")
-    if verify is not None and not is_chunk_key(verify):
-        return _reject("malformed", "'verify' must be a document id (64 lowercase hex digits)")
+    if sum((bool(publish), verify is not None, wait_for is not None)) > 1:
+        return _reject("malformed", "ask for one of 'publish', 'verify' and 'wait_for'")
+    for name, doc_id in (("verify", verify), ("wait_for", wait_for)):
+        if doc_id is not None and not is_chunk_key(doc_id):
+            return _reject("malformed", f"'{name}' must be a document id (64 lowercase hex digits)")
     title, metadata = params.get("title", ""), params.get("metadata") or {}
     if not isinstance(title, str) or len(title) > MAX_TITLE_CHARS:
         return _reject("malformed", f"'title' must be a string of at most {MAX_TITLE_CHARS} characters")
@@ -92,6 +96,6 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
                                        "(publish with `kvcdn serve`'s side API, or set "
                                        "kv_connector_extra_config.publish_key)")
     if not isinstance(key, str) or not hmac.compare_digest(key.encode(), publish_key.encode()):
-        return _reject("unauthorized", f"publish and verify need the publisher key in "
+        return _reject("unauthorized", f"publish, verify and wait_for need the publisher key in "
                                        f"kv_transfer_params.{PUBLISH_PARAM}.key")
-    return KVCDNParams(ask=PublishAsk(verify=verify, title=title, metadata=metadata))
+    return KVCDNParams(ask=PublishAsk(verify=verify, wait_for=wait_for, title=title, metadata=metadata))

@@ -1,31 +1,46 @@
 """Scheduler half: match prompts against published chunks, plan loads and publishes.
 
-Runs in the scheduler process; does no tensor work.
+Runs in the scheduler process; does no tensor work and no store I/O on the request path
+(the index refreshes itself in a background thread, see ``index``).
+
+Publish results: a publish (or verify) request finishes in the step that ends its
+prefill, before the worker has written (or compared) the document in the background,
+so its response says ``"pending": true``. The worker's result comes back as worker
+metadata (``WorkerReport``); a later request carrying ``{"wait_for": <document id>,
+"key": ...}`` waits in vLLM's queue (``get_num_new_matched_tokens`` answers "ask again")
+until no publish or verify of that document is in flight, then reports its last result.
+The side API and the offline helpers do that second request for their callers.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest
-from vllm_kvcdn.chain import chain_seed, iter_chunks
+from vllm_kvcdn.chain import ChunkSpan, chain_seed, iter_chunks
 from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.params import PublishAsk, parse_params
 from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import ChunkIndex, Match, manifest_object_key, verify_report_key
+from vllm_kvcdn.index import ChunkIndex, Match
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.store import Store, StoreError
+from vllm_kvcdn.store import Store
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
+    from vllm_kvcdn.connector.worker import WorkerReport
+
 logger = get_logger(__name__)
+
+WAIT_LIMIT_S = 600.0  # a wait_for request gives up after this and reports "pending"
+MAX_RESULTS = 4096  # publish/verify results kept for wait_for requests (oldest dropped)
 
 
 @dataclass
@@ -34,7 +49,8 @@ class _Publishing:
 
     ask: PublishAsk
     prompt: list[int]
-    chunk_keys: list[tuple[str, str, int]]  # (key, parent, num_tokens) of each chunk to write
+    doc_id: str | None  # the document written (its last chunk's key) or verified
+    spans: list[ChunkSpan]  # the chunks to write (a verify compares the manifest's)
     salted: bool = False
     block_ids: list[int] = field(default_factory=list)
     planned: bool = False
@@ -53,10 +69,6 @@ class _Publishing:
         """Recompute and compare with the stored chunks instead of writing."""
         return self.ask.verify is not None
 
-    @property
-    def doc_id(self) -> str | None:
-        return self.chunk_keys[-1][0] if self.chunk_keys else None
-
 
 @dataclass
 class _Hit:
@@ -66,64 +78,75 @@ class _Hit:
     failed: bool = False
 
 
+@dataclass
+class _RequestState:
+    """Everything the scheduler half knows about one request."""
+
+    rejected: str | None = None  # why its kvcdn params were ignored
+    publishing: _Publishing | None = None
+    wait_for: str | None = None  # the document whose publish/verify result it waits for
+    arrived: float = field(default_factory=time.monotonic)
+    planned: tuple[Match, int] | None = None  # (match, tokens to hit) until its blocks are allocated
+    hit: _Hit | None = None
+
+
 class KVCDNScheduler:
     def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store):
         self.config = config
         self.fingerprint = fingerprint
-        self.store = store
         self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size)
-        self.index.refresh(force=True)
+        self.index.start_refresher()
         self.stats = KVCDNStats()
         self.gate = PublishGate(config.publish_isolation_s)
         self._held_publishes: list["Request"] = []  # told "ask again" in this scheduling pass
-        self._matches: dict[str, tuple[Match, int]] = {}
+        self._requests: dict[str, _RequestState] = {}
         self._loads: list[LoadSpec] = []
-        self._publishing: dict[str, _Publishing] = {}
-        self._hits: dict[str, _Hit] = {}
-        self._rejected: dict[str, str] = {}  # request id -> why its kvcdn params were ignored
+        self._saving: dict[str, SaveSpec] = {}  # publish/verify request id -> its save, until the worker reports
+        self._results: OrderedDict[str, dict] = OrderedDict()  # document id -> last publish/verify result
+
+    def shutdown(self) -> None:
+        self.index.stop()
+
+    def _state(self, req_id: str) -> _RequestState:
+        return self._requests.setdefault(req_id, _RequestState())
 
     # -- matching -------------------------------------------------------------
 
     def on_new_request(self, request: "Request") -> None:
+        state = self._state(request.request_id)
         parsed = parse_params(request.kv_transfer_params, self.config.publish_key)
         if parsed.rejected:
-            self._rejected[request.request_id] = parsed.rejected
+            state.rejected = parsed.rejected
             self.stats.add_labelled("rejected_params", parsed.reason)
             logger.warning("kvcdn: request %s: kvcdn params ignored: %s", request.request_id, parsed.rejected)
         ask = parsed.ask
         if ask is None:
             self.stats.add("lookups")
             return
+        if ask.wait_for:
+            state.wait_for = ask.wait_for
+            return
         # A publish computes the whole document itself: blocks vLLM's prefix cache holds
         # were computed in other requests' steps and may differ in the last bits.
         request.skip_reading_prefix_cache = True
         prompt = list(request.prompt_token_ids or [])
         if ask.verify:
-            chunk_keys = self._manifest_chunks(ask.verify, prompt)
+            doc_id, spans = ask.verify, []  # the worker compares with the manifest's chunks
         else:
             seed = chain_seed(self.fingerprint.digest, request.cache_salt)
-            chunk_keys = [(s.key, s.parent, s.num_tokens) for s in iter_chunks(prompt, seed, self.config.chunk_size)]
-        self._publishing[request.request_id] = _Publishing(
-            ask=ask, prompt=prompt, chunk_keys=chunk_keys, salted=bool(request.cache_salt),
-        )
+            spans = list(iter_chunks(prompt, seed, self.config.chunk_size))
+            doc_id = spans[-1].key if spans else None
+        state.publishing = _Publishing(ask=ask, prompt=prompt, doc_id=doc_id, spans=spans,
+                                       salted=bool(request.cache_salt))
 
-    def _manifest_chunks(self, doc_id: str, prompt: list[int]) -> list[tuple[str, str, int]]:
-        """Chunks of a published document, to verify against a recompute of ``prompt``."""
-        try:
-            data = self.store.get(manifest_object_key(doc_id))
-            manifest = Manifest.from_json(data) if data is not None else None
-        except (ArtifactError, StoreError) as e:
-            logger.warning("kvcdn: cannot read the manifest of %s: %s", doc_id[:16], e)
-            manifest = None
-        if manifest is None or manifest.num_tokens != len(prompt) or manifest.fingerprint != self.fingerprint.digest:
-            logger.warning("kvcdn: cannot verify %s: not published for this model, or other tokens", doc_id[:16])
-            return []
-        return [(c.key, c.parent, c.num_tokens) for c in manifest.chunks]
+    def _in_flight(self, doc_id: str) -> bool:
+        return any(save.doc_id == doc_id for save in self._saving.values())
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
         prompt = request.prompt_token_ids or []
-        if req_id in self._publishing:  # computes its own KV, alone (see publish_gate)
+        state = self._state(req_id)
+        if state.publishing is not None:  # computes its own KV, alone (see publish_gate)
             if self.gate.may_admit_publish(req_id):
                 return 0, False
             # vLLM 0.32 turns any answer into 0 for a request that skips reading the prefix
@@ -132,20 +155,22 @@ class KVCDNScheduler:
             request.skip_reading_prefix_cache = False
             self._held_publishes.append(request)
             return None, False
+        if state.wait_for is not None:
+            if self._in_flight(state.wait_for) and time.monotonic() - state.arrived < WAIT_LIMIT_S:
+                return None, False  # its result is not back yet: ask again next step
+            return 0, False
         if not self.gate.may_admit(req_id):
             return None, False  # a publish runs alone right now: ask again next step
         if len(prompt) < 2:  # vLLM needs the last prompt token computed
             return 0, False
-        previous = self._hits.get(req_id)
-        if previous is not None and previous.failed:
+        if state.hit is not None and state.hit.failed:
             return 0, False  # its load failed: recompute, never retry the same chunks
-        self.index.refresh()
         match = self.index.match(prompt, request.cache_salt)
         hit = min(match.num_tokens, len(prompt) - 1)
         if hit <= num_computed_tokens:
-            self._matches.pop(req_id, None)
+            state.planned = None
             return 0, False
-        self._matches[req_id] = (match, hit)
+        state.planned = (match, hit)
         # Asynchronous, so vLLM registers the loaded blocks in its prefix cache only after
         # the worker reports the load finished, and only the blocks before the first one
         # that failed: a failed load, even of a request aborted before its recompute,
@@ -155,8 +180,9 @@ class KVCDNScheduler:
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         req_id = request.request_id
-        self.gate.on_admitted(req_id, publish=req_id in self._publishing)
-        planned = self._matches.pop(req_id, None)
+        state = self._state(req_id)
+        self.gate.on_admitted(req_id, publish=state.publishing is not None)
+        planned, state.planned = state.planned, None
         if num_external_tokens == 0 or planned is None:
             return
         match, hit = planned
@@ -176,7 +202,7 @@ class KVCDNScheduler:
         ]
         block_ids = list(blocks.get_block_ids()[0])
         self._loads.append(LoadSpec(req_id=req_id, block_ids=block_ids, chunks=chunks))
-        self._hits[req_id] = _Hit(match.doc_id, hit, num_external_tokens)
+        state.hit = _Hit(match.doc_id, hit, num_external_tokens)
         self.stats.add("matched_requests")
         self.stats.add("matched_tokens", num_external_tokens)
         if match.doc_id:
@@ -192,77 +218,90 @@ class KVCDNScheduler:
         for request in self._held_publishes:
             request.skip_reading_prefix_cache = True
         self._held_publishes = []
-        meta = KVCDNMetadata(loads=self._loads)
+        meta = KVCDNMetadata(loads=self._loads, idle=not scheduler_output.total_num_scheduled_tokens)
         self._loads = []
-        if self._publishing:
-            meta.saves = self._plan_publishes(scheduler_output)
+        meta.saves = self._plan_publishes(scheduler_output)
         return meta
+
+    def _publishing(self, req_id: str) -> _Publishing | None:
+        state = self._requests.get(req_id)
+        return state.publishing if state is not None else None
 
     def _plan_publishes(self, out: "SchedulerOutput") -> list[SaveSpec]:
         """Follow publish requests' blocks; emit a save in the step that ends their prefill."""
-        progress: list[tuple[str, int]] = []
+        progress: list[tuple[_Publishing, str, int]] = []
         for new_req in out.scheduled_new_reqs:
-            state = self._publishing.get(new_req.req_id)
-            if state is not None:
-                state.block_ids = list(new_req.block_ids[0])
-                progress.append((new_req.req_id, new_req.num_computed_tokens))
+            pub = self._publishing(new_req.req_id)
+            if pub is not None:
+                pub.block_ids = list(new_req.block_ids[0])
+                progress.append((pub, new_req.req_id, new_req.num_computed_tokens))
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            state = self._publishing.get(req_id)
-            if state is None or state.planned:
+            pub = self._publishing(req_id)
+            if pub is None or pub.planned:
                 continue
             new_ids = cached.new_block_ids[i]
             if new_ids is not None:
                 if req_id in cached.resumed_req_ids:
-                    state.block_ids = list(new_ids[0])
+                    pub.block_ids = list(new_ids[0])
                 else:
-                    state.block_ids.extend(new_ids[0])
-            progress.append((req_id, cached.num_computed_tokens[i]))
+                    pub.block_ids.extend(new_ids[0])
+            progress.append((pub, req_id, cached.num_computed_tokens[i]))
         saves = []
-        for req_id, computed in progress:
-            state = self._publishing[req_id]
+        for pub, req_id, computed in progress:
             scheduled = out.num_scheduled_tokens.get(req_id, 0)
-            if state.planned or not scheduled:
+            if pub.planned or not scheduled:
                 continue
-            state.steps.append([computed, scheduled, len(out.num_scheduled_tokens)])
-            if computed + scheduled < len(state.prompt):
+            pub.steps.append([computed, scheduled, len(out.num_scheduled_tokens)])
+            if computed + scheduled < len(pub.prompt):
                 continue
-            state.planned = True
+            pub.planned = True
             self.gate.on_prefill_done(req_id)
-            if not state.chunk_keys:
+            if not pub.doc_id:
                 continue
-            saves.append(
-                SaveSpec(
-                    req_id=req_id,
-                    token_ids=state.prompt,
-                    block_ids=list(state.block_ids),
-                    chunk_keys=state.chunk_keys,
-                    title=state.ask.title,
-                    metadata=dict(state.ask.metadata),
-                    salted=state.salted,
-                    verify=state.verify,
-                    prefill=state.prefill,
-                )
+            save = SaveSpec(
+                req_id=req_id,
+                doc_id=pub.doc_id,
+                token_ids=pub.prompt,
+                block_ids=list(pub.block_ids),
+                spans=pub.spans,
+                title=pub.ask.title,
+                metadata=dict(pub.ask.metadata),
+                salted=pub.salted,
+                verify=pub.verify,
+                prefill=pub.prefill,
             )
+            self._saving[req_id] = save
+            self._results.pop(pub.doc_id, None)  # a wait_for now waits for this one
+            saves.append(save)
         return saves
 
-    def update_connector_output(self, failed_req_ids: set[str]) -> None:
-        for req_id in failed_req_ids:
-            hit = self._hits.get(req_id)
-            if hit is not None:
-                hit.failed = True
+    def update_connector_output(self, report: "WorkerReport") -> None:
+        for req_id in report.failed_loads:
+            state = self._requests.get(req_id)
+            if state is not None and state.hit is not None:
+                state.hit.failed = True
+        for req_id, result in report.documents.items():
+            save = self._saving.pop(req_id, None)
+            if save is None:
+                continue
+            if result.get("published"):
+                self.index.add(save.doc_id, save.spans)  # hits from now on, before any refresh
+            self._results[save.doc_id] = result
+            while len(self._results) > MAX_RESULTS:
+                self._results.popitem(last=False)
 
     # -- finish -------------------------------------------------------------------
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self.gate.on_finished(req_id)
-        self._matches.pop(req_id, None)
-        rejected = self._rejected.pop(req_id, None)
-        state = self._publishing.pop(req_id, None)
-        hit = self._hits.pop(req_id, None)
-        if state is not None:
-            report = self._publish_report(state)
+        state = self._requests.pop(req_id, None) or _RequestState()
+        hit = state.hit
+        if state.publishing is not None:
+            report = self._publish_report(req_id, state.publishing)
+        elif state.wait_for is not None:
+            report = self._wait_report(state.wait_for)
         elif hit is None:
             report = {"hit": False, "loaded_tokens": 0}
         else:
@@ -273,18 +312,27 @@ class KVCDNScheduler:
                 "loaded_tokens": 0 if hit.failed else hit.loaded_tokens,
                 **({"error": "load failed; tokens were recomputed"} if hit.failed else {}),
             }
-        if rejected:
-            report["rejected"] = rejected
+        if state.rejected:
+            report["rejected"] = state.rejected
         return False, {PUBLISH_PARAM: report}
 
-    def _publish_report(self, state: _Publishing) -> dict:
-        doc_id = state.doc_id
-        key = verify_report_key(doc_id) if state.verify else manifest_object_key(doc_id)
-        return {
-            "verified" if state.verify else "published": bool(doc_id) and self.store.contains(key),
-            "document": doc_id,
-            "num_tokens": len(state.prompt),
-            "num_chunks": len(state.chunk_keys),
+    def _publish_report(self, req_id: str, pub: _Publishing) -> dict:
+        report = {
+            "document": pub.doc_id,
+            "num_tokens": len(pub.prompt),
             "fingerprint": self.fingerprint.digest,
-            "prefill": state.prefill,
+            "prefill": pub.prefill,
+            **({} if pub.verify else {"num_chunks": len(pub.spans)}),
         }
+        if req_id in self._saving:
+            return {**report, "pending": True}  # written in the background: wait_for it
+        return {**report, "verified" if pub.verify else "published": False,
+                "error": "the prefill did not complete"}
+
+    def _wait_report(self, doc_id: str) -> dict:
+        if self._in_flight(doc_id):
+            return {"document": doc_id, "pending": True}
+        result = self._results.get(doc_id)
+        if result is None:
+            return {"document": doc_id, "error": "no publish or verify of this document is known to this engine"}
+        return dict(result)

@@ -27,8 +27,11 @@ COUNTERS = {
 # Labelled counters: data[name] = {label value: count}.
 LABELLED = {"failures": "reason", "document_reads": "document", "rejected_params": "reason"}
 # Observations (one per request): data[name] = [values].
-OBSERVED = {"load_duration_seconds": "Time the worker spent loading one request's chunks (read, verify, copy)"}
-LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+OBSERVED = {
+    "load_duration_seconds": "Time one request's load took in the background (read, verify, copy)",
+    "publish_duration_seconds": "Time one published document's encode and write took in the background",
+}
+LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
 class KVCDNStats(KVConnectorStats):

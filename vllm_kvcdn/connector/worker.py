@@ -1,50 +1,78 @@
 """Worker half: copy verified chunks into the paged KV cache; save published prompts.
 
-Loads are asynchronous in vLLM's sense: the request waits (``WAITING_FOR_REMOTE_KVS``)
-until ``take_finished_loads`` reports it, and only then does vLLM register its blocks in
-the prefix cache. A chunk that is missing, truncated, corrupt or made under another
-fingerprint is never written: its blocks are reported through vLLM's load-error
-channel, vLLM caches only the blocks before them and recomputes the rest
-(``kv_load_failure_policy="recompute"``).
+Nothing here holds the engine step for store I/O (``async_io``, the default):
+- Loads are asynchronous in vLLM's sense: the request waits (``WAITING_FOR_REMOTE_KVS``)
+  while a background job reads its chunks (in parallel), verifies, decodes and writes
+  them into the request's blocks; ``get_finished`` reports it once the job has ended, and
+  only then does vLLM register its blocks in the prefix cache. Writing from the job is
+  safe: those blocks belong to the waiting request alone, and vLLM keeps them even when
+  the request is aborted until we report it finished (``scheduler.finish_requests``
+  delays the free of a ``WAITING_FOR_REMOTE_KVS`` request, vLLM 0.32).
+- A chunk that is missing, truncated, corrupt or made under another fingerprint is never
+  written: its blocks are reported through vLLM's load-error channel, vLLM caches only
+  the blocks before them and recomputes the rest (``kv_load_failure_policy="recompute"``).
+- A publish copies the document's KV out of the paged cache in the step that ends its
+  prefill (a memory copy: the blocks may be reused right after), then encodes, checks
+  and writes it in the background. Its result (or a verify's verdict) goes back to the
+  scheduler as worker metadata (``WorkerReport``), never through the store.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 
-from vllm_kvcdn.artifact import ArtifactError, Manifest, ManifestChunk, decode_chunk, encode_chunk
-from vllm_kvcdn.catalog import keep_or_put_chunk
-from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import ArtifactError
+from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
+from vllm_kvcdn.connector.jobs import Outbox, pool
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
-from vllm_kvcdn.connector.metadata import KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.documents import DocumentKV, compare_document, read_chunk, write_document
 from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import chunk_object_key, manifest_object_key, verify_report_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)
 
+IDLE_WAIT_S = 0.005  # longest an idle step waits for a background job to end
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 @dataclass
-class FailedLoads(KVConnectorWorkerMetadata):
-    """Requests whose load failed this step (so their responses do not claim a hit)."""
+class WorkerReport(KVConnectorWorkerMetadata):
+    """What the worker tells the scheduler after a step."""
 
-    req_ids: set[str] = field(default_factory=set)
+    failed_loads: set[str] = field(default_factory=set)  # their responses must not claim a hit
+    documents: dict[str, dict] = field(default_factory=dict)  # publish/verify request id -> result
 
-    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "FailedLoads":
-        if isinstance(other, FailedLoads):
-            self.req_ids |= other.req_ids
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorkerReport":
+        if isinstance(other, WorkerReport):
+            self.failed_loads |= other.failed_loads
+            self.documents.update(other.documents)
         return self
+
+
+@dataclass
+class _LoadOutcome:
+    req_id: str
+    failed_blocks: set[int] = field(default_factory=set)
+    stats: KVCDNStats = field(default_factory=KVCDNStats)
+
+
+@dataclass
+class _DocumentOutcome:
+    req_id: str
+    result: dict
+    stats: KVCDNStats = field(default_factory=KVCDNStats)
 
 
 @dataclass(frozen=True)
@@ -74,10 +102,17 @@ class KVCDNWorker:
         self.stats = KVCDNStats()
         self.caches: list[torch.Tensor] = []
         self.layout: PagedKVLayout | None = None
-        self._failed_blocks: set[int] = set()
-        self._failed_reqs: set[str] = set()
-        self._finished_loads: set[str] = set()  # loads done (or failed) since vLLM last asked
         self.ram: PackedBlockCache | None = None
+        self._ram_lock = threading.Lock()  # the RAM tier is shared by concurrent load jobs
+        inline = not config.async_io
+        self._reads = pool(config.io_threads, "kvcdn-read", inline=inline)  # chunk reads, in parallel
+        self._loads = pool(2, "kvcdn-load", inline=inline)  # one job per loading request
+        self._writes = pool(1, "kvcdn-publish", inline=inline)  # publishes, one at a time
+        self._outbox = Outbox()
+        self._failed_blocks: set[int] = set()
+        self._report = WorkerReport()
+        self._finished_loads: set[str] = set()  # loads ended (failed or not) since vLLM last asked
+        self._skip_partial_tail = "skip_partial_tail" in injected_faults()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         def layer_index(name: str) -> int:
@@ -103,8 +138,9 @@ class KVCDNWorker:
             self.ram = PackedBlockCache(ram_bytes, self.caches, self.layout.block_dim,
                                         self.config.chunk_size // g.block_size)
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB",
+            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s I/O (%d read threads)",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
+            "background" if self.config.async_io else "in-step", self.config.io_threads,
         )
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -112,84 +148,142 @@ class KVCDNWorker:
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.geometry.block_size]
         return blocks * self.geometry.block_size + positions % self.geometry.block_size
 
-    # -- loading ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        for executor in (self._reads, self._loads):
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._writes.shutdown(wait=True)  # a publish under way finishes: its manifest is written last
+
+    # -- per step ----------------------------------------------------------------
 
     def start_load_kv(self, meta: KVCDNMetadata) -> None:
         for spec in meta.loads:
-            self._load_request(spec)
-            self._finished_loads.add(spec.req_id)
+            self._submit_load(spec)
 
-    def take_finished_loads(self) -> set[str]:
+    def wait_for_save(self, meta: KVCDNMetadata) -> None:
+        for spec in meta.saves:
+            self._submit_save(spec)
+
+    def collect(self, idle: bool = False) -> None:
+        """Take the outcomes of jobs that ended since the last step; in a step that
+        computed nothing, wait a little for one (vLLM steps again at once otherwise)."""
+        for outcome in self._outbox.take(IDLE_WAIT_S if idle else 0.0):
+            self.stats.aggregate(outcome.stats)
+            if isinstance(outcome, _LoadOutcome):
+                self._finished_loads.add(outcome.req_id)
+                if outcome.failed_blocks:
+                    self._failed_blocks |= outcome.failed_blocks
+                    self._report.failed_loads.add(outcome.req_id)
+            else:
+                self._report.documents[outcome.req_id] = outcome.result
+
+    def take_finished_loads(self, idle: bool = False) -> set[str]:
         """Requests whose load ended, failed or not (vLLM's ``finished_recving``); a failed
-        one's blocks were reported through ``get_block_ids_with_load_errors`` already."""
+        one's blocks go out through ``get_block_ids_with_load_errors`` in the same pass."""
+        self.collect(idle)
         done, self._finished_loads = self._finished_loads, set()
         return done
 
-    def _load_request(self, spec: LoadSpec) -> None:
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def build_worker_meta(self) -> WorkerReport | None:
+        if not self._report.failed_loads and not self._report.documents:
+            return None
+        report, self._report = self._report, WorkerReport()
+        return report
+
+    # -- loading (a background job per request) ------------------------------------
+
+    def _submit_load(self, spec: LoadSpec) -> None:
+        def on_error(e: BaseException) -> _LoadOutcome:
+            logger.error("kvcdn: load job for request %s failed: %r", spec.req_id, e)
+            outcome = _LoadOutcome(spec.req_id)
+            self._fail(outcome, spec, spec.chunks, "error", repr(e))
+            return outcome
+
+        self._outbox.run(self._loads, lambda: self._load_request(spec), on_error)
+
+    def _load_request(self, spec: LoadSpec) -> _LoadOutcome:
         started = time.perf_counter()
+        outcome = _LoadOutcome(spec.req_id)
+        # Start every file read now, in parallel; write chunks in order as they arrive.
+        reads = [self._reads.submit(self._read_chunk, chunk) if self._needs_file(chunk) else None
+                 for chunk in spec.chunks]
         loaded_tokens = 0
         for n, chunk in enumerate(spec.chunks):
             try:
-                self._load_chunk(spec, chunk)
+                self._write_chunk(spec, chunk, reads[n], outcome.stats)
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else "store_error"
-                self._fail(spec, spec.chunks[n:], reason, str(e))
+                self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
                 break
             except Exception as e:  # never take the engine down: recompute instead
                 logger.exception("kvcdn: unexpected error loading chunk %s", chunk.key[:16])
-                self._fail(spec, spec.chunks[n:], "error", repr(e))
+                self._fail(outcome, spec, spec.chunks[n:], "error", repr(e))
                 break
             loaded_tokens += chunk.write_to - chunk.write_from
-        self.stats.add("loaded_tokens", loaded_tokens)
-        self.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
-        self.stats.observe("load_duration_seconds", time.perf_counter() - started)
+        for read in reads:
+            if read is not None:
+                read.cancel()  # those not started yet after a failure
+        outcome.stats.add("loaded_tokens", loaded_tokens)
+        outcome.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
+        outcome.stats.observe("load_duration_seconds", time.perf_counter() - started)
+        return outcome
 
-    def _load_chunk(self, spec: LoadSpec, chunk) -> None:
+    def _whole_blocks(self, chunk: ChunkLoad) -> tuple[int, int]:
+        """Prompt positions [first, last) of the chunk's whole blocks inside its write range."""
+        bs = self.geometry.block_size
+        return -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
+
+    def _needs_file(self, chunk: ChunkLoad) -> bool:
+        first, last = self._whole_blocks(chunk)
+        if self.ram is None or first >= last or first > chunk.write_from or last < chunk.write_to:
+            return True
+        bs = self.geometry.block_size
+        return not self.ram.holds(chunk.key, (last - chunk.start) // bs)
+
+    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read, stats: KVCDNStats) -> None:
         """Write the chunk's tokens [write_from, write_to) into the request's slots: whole
         blocks from the RAM tier when it holds them, everything else from the verified file."""
-        if self.config.debug_skip_partial_tail and chunk.is_tail:
-            return  # fault injection for tests: claim the tail, leave its slots stale
+        if self._skip_partial_tail and chunk.is_tail:
+            return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
         bs = self.geometry.block_size
-        # Whole blocks of this chunk inside the write range (chunks start on block edges).
-        first, last = -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
-        lo, hi = (first - chunk.start) // bs, (last - chunk.start) // bs
-        image = self.ram.get(chunk.key, lo, hi) if self.ram is not None and first < last else None
+        first, last = self._whole_blocks(chunk)
         todo = [(chunk.write_from, chunk.write_to)]
-        if image is not None:
-            ids = self._block_ids(spec, first, last)
-            for cache, layer_image in zip(self.caches, image):
-                self.layout.write_blocks(cache, ids, layer_image)
-            todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
-            self.stats.add("ram_tier_hits")
+        if self.ram is not None and first < last:
+            with self._ram_lock:  # an eviction must not reuse the slot while we copy from it
+                image = self.ram.get(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs)
+                if image is not None:
+                    ids = self._block_ids(spec, first, last)
+                    for cache, layer_image in zip(self.caches, image):
+                        self.layout.write_blocks(cache, ids, layer_image)
+            if image is not None:
+                todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
+                stats.add("ram_tier_hits")
         if not todo:
             return
-        kv = self._read_chunk(chunk)
+        if read is None:  # the RAM tier lost it meanwhile
+            read = self._reads.submit(self._read_chunk, chunk)
+        kv, nbytes = read.result()
+        stats.add("store_read_bytes", nbytes)
         for start, end in todo:
             slots = self._slots(spec.block_ids, start, end)
             a, b = start - chunk.start, end - chunk.start
             for cache, k, v in zip(self.caches, kv.keys, kv.values):
                 self.layout.write(cache, k[a:b], v[a:b], slots)
         whole_end = chunk.start + chunk.num_tokens // bs * bs
-        if self.ram is not None and image is None and chunk.write_from == chunk.start and whole_end > chunk.start \
-                and chunk.write_to >= whole_end:
-            self.ram.put(chunk.key, self.caches, self._block_ids(spec, chunk.start, whole_end))
+        if self.ram is not None and todo == [(chunk.write_from, chunk.write_to)] and chunk.write_from == chunk.start \
+                and whole_end > chunk.start and chunk.write_to >= whole_end:
+            with self._ram_lock:
+                self.ram.put(chunk.key, self.caches, self._block_ids(spec, chunk.start, whole_end))
 
-    def _read_chunk(self, chunk):
+    def _read_chunk(self, chunk: ChunkLoad):
         g = self.geometry
-        data = self.store.get(chunk_object_key(chunk.key))
-        if data is None:
-            raise ArtifactError("missing", f"chunk {chunk.key[:16]} is not in {self.store.url}")
-        self.stats.add("store_read_bytes", len(data))
-        return decode_chunk(
-            data,
-            key=chunk.key,
-            fingerprint=self.fingerprint.digest,
-            dtype=g.kv_dtype,
-            num_layers=len(self.caches),
-            num_kv_heads=g.num_kv_heads,
-            head_dim=g.head_dim,
-            tokens=chunk.tokens,
-            verify=self.config.verify_checksums,
+        return read_chunk(
+            self.store, chunk.key, fingerprint=self.fingerprint.digest, dtype=g.kv_dtype,
+            num_layers=len(self.caches), num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
+            tokens=chunk.tokens, verify=self.config.verify_checksums,
         )
 
     def _block_ids(self, spec: LoadSpec, start: int, end: int) -> torch.Tensor:
@@ -197,97 +291,75 @@ class KVCDNWorker:
         bs = self.geometry.block_size
         return torch.tensor(spec.block_ids[start // bs : end // bs], dtype=torch.long)
 
-    def _fail(self, spec: LoadSpec, chunks, reason: str, message: str) -> None:
+    def _fail(self, outcome: _LoadOutcome, spec: LoadSpec, chunks, reason: str, message: str) -> None:
         """Report every block from the failed chunk on: vLLM recomputes them."""
         bs = self.geometry.block_size
         for chunk in chunks:
             first, last = chunk.write_from // bs, (chunk.write_to - 1) // bs
-            self._failed_blocks.update(spec.block_ids[first : last + 1])
-        self._failed_reqs.add(spec.req_id)
-        self.stats.fail(reason)
+            outcome.failed_blocks.update(spec.block_ids[first : last + 1])
+        outcome.stats.fail(reason)
         logger.warning("kvcdn: load miss for request %s (%s): %s; recomputing", spec.req_id, reason, message)
 
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
-        return failed
+    # -- publishing and verifying (copied out in the step, written in the background) ----
 
-    def build_worker_meta(self) -> FailedLoads | None:
-        if not self._failed_reqs:
-            return None
-        failed, self._failed_reqs = self._failed_reqs, set()
-        return FailedLoads(req_ids=failed)
+    def _submit_save(self, spec: SaveSpec) -> None:
+        try:
+            slots = self._slots(spec.block_ids, 0, len(spec.token_ids))
+            kv = [self.layout.read(cache, slots) for cache in self.caches]  # a copy: blocks may be reused next
+        except Exception as e:
+            logger.exception("kvcdn: could not copy request %s out of the KV cache", spec.req_id)
+            self.stats.fail("publish_error")
+            self._report.documents[spec.req_id] = _failed_result(spec, repr(e))
+            return
 
-    # -- publishing --------------------------------------------------------------
+        def on_error(e: BaseException) -> _DocumentOutcome:
+            logger.error("kvcdn: %s of request %s failed: %r", "verify" if spec.verify else "publish",
+                         spec.req_id, e)
+            outcome = _DocumentOutcome(spec.req_id, _failed_result(spec, repr(e)))
+            outcome.stats.fail("publish_error")
+            return outcome
 
-    def wait_for_save(self, meta: KVCDNMetadata) -> None:
-        for spec in meta.saves:
-            try:
-                self._save_document(spec)
-            except Exception as e:  # a failed publish is logged and counted; serving goes on
-                self.stats.fail("publish_error")
-                logger.exception("kvcdn: publishing request %s failed: %s", spec.req_id, e)
+        job = (lambda: self._verify_document(spec, kv)) if spec.verify else (lambda: self._write_document(spec, kv))
+        self._outbox.run(self._writes, job, on_error)
 
-    def _encode_chunks(self, spec: SaveSpec):
-        """Read the request's KV out of the paged cache; yield (key, parent, n, bytes, header)."""
-        slots = self._slots(spec.block_ids, 0, len(spec.token_ids))
-        per_layer = [self.layout.read(cache, slots) for cache in self.caches]
-        start = 0
-        for key, parent, n in spec.chunk_keys:
-            keys = [k[start : start + n].contiguous() for k, _ in per_layer]
-            values = [v[start : start + n].contiguous() for _, v in per_layer]
-            tokens = spec.token_ids[start : start + n]
-            data, header = encode_chunk(key, parent, self.fingerprint.digest, tokens, keys, values)
-            yield key, parent, n, data, header
-            start += n
-
-    def _verify_document(self, spec: SaveSpec) -> None:
-        """Compare a fresh prefill with the stored chunks, byte for byte; store the report."""
-        results = []
-        for key, _, n, data, _ in self._encode_chunks(spec):
-            stored = self.store.get(chunk_object_key(key))
-            status = "missing" if stored is None else "identical" if bytes(stored) == data else "differs"
-            results.append({"key": key, "num_tokens": n, "status": status})
-        doc_id = spec.chunk_keys[-1][0]
-        report = {"document": doc_id, "identical": all(r["status"] == "identical" for r in results),
-                  "chunks": results, "checked_at": time.time(), "fingerprint": self.fingerprint.digest}
-        self.store.put(verify_report_key(doc_id), json.dumps(report, indent=1).encode())
-        logger.info("kvcdn: verified %s: %s", doc_id[:16], "identical" if report["identical"] else "DIFFERS")
-
-    def _save_document(self, spec: SaveSpec) -> None:
-        if spec.verify:
-            return self._verify_document(spec)
-        started = time.perf_counter()
-        chunks, new_bytes, new_chunks = [], 0, 0
-        start = 0
-        for key, parent, n, data, header in self._encode_chunks(spec):
-            entry, written = keep_or_put_chunk(self.store, ManifestChunk(key, parent, n, len(data), header.checksum),
-                                               data, self.fingerprint.digest, spec.token_ids[start : start + n])
-            new_bytes += len(data) if written else 0
-            new_chunks += written
-            chunks.append(entry)
-            start += n
-        doc_id = spec.chunk_keys[-1][0]
-        manifest = Manifest(
-            doc_id=doc_id,
-            fingerprint=self.fingerprint.digest,
-            num_tokens=len(spec.token_ids),
-            chunk_size=self.config.chunk_size,
-            chunks=chunks,
-            profile=self.fingerprint.fields,
-            salted=spec.salted,
-            created=time.time(),
-            producer={**_producer(), "prefill": spec.prefill},
-            title=spec.title,
+    def _write_document(self, spec: SaveSpec, kv: DocumentKV) -> _DocumentOutcome:
+        written = write_document(
+            self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv, fingerprint=self.fingerprint.digest,
+            profile=self.fingerprint.fields, chunk_size=self.config.chunk_size,
+            producer={**_producer(), "prefill": spec.prefill}, salted=spec.salted, title=spec.title,
             metadata=spec.metadata,
         )
-        self.store.put(manifest_object_key(doc_id), manifest.to_json())  # last: never dangling
-        self.stats.add("published_documents")
-        self.stats.add("published_chunks", new_chunks)
-        self.stats.add("published_bytes", new_bytes)
+        m = written.manifest
+        outcome = _DocumentOutcome(spec.req_id, {
+            "published": True, "document": m.doc_id, "num_tokens": m.num_tokens, "num_chunks": len(m.chunks),
+            "new_chunks": written.new_chunks, "new_bytes": written.new_bytes,
+            "write_seconds": round(written.seconds, 4), "prefill": spec.prefill,
+        })
+        outcome.stats.add("published_documents")
+        outcome.stats.add("published_chunks", written.new_chunks)
+        outcome.stats.add("published_bytes", written.new_bytes)
+        outcome.stats.observe("publish_duration_seconds", written.seconds)
         logger.info(
             "kvcdn: published document %s: %d tokens, %d chunks (%d new, %d bytes) in %.3fs",
-            doc_id[:16], len(spec.token_ids), len(chunks), new_chunks, new_bytes, time.perf_counter() - started,
+            m.doc_id[:16], m.num_tokens, len(m.chunks), written.new_chunks, written.new_bytes, written.seconds,
         )
+        return outcome
+
+    def _verify_document(self, spec: SaveSpec, kv: DocumentKV) -> _DocumentOutcome:
+        """Compare a fresh prefill with the stored chunks, byte for byte."""
+        manifest = catalog.get_manifest(self.store, spec.doc_id)
+        if manifest is None or manifest.num_tokens != len(spec.token_ids) \
+                or manifest.fingerprint != self.fingerprint.digest:
+            why = "not published for this model, or published from other tokens"
+            return _DocumentOutcome(spec.req_id, _failed_result(spec, f"cannot verify {spec.doc_id[:16]}: {why}"))
+        verdict = compare_document(self.store, manifest, spec.token_ids, kv)
+        logger.info("kvcdn: verified %s: %s", spec.doc_id[:16], "identical" if verdict["identical"] else "DIFFERS")
+        return _DocumentOutcome(spec.req_id, {"verified": True, **verdict, "prefill": spec.prefill})
+
+
+def _failed_result(spec: SaveSpec, error: str) -> dict:
+    return {"verified" if spec.verify else "published": False, "document": spec.doc_id, "error": error,
+            "prefill": spec.prefill}
 
 
 def _producer() -> dict:

@@ -1,0 +1,252 @@
+"""Does store I/O stall the engine? In-step (``async_io: false``) vs background I/O, side by side.
+
+One run, one engine per mode, alternating: the engine core runs in this process and is
+stepped by the script, which stamps every token as it appears. vLLM's prefix caching is
+off (every hit comes through kvcdn) and publishes share steps (``publish_isolation_s: 0``)
+so both modes see the same batches. The store is a local directory behind a wrapper that
+sleeps ``--get-delay-s`` before each chunk read (``store/latency.py``: a remote store's
+round trip). Phases, each with N requests decoding throughout:
+
+- ``decode``: nothing else (no store I/O): the decoders' inter-token latency (ITL);
+- ``load``: a request hitting a published L-token document arrives: ITL until its first
+  token, and its TTFT;
+- ``compute``: an L-token document arrives as a plain request (the publish's compute, no
+  write): ITL until its first token;
+- ``publish``: the same document published: ITL until its result is back.
+
+Then, alone and from local files (no delay): a hit's TTFT at each ``--ttft-lengths``.
+
+    python benchmarks/async_io.py [--shape kv-0.6b] [--doc-tokens 2048] [--decoders 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+MODES = {"in-step": False, "background": True}
+
+
+VOCAB = 500  # token ids drawn from [3, VOCAB): inside every shape's vocabulary
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+class Stepper:
+    """Steps an in-process engine and stamps each request's tokens."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stamps: dict[str, list[float]] = {}
+        self.reports: dict[str, dict] = {}
+        self.done: set[str] = set()
+        self.internal: dict[str, str] = {}
+        self._n = 0
+
+    def add(self, prompt_ids: list[int], ignore_eos: bool = False, **kw) -> str:
+        from vllm_kvcdn.offline import request
+
+        self._n += 1
+        req_id = f"r{self._n}"
+        prompt, params = request(prompt_ids, **kw)
+        params.ignore_eos = ignore_eos  # decoders of a random model must not stop early
+        self.stamps[req_id] = [time.perf_counter()]  # arrival, then one stamp per token
+        self.internal[req_id] = self.engine.add_request(req_id, prompt, params)  # vLLM adds a suffix
+        return req_id
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            stamps = self.stamps[out.request_id]
+            while len(stamps) - 1 < len(out.outputs[0].token_ids):
+                stamps.append(time.perf_counter())
+            if out.finished:
+                self.done.add(out.request_id)
+                self.reports[out.request_id] = (out.kv_transfer_params or {}).get("kvcdn", {})
+
+    def until(self, predicate, timeout_s: float = 900) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError("benchmark phase did not finish")
+            self.step()
+
+    def first_token(self, req_id: str) -> bool:
+        return len(self.stamps[req_id]) > 1
+
+    def gaps(self, req_ids: list[str], start: float, end: float) -> list[float]:
+        """Inter-token gaps of ``req_ids`` whose later token fell in [start, end]."""
+        out = []
+        for r in req_ids:
+            s = self.stamps[r][1:]
+            out += [b - a for a, b in zip(s, s[1:]) if start <= b <= end]
+        return out
+
+    def abort(self, req_ids: list[str]) -> None:
+        self.engine.abort_request([self.internal[r] for r in req_ids], internal=True)
+        while self.engine.has_unfinished_requests():
+            self.step()
+
+
+def _p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else float("nan")
+
+
+def child(spec: dict) -> dict:
+    """One engine in one mode: the phases, ``repeats`` times, then the TTFT sweep."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm_kvcdn.offline import generate, make_llm
+
+    llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False,
+                   max_model_len=spec["max_model_len"], max_num_batched_tokens=spec["max_model_len"],
+                   extra_config={"async_io": spec["async_io"], "publish_isolation_s": 0})
+    for doc in spec["setup_docs"] if spec["phases"] else [p[: n] for n, p in spec["ttft_prompts"]]:
+        assert generate(llm, doc, publish=True).kvcdn.get("published"), "setup publish failed"
+    st = Stepper(llm.llm_engine)
+    rows, ttft = [], []
+    for rep in range(spec["repeats"] if spec["phases"] else 0):
+        for phase in ("decode", "load", "compute", "publish"):
+            decoders = [st.add(_tokens(16, 1000 * rep + i), max_tokens=spec["max_model_len"] - 32, ignore_eos=True)
+                        for i in range(spec["decoders"])]
+            st.until(lambda: all(len(st.stamps[d]) > 4 for d in decoders))  # steady decode
+            start = time.perf_counter()
+            row = {"phase": phase, "repeat": rep}
+            if phase == "decode":
+                st.until(lambda: len(st.stamps[decoders[0]]) > 40)
+            elif phase == "load":
+                hit = st.add(spec["hit_prompt"], max_tokens=1)
+                st.until(lambda: st.first_token(hit))
+                row["ttft_s"] = st.stamps[hit][1] - st.stamps[hit][0]
+                row["loaded"] = st.reports.get(hit, {}).get("loaded_tokens")
+            elif phase == "compute":
+                plain = st.add(spec["publish_docs"][rep], max_tokens=1)
+                st.until(lambda: st.first_token(plain))
+            else:
+                pub = st.add(spec["publish_docs"][rep], publish=True)
+                st.until(lambda: pub in st.done)
+                wait = st.add([0], max_tokens=1, wait_for=st.reports[pub].get("document"))
+                st.until(lambda: wait in st.done)
+                row["published"] = bool(st.reports[wait].get("published"))
+            end = time.perf_counter()
+            gaps = st.gaps(decoders, start, end)
+            row.update(window_s=end - start, itl_p99_ms=1000 * _p99(gaps),
+                       itl_median_ms=1000 * statistics.median(gaps), gaps=len(gaps))
+            rows.append(row)
+            st.abort(decoders)
+    for n, prompt in spec["ttft_prompts"] if not spec["phases"] else []:
+        times = []
+        for _ in range(spec["repeats"]):
+            req = st.add(prompt, max_tokens=1)
+            st.until(lambda: req in st.done)
+            times.append(st.stamps[req][1] - st.stamps[req][0])
+            loaded = st.reports[req].get("loaded_tokens")
+        ttft.append({"doc_tokens": n, "ttft_s": statistics.median(times), "loaded": loaded})
+    return {"rows": rows, "ttft": ttft}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="kv-0.6b", help="tiny_model shape (kv-0.6b: Qwen3-0.6B's KV bytes)")
+    ap.add_argument("--model", help="model directory (default: generate --shape)")
+    ap.add_argument("--doc-tokens", type=int, default=2048, help="L: tokens of the loaded and published documents")
+    ap.add_argument("--decoders", type=int, default=4, help="N: requests decoding throughout")
+    ap.add_argument("--get-delay-s", type=float, default=0.05, help="sleep before each chunk read")
+    ap.add_argument("--ttft-lengths", default="255,945,2048", help="document lengths of the TTFT sweep")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-cache-gib", default="4")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        Path(spec["out"]).write_text(json.dumps(child(spec)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="kvcdn-async-io-"))
+    model = args.model
+    if not model:
+        from vllm_kvcdn.tiny_model import make_model
+
+        model = str(make_model(work / "model", args.shape))
+    lengths = [int(x) for x in args.ttft_lengths.split(",") if x]
+    question = _tokens(16, 7)
+    loaded_doc = _tokens(args.doc_tokens, 1)
+    ttft_docs = {n: _tokens(n, 100 + n) for n in lengths}
+    spec = {
+        "model": model, "repeats": args.repeats, "decoders": args.decoders,
+        "max_model_len": max([args.doc_tokens, *lengths]) + 64,
+        "setup_docs": [loaded_doc],
+        "hit_prompt": loaded_doc + question,
+        "publish_docs": [_tokens(args.doc_tokens, 500 + r) for r in range(args.repeats)],
+        "ttft_prompts": [(n, d + question) for n, d in ttft_docs.items()],
+    }
+    results = {mode: {} for mode in MODES}
+    # Phases over the slowed store, then the TTFT sweep from local files; modes alternate.
+    for phases in (True, False):
+        for mode, async_io in MODES.items():
+            name = f"{mode}-{'phases' if phases else 'ttft'}"
+            env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
+            if phases:
+                env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
+            child_spec = {**spec, "async_io": async_io, "phases": phases,
+                          "store_url": f"file://{work / ('store-' + name)}", "out": str(work / f"{name}.json")}
+            (work / f"{name}.spec").write_text(json.dumps(child_spec))
+            print(f"[async_io] {name}: running...", flush=True)
+            subprocess.run([sys.executable, __file__, "--child", str(work / f"{name}.spec")], env=env, check=True)
+            part = json.loads((work / f"{name}.json").read_text())
+            results[mode]["rows" if phases else "ttft"] = part["rows" if phases else "ttft"]
+    _report(args, results)
+    print(f"[async_io] work files in {work}")
+
+
+def _report(args, results: dict) -> None:
+    from report import write_report
+
+    rows = []
+    for mode, res in results.items():
+        for phase in ("decode", "load", "compute", "publish"):
+            rs = [r for r in res["rows"] if r["phase"] == phase]
+            rows.append({"mode": mode, "phase": phase,
+                         "itl_p99_ms": statistics.median(r["itl_p99_ms"] for r in rs),
+                         "itl_median_ms": statistics.median(r["itl_median_ms"] for r in rs),
+                         "ttft_s": statistics.median(r["ttft_s"] for r in rs) if phase == "load" else "",
+                         "window_s": statistics.median(r["window_s"] for r in rs)})
+        for t in res["ttft"]:
+            rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}", "ttft_s": t["ttft_s"]})
+    columns = [("mode", "I/O"), ("phase", "phase"), ("itl_p99_ms", "decoders' ITL p99 (ms)"),
+               ("itl_median_ms", "ITL median (ms)"), ("ttft_s", "hit TTFT (s)"), ("window_s", "window (s)")]
+
+    def plot(ax):
+        phases = ["decode", "load", "compute", "publish"]
+        for i, mode in enumerate(results):
+            vals = [next(r["itl_p99_ms"] for r in rows if r["mode"] == mode and r["phase"] == p) for p in phases]
+            ax.bar([x + 0.4 * i for x in range(len(phases))], vals, width=0.4, label=f"{mode} I/O")
+        ax.set_xticks([x + 0.2 for x in range(len(phases))], phases)
+        ax.set_ylabel("decoders' inter-token latency p99 (ms)")
+        ax.legend()
+
+    notes = (f"{args.decoders} requests decode throughout each phase; documents of {args.doc_tokens} tokens "
+             f"({args.shape} shape); chunk reads delayed {args.get_delay_s}s each in the phases; medians of "
+             f"{args.repeats} repeats. TTFT rows: a hit alone from local files.")
+    print(write_report(args.out, f"async_io_{args.shape}", title="Store I/O in the engine step vs in the background",
+                       rows=rows, columns=columns, notes=notes, extra={"raw": results, "args": vars(args)},
+                       plot=plot).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Reading and writing documents in a store: the one protocol every producer and reader uses
+(the vLLM worker, the transformers path, the catalog and the side API).
+
+Writing: chunks first, content-addressed (an intact stored chunk is kept: other
+documents' manifests record its checksum; a missing or damaged one is replaced), the
+manifest last, so a crash never leaves a manifest pointing at missing chunks.
+Reading: one chunk at a time, every expectation given checked (checksum, fingerprint,
+dtype, shape, the request's tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from vllm_kvcdn.artifact import ArtifactError, ChunkKV, Manifest, ManifestChunk, decode_chunk, encode_chunk
+from vllm_kvcdn.chain import ChunkSpan
+from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store
+from vllm_kvcdn.store.keys import chunk_object_key, manifest_object_key
+
+logger = get_logger(__name__)
+
+# Per layer, (K, V) of the whole document on the CPU, each [tokens, kv_heads, head_dim].
+DocumentKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_chunk(store: Store, key: str, **expect) -> tuple[ChunkKV, int]:
+    """(the decoded chunk, its stored size); ``expect`` as ``decode_chunk``'s checks.
+    A missing chunk is an ``ArtifactError("missing")`` like any other unusable one."""
+    data = store.get(chunk_object_key(key))
+    if data is None:
+        raise ArtifactError("missing", f"chunk {key[:16]} is not in {store.url}")
+    return decode_chunk(data, key=key, **expect), len(data)
+
+
+def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: DocumentKV):
+    """(bytes, header) of the chunk ``span`` of a document whose KV is ``kv``."""
+    s, e = span.start, span.end
+    return encode_chunk(span.key, span.parent, fingerprint, tokens[s:e],
+                        [k[s:e].contiguous() for k, _ in kv], [v[s:e].contiguous() for _, v in kv])
+
+
+def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
+                      tokens: Sequence[int]) -> tuple[ManifestChunk, bool]:
+    """Content-addressed write of one chunk; returns the manifest entry of what is
+    stored, and whether it was written."""
+    try:
+        kept, nbytes = read_chunk(store, entry.key, fingerprint=fingerprint, tokens=tokens)  # checksum too
+        return replace(entry, nbytes=nbytes, checksum=kept.header.checksum), False
+    except ArtifactError as e:
+        if e.reason != "missing":
+            logger.warning("kvcdn: replacing damaged chunk %s: %s", entry.key[:16], e)
+    store.put(chunk_object_key(entry.key), data)
+    return entry, True
+
+
+@dataclass
+class Written:
+    manifest: Manifest
+    new_chunks: int  # chunks this write stored (the others were there, intact)
+    new_bytes: int
+    seconds: float
+
+
+def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV,
+                   fingerprint: str, profile: dict, chunk_size: int, producer: dict, salted: bool = False,
+                   title: str = "", metadata: dict | None = None) -> Written:
+    """Store a document's chunks, then its manifest (its id is the last chunk's key)."""
+    started = time.perf_counter()
+    entries, new_chunks, new_bytes = [], 0, 0
+    for span in spans:
+        data, header = encode_span(span, fingerprint, tokens, kv)
+        entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
+        entry, written = keep_or_put_chunk(store, entry, data, fingerprint, tokens[span.start : span.end])
+        entries.append(entry)
+        new_chunks += written
+        new_bytes += len(data) if written else 0
+    manifest = Manifest(
+        doc_id=spans[-1].key, fingerprint=fingerprint, num_tokens=len(tokens), chunk_size=chunk_size,
+        chunks=entries, profile=profile, salted=salted, created=time.time(), producer=producer,
+        title=title, metadata=dict(metadata or {}),
+    )
+    store.put(manifest_object_key(manifest.doc_id), manifest.to_json())  # last: never dangling
+    return Written(manifest, new_chunks, new_bytes, time.perf_counter() - started)
+
+
+def manifest_spans(manifest: Manifest) -> list[ChunkSpan]:
+    spans, start = [], 0
+    for c in manifest.chunks:
+        spans.append(ChunkSpan(c.key, c.parent, start, c.num_tokens))
+        start += c.num_tokens
+    return spans
+
+
+def compare_document(store: Store, manifest: Manifest, tokens: Sequence[int], kv: DocumentKV) -> dict:
+    """A recomputed document against its stored chunks, byte for byte: the verify verdict."""
+    results = []
+    for span in manifest_spans(manifest):
+        data, _ = encode_span(span, manifest.fingerprint, tokens, kv)
+        stored = store.get(chunk_object_key(span.key))
+        status = "missing" if stored is None else "identical" if bytes(stored) == data else "differs"
+        results.append({"key": span.key, "num_tokens": span.num_tokens, "status": status})
+    return {"document": manifest.doc_id, "identical": all(r["status"] == "identical" for r in results),
+            "chunks": results, "checked_at": time.time(), "fingerprint": manifest.fingerprint}

@@ -1,0 +1,21 @@
+"""Where things live in a store: the key layout, in one place.
+
+    chunks/<key[:2]>/<key>.safetensors   one chunk (content-addressed by its chain key)
+    manifests/<doc id>.json              one document (its id is its last chunk's key)
+"""
+
+from __future__ import annotations
+
+MANIFEST_PREFIX = "manifests/"
+
+
+def chunk_object_key(key: str) -> str:
+    return f"chunks/{key[:2]}/{key}.safetensors"
+
+
+def manifest_object_key(doc_id: str) -> str:
+    return f"{MANIFEST_PREFIX}{doc_id}.json"
+
+
+def doc_id_of(manifest_key: str) -> str:
+    return manifest_key.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
