@@ -27,7 +27,7 @@ def prompts(tokenizer) -> dict[str, list[int]]:
     lines = corpus()
     out = {}
     for i, name in enumerate("abc"):
-        doc = tokenizer(" ".join(lines[4000 + i * 200 : 4200 + i * 200])).input_ids[:DOC_TOKENS]
+        doc = tokenizer(" ".join(lines[600 + i * 200 : 800 + i * 200])).input_ids[:DOC_TOKENS]
         assert len(doc) == DOC_TOKENS
         out[name] = doc
         out[f"{name}_q"] = doc + tokenizer(" Q: who opened the gate? A:").input_ids

@@ -136,14 +136,14 @@ def _delete_during(engine, request: tuple, store_url: str, doc_id: str, steps: i
     from vllm_kvcdn.offline import _answer
     from vllm_kvcdn.store import open_store
 
-    req_id = engine.add_request(f"delete-during-{time.monotonic_ns()}", *request)
-    final = None
+    engine.add_request(f"delete-during-{time.monotonic_ns()}", *request)
+    final = None  # the only request in the engine: its finished output
     for _ in range(steps):
-        final = next((o for o in engine.step() if o.request_id == req_id and o.finished), final)
+        final = next((o for o in engine.step() if o.finished), final)
     store = open_store(store_url)
     catalog.delete_document(store, catalog.get_entry(store, doc_id))
     while engine.has_unfinished_requests():
-        final = next((o for o in engine.step() if o.request_id == req_id and o.finished), final)
+        final = next((o for o in engine.step() if o.finished), final)
     return _answer(final)
 
 
