@@ -33,7 +33,7 @@ def read_chunk(store: Store, key: str, **expect) -> tuple[ChunkKV, int]:
     A missing chunk is an ``ArtifactError("missing")`` like any other unusable one."""
     data = store.get(chunk_object_key(key))
     if data is None:
-        raise ArtifactError("missing", f"chunk {key[:16]} is not in {store.url}")
+        raise ArtifactError("missing", f"chunk {key[:16]} is missing from {store.url}")
     return decode_chunk(data, key=key, **expect), len(data)
 
 

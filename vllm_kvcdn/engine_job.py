@@ -164,19 +164,28 @@ def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900
 # -- inside the worker process (sent with collective_rpc) --------------------------------
 
 def _install_block_spy(worker) -> None:
-    """Remember the block ids (from position 0) of the connector's last load and save."""
+    """Keep a copy of the blocks (from position 0) of the connector's last load and save,
+    taken when the load has written them and when the save copies them out: once the
+    request ends its partial block is free for the next request (e.g. a publish's
+    wait_for)."""
+    import torch
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     half = get_kv_transfer_group()._worker
     half.spied_blocks = {}
     load, save = half._load_request, half._submit_save
 
+    def snapshot(of: str, block_ids: list[int]) -> None:
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        half.spied_blocks[of] = [cache.index_select(half.layout.block_dim, ids).clone() for cache in half.caches]
+
     def spy_load(spec):
-        half.spied_blocks["load"] = list(spec.block_ids)
-        return load(spec)
+        outcome = load(spec)
+        snapshot("load", spec.block_ids)
+        return outcome
 
     def spy_save(spec):
-        half.spied_blocks["save"] = list(spec.block_ids)
+        snapshot("save", spec.block_ids)
         return save(spec)
 
     half._load_request, half._submit_save = spy_load, spy_save
@@ -188,7 +197,8 @@ def _block_digests(worker, of: str, tokens: int) -> dict:
 
     half = get_kv_transfer_group()._worker
     bs = half.geometry.block_size
-    block_ids = half.spied_blocks[of]
+    caches = half.spied_blocks[of]  # block i of the copy is the request's i-th block
+    block_ids = list(range(caches[0].shape[half.layout.block_dim]))
     whole = torch.tensor(block_ids[: tokens // bs], dtype=torch.long)
     tail = half._slots(block_ids, tokens // bs * bs, tokens)
 
@@ -200,8 +210,8 @@ def _block_digests(worker, of: str, tokens: int) -> dict:
 
     return {
         "whole_blocks": len(whole),
-        "whole": [digest([cache.index_select(half.layout.block_dim, whole)]) for cache in half.caches],
-        "partial": [digest(half.layout.read(cache, tail)) for cache in half.caches],
+        "whole": [digest([cache.index_select(half.layout.block_dim, whole)]) for cache in caches],
+        "partial": [digest(half.layout.read(cache, tail)) for cache in caches],
     }
 
 

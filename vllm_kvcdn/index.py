@@ -70,6 +70,8 @@ class ChunkIndex:
         self._version: object = object()
         self._refreshed_at = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # refresh now (a deletion through the side API)
+        self.refreshed_at = 0.0  # monotonic time the last refresh (rebuilt or not) began
         self._thread: threading.Thread | None = None
         self.num_documents = 0
         self.num_foreign = 0  # manifests under another fingerprint or chunk size
@@ -85,27 +87,36 @@ class ChunkIndex:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_refresh(self) -> None:
+        self._wake.set()
+
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.refresh_interval_s):
+        while not self._stop.is_set():
+            woken = self._wake.wait(self.refresh_interval_s)
+            self._wake.clear()
             try:
-                self.refresh()
+                self.refresh(force=woken)
             except Exception:  # never let the refresher die: the old index keeps serving
                 logger.exception("kvcdn: index refresh failed; keeping the old index")
 
     def refresh(self, force: bool = False) -> None:
-        """Rebuild from the store's manifests when they changed (cheap check)."""
+        """Rebuild from the store's manifests when they changed (cheap check), or when the
+        store cannot tell and the interval has passed."""
+        began = time.monotonic()
         try:
             version = self.store.version(MANIFEST_PREFIX)
-            stale = version is None and time.monotonic() - self._refreshed_at > self.refresh_interval_s
-            if not force and version is not None and version == self._version and not stale:
-                return
-            if not force and version is None and not stale:
-                return
-            self._rebuild()
-            self._version = version
-            self._refreshed_at = time.monotonic()
+            if version is None:
+                changed = began - self._refreshed_at > self.refresh_interval_s
+            else:
+                changed = version != self._version
+            if force or changed:
+                self._rebuild()
+                self._version = version
+                self._refreshed_at = time.monotonic()
         except StoreError as e:
             logger.warning("kvcdn: store unavailable, keeping the old index: %s", e)
+            return
+        self.refreshed_at = began
 
     def _rebuild(self) -> None:
         with self._lock:

@@ -94,6 +94,12 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
     return report
 
 
+async def sync_index(engine_client, *, key: str) -> dict:
+    """Wait until the engine's index has re-read the store (after a deletion: no request
+    admitted afterwards matches the deleted document)."""
+    return await _run(engine_client, WAIT_PROMPT, {"sync_index": True, "key": key}, None, skip_prefix_cache=False)
+
+
 async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: str) -> dict:
     """Recompute a published document from scratch, as a publish does, and have the worker
     compare it with the stored chunks byte for byte."""

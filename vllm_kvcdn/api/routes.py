@@ -17,7 +17,14 @@ from pydantic import BaseModel, Field
 
 from vllm_kvcdn import catalog
 from vllm_kvcdn.api.metrics import document_reads, kvcdn_counters
-from vllm_kvcdn.api.publisher import PublishError, chat_tokens, publish_tokens, text_tokens, verify_tokens
+from vllm_kvcdn.api.publisher import (
+    PublishError,
+    chat_tokens,
+    publish_tokens,
+    sync_index,
+    text_tokens,
+    verify_tokens,
+)
 from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
@@ -194,7 +201,9 @@ async def get_document(doc_id: str, request: Request, verify: bool = False) -> d
 async def delete_document(doc_id: str, request: Request) -> dict:
     svc = service(request)
     deleted = catalog.delete_document(svc.store, _one_entry(svc, doc_id))
-    # Drop vLLM's own copies too, so no request is served this document's KV again.
+    # The engine's index forgets it, then vLLM drops its own copies: no request admitted
+    # after this answer is served this document's KV again.
+    await sync_index(svc.engine_client, key=svc.publisher_key)
     await svc.engine_client.reset_prefix_cache()
     logger.info("kvcdn: deleted %s", deleted.doc_id[:16])
     return asdict(deleted)

@@ -28,6 +28,7 @@ class PublishAsk:
 
     verify: str | None = None
     wait_for: str | None = None
+    sync_index: bool = False  # wait until the index has re-read the store (after a deletion)
     title: str = ""
     metadata: dict = field(default_factory=dict)
 
@@ -75,12 +76,13 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
     if not isinstance(params, dict):
         return _reject("malformed", f"kv_transfer_params.{PUBLISH_PARAM} must be a JSON object")
     publish, verify, wait_for = params.get("publish", False), params.get("verify"), params.get("wait_for")
-    if not publish and verify is None and wait_for is None:
+    sync_index = params.get("sync_index") is True
+    if not publish and verify is None and wait_for is None and not sync_index:
         return KVCDNParams()  # nothing asked (e.g. a client echoing back a response's report)
     if publish is not True and publish is not False:
         return _reject("malformed", "'publish' must be true or false")
-    if sum((bool(publish), verify is not None, wait_for is not None)) > 1:
-        return _reject("malformed", "ask for one of 'publish', 'verify' and 'wait_for'")
+    if sum((bool(publish), verify is not None, wait_for is not None, sync_index)) > 1:
+        return _reject("malformed", "ask for one of 'publish', 'verify', 'wait_for' and 'sync_index'")
     for name, doc_id in (("verify", verify), ("wait_for", wait_for)):
         if doc_id is not None and not is_chunk_key(doc_id):
             return _reject("malformed", f"'{name}' must be a document id (64 lowercase hex digits)")
@@ -98,4 +100,4 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
     if not isinstance(key, str) or not hmac.compare_digest(key.encode(), publish_key.encode()):
         return _reject("unauthorized", f"publish, verify and wait_for need the publisher key in "
                                        f"kv_transfer_params.{PUBLISH_PARAM}.key")
-    return KVCDNParams(ask=PublishAsk(verify=verify, wait_for=wait_for, title=title, metadata=metadata))
+    return KVCDNParams(ask=PublishAsk(verify=verify, wait_for=wait_for, sync_index=sync_index, title=title, metadata=metadata))

@@ -85,6 +85,7 @@ class _RequestState:
     rejected: str | None = None  # why its kvcdn params were ignored
     publishing: _Publishing | None = None
     wait_for: str | None = None  # the document whose publish/verify result it waits for
+    sync_index: bool = False  # waits for an index refresh begun after it arrived
     arrived: float = field(default_factory=time.monotonic)
     planned: tuple[Match, int] | None = None  # (match, tokens to hit) until its blocks are allocated
     hit: _Hit | None = None
@@ -126,6 +127,10 @@ class KVCDNScheduler:
         if ask.wait_for:
             state.wait_for = ask.wait_for
             return
+        if ask.sync_index:
+            state.sync_index = True
+            self.index.request_refresh()
+            return
         # A publish computes the whole document itself: blocks vLLM's prefix cache holds
         # were computed in other requests' steps and may differ in the last bits.
         request.skip_reading_prefix_cache = True
@@ -155,6 +160,9 @@ class KVCDNScheduler:
             request.skip_reading_prefix_cache = False
             self._held_publishes.append(request)
             return None, False
+        if state.sync_index:
+            waited = time.monotonic() - state.arrived
+            return (None, False) if self.index.refreshed_at < state.arrived and waited < WAIT_LIMIT_S else (0, False)
         if state.wait_for is not None:
             if self._in_flight(state.wait_for) and time.monotonic() - state.arrived < WAIT_LIMIT_S:
                 return None, False  # its result is not back yet: ask again next step
@@ -302,6 +310,8 @@ class KVCDNScheduler:
             report = self._publish_report(req_id, state.publishing)
         elif state.wait_for is not None:
             report = self._wait_report(state.wait_for)
+        elif state.sync_index:
+            report = {"index_synced": self.index.refreshed_at >= state.arrived, "documents": self.index.num_documents}
         elif hit is None:
             report = {"hit": False, "loaded_tokens": 0}
         else:
