@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-WAIT_LIMIT_S = 600.0  # a wait_for request gives up after this and reports "pending"
+WAIT_LIMIT_S = 600.0  # a wait_for (sync_index) request gives up after this and reports "pending" (not synced)
 MAX_RESULTS = 4096  # publish/verify results kept for wait_for requests (oldest dropped)
 
 
@@ -147,6 +147,15 @@ class KVCDNScheduler:
     def _in_flight(self, doc_id: str) -> bool:
         return any(save.doc_id == doc_id for save in self._saving.values())
 
+    def _still_waiting(self, state: _RequestState) -> bool:
+        """A sync_index request before a refresh that began after it has finished, or a
+        wait_for request while its document's publish/verify is in flight (both capped)."""
+        if time.monotonic() - state.arrived >= WAIT_LIMIT_S:
+            return False
+        if state.sync_index:
+            return self.index.refreshed_at < state.arrived
+        return self._in_flight(state.wait_for)
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
         prompt = request.prompt_token_ids or []
@@ -160,13 +169,8 @@ class KVCDNScheduler:
             request.skip_reading_prefix_cache = False
             self._held_publishes.append(request)
             return None, False
-        if state.sync_index:
-            waited = time.monotonic() - state.arrived
-            return (None, False) if self.index.refreshed_at < state.arrived and waited < WAIT_LIMIT_S else (0, False)
-        if state.wait_for is not None:
-            if self._in_flight(state.wait_for) and time.monotonic() - state.arrived < WAIT_LIMIT_S:
-                return None, False  # its result is not back yet: ask again next step
-            return 0, False
+        if state.sync_index or state.wait_for is not None:
+            return (None, False) if self._still_waiting(state) else (0, False)  # None: ask again next step
         if not self.gate.may_admit(req_id):
             return None, False  # a publish runs alone right now: ask again next step
         if len(prompt) < 2:  # vLLM needs the last prompt token computed
