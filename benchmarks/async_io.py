@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--ttft-lengths", default="255,945,2048", help="document lengths of the TTFT sweep")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-gib", default="4")
+    ap.add_argument("--reserved-cpus", type=int, default=0,
+                    help="cores vLLM leaves to other threads (VLLM_CPU_NUM_OF_RESERVED_CPU), the same in both "
+                         "modes; 1 leaves one to the I/O threads, as a GPU server's host has spare cores")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,7 +203,7 @@ def main() -> None:
     for phases in (True, False):
         for mode, async_io in MODES.items():
             name = f"{mode}-{'phases' if phases else 'ttft'}"
-            env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
+            env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus), "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
             if phases:
                 env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
             child_spec = {**spec, "async_io": async_io, "phases": phases,
@@ -242,8 +245,10 @@ def _report(args, results: dict) -> None:
 
     notes = (f"{args.decoders} requests decode throughout each phase; documents of {args.doc_tokens} tokens "
              f"({args.shape} shape); chunk reads delayed {args.get_delay_s}s each in the phases; medians of "
-             f"{args.repeats} repeats. TTFT rows: a hit alone from local files.")
-    print(write_report(args.out, f"async_io_{args.shape}", title="Store I/O in the engine step vs in the background",
+             f"{args.repeats} repeats; {args.reserved_cpus} core(s) left out of vLLM's compute threads. TTFT rows: a hit "
+             "alone from local files.")
+    suffix = f"_reserved{args.reserved_cpus}" if args.reserved_cpus else ""
+    print(write_report(args.out, f"async_io_{args.shape}{suffix}", title="Store I/O in the engine step vs in the background",
                        rows=rows, columns=columns, notes=notes, extra={"raw": results, "args": vars(args)},
                        plot=plot).read_text())
 
