@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_kvcdn.defaults import cpu_engine_env
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -203,7 +205,7 @@ def main() -> None:
     for phases in (True, False):
         for mode, async_io in MODES.items():
             name = f"{mode}-{'phases' if phases else 'ttft'}"
-            env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus), "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
+            env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib, reserved_cpus=args.reserved_cpus)}
             if phases:
                 env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
             child_spec = {**spec, "async_io": async_io, "phases": phases,

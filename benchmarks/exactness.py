@@ -135,8 +135,8 @@ def kv_difference(store: Path, alone: str, within: str, n: int) -> dict:
 
     from vllm_kvcdn import catalog
     from vllm_kvcdn.artifact import decode_chunk
-    from vllm_kvcdn.store.keys import chunk_object_key
     from vllm_kvcdn.store import open_store
+    from vllm_kvcdn.store.keys import chunk_object_key
 
     fs = open_store(f"file://{store}")
 
@@ -162,7 +162,7 @@ def main() -> None:
     from paper_table import ensure_model
     from report import write_report
 
-    from vllm_kvcdn.offline import set_cpu_env
+    from vllm_kvcdn.defaults import set_cpu_env
 
     set_cpu_env()
     lengths = [int(x) for x in args.lengths.split(",")]

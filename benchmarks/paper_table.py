@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_kvcdn.defaults import cpu_engine_env
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -208,7 +210,7 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kvcdn-paper-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
+    env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
     results = []
     for phase in ("kvcdn", "resident", "plain", "example"):
         if (work / f"{phase}.json").exists() and phase not in args.redo.split(","):

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_kvcdn.defaults import cpu_engine_env
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -98,7 +100,7 @@ def main() -> None:
 
     model = args.model or str(ensure_model(args.shape))
     work = Path(tempfile.mkdtemp(prefix="kvcdn-harness-"))
-    os.environ.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE=args.kv_cache_gib)
+    os.environ.update(cpu_engine_env(kvcache_gib=args.kv_cache_gib))
     max_len = str(args.prefix_len + args.suffix_len + args.output_len + 64)
     common = ["--max-model-len", max_len, "--enforce-eager", "--gpu-memory-utilization", "0.3"]
     prefixes = shared_prefixes(model, args)
@@ -164,7 +166,6 @@ def main() -> None:
 
 def _stats(url: str) -> dict:
     from vllm_kvcdn.client import SideAPIClient
-
     return SideAPIClient(url).stats()
 
 

@@ -2,5 +2,5 @@
 # Run the whole test suite (unit tests, then real vLLM engines with the tiny model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
+eval "$(.venv/bin/python -m vllm_kvcdn.defaults cpu-env)"  # small CPU engines, one thread setup for all
 exec .venv/bin/python -m pytest -q -ra -p no:cacheprovider "$@"

@@ -3,6 +3,6 @@
 set -euo pipefail
 MODEL=${MODEL:-$HOME/.cache/kvcdn/models/tiny}
 [ -f "$MODEL/config.json" ] || kvcdn make-tiny-model "$MODEL"
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
+eval "$(python -m vllm_kvcdn.defaults cpu-env)"  # a small KV cache; your own values win
 exec kvcdn serve "$MODEL" --port "${PORT:-8000}" --max-model-len 4096 --enforce-eager \
     --gpu-memory-utilization 0.3 --publisher-key "${KVCDN_PUBLISHER_KEY:-secret}" "$@"

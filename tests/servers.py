@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vllm_kvcdn.defaults import CPU_ENGINE_ENV
 from vllm_kvcdn.server_process import Server
 
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+SERVER_ENV = CPU_ENGINE_ENV
 COMMON_ARGS = ["--max-model-len", "4096", "--enforce-eager", "--gpu-memory-utilization", "0.3",
                "--no-enable-prefix-caching", "--max-logprobs", "5"]
 

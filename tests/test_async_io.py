@@ -6,7 +6,8 @@ round trip made long), so a load is still reading while the engine goes on:
   back in the response, and the store holds nothing but chunks and manifests;
 - a publish and hits run in one batch; the published document hits at once afterwards;
 - a document deleted while a request is loading it: the request falls back to a full
-  prefill (bit-equal to computing it with nothing stored), the miss is counted.
+  prefill (bit-equal to computing it with nothing stored), the miss is counted;
+- a store slower than ``load_timeout_s``: the load gives up, the tokens are computed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from vllm_kvcdn.config import TEST_FAULTS_ENV
 from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.manifest import Manifest
 
 DOC_TOKENS = 300  # one whole chunk and a tail
 EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
@@ -88,3 +90,33 @@ def test_delete_during_a_load_falls_back_to_a_full_prefill(run):
     assert deleted["counters"].get(EXTERNAL, 0) == 0
     assert cold["answer"]["kvcdn"].get("hit") is False
     assert identical(deleted["answer"], cold["answer"]), (deleted["answer"], cold["answer"])
+
+
+def test_a_store_slower_than_the_load_timeout_costs_a_bounded_wait(tmp_path, run_engine, tiny_model, prompts):
+    """Reads take 5 s, the load gives up after 0.5 s: a counted "timeout" miss, the
+    answer of a full prefill, and the request waited far less than one read.
+
+    The engine runs in one process with a core reserved: its scheduler and worker halves
+    must still agree on the fingerprint (they once did not: nothing ever matched)."""
+    store = tmp_path / "slow-store"
+    result = run_engine({
+        "model": str(tiny_model), "store_url": f"file://{store}", "prefix_caching": False, "inproc": True,
+        "extra_config": {"load_timeout_s": 0.5},
+        "env": {TEST_FAULTS_ENV: "chunk_get_delay_s=5", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
+        "ops": [
+            {"name": "pub_a", "op": "publish", "ids": prompts["a"]},
+            _query("slow", prompts["a_q"]),
+            {**_query("cold", prompts["a_q"]), "salt": "no-document"},
+        ],
+    })
+    report = result["pub_a"]["answer"]["kvcdn"]
+    assert report["published"] is True
+    # Written by the worker half, matched by the scheduler half after any index rebuild.
+    (manifest,) = (Manifest.from_json(f.read_bytes()) for f in (store / "manifests").iterdir())
+    assert manifest.fingerprint == report["fingerprint"], (manifest.profile["kernels"], report)
+    slow, cold = result["slow"], result["cold"]
+    assert slow["answer"]["kvcdn"]["hit"] is False, slow["answer"]["kvcdn"]
+    assert slow["counters"].get("vllm:kvcdn_load_failures{reason=timeout}", 0) == 1, slow["counters"]
+    assert slow["counters"].get(EXTERNAL, 0) == 0
+    assert slow["seconds"] < 4, slow["seconds"]
+    assert identical(slow["answer"], cold["answer"])

@@ -26,6 +26,30 @@ def test_chunk_size_must_be_a_multiple_of_the_block_size():
         KVCDNConfig(chunk_size=0)
 
 
+@pytest.mark.parametrize("bad", [{"io_threads": 0}, {"load_timeout_s": 0}, {"ram_tier_gib": -1},
+                                 {"publish_isolation_s": -1}, {"publish_key": 5}])
+def test_bad_values_are_refused_with_the_key_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        KVCDNConfig.from_extra_config(bad)
+
+
+def test_cpu_env_defaults_are_defined_once(monkeypatch):
+    """`python -m vllm_kvcdn.defaults cpu-env` (ci/test.sh, examples) prints CPU_ENGINE_ENV;
+    a value already in the environment wins."""
+    import subprocess
+    import sys
+
+    from vllm_kvcdn.defaults import CPU_ENGINE_ENV
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    script = f'eval "$({sys.executable} -m vllm_kvcdn.defaults cpu-env)"; env'
+    env = dict(line.split("=", 1) for line in subprocess.check_output(["bash", "-c", script], text=True).splitlines()
+               if "=" in line)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == CPU_ENGINE_ENV["VLLM_CPU_NUM_OF_RESERVED_CPU"]
+
+
 def test_serve_adds_only_what_is_missing():
     argv, env, key = build_command("m", ["--port", "9"], store_url="file:///s", environ={})
     assert argv[-3] == "--kv-transfer-config" and '"store_url": "file:///s"' in argv[-2]

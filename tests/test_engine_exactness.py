@@ -168,7 +168,7 @@ def _doc_id(results, name: str) -> str:
 
 
 def _fingerprint_of(store: Path) -> str:
-    from vllm_kvcdn.artifact import Manifest
+    from vllm_kvcdn.manifest import Manifest
 
     manifest = next((store / "manifests").glob("*.json"))
     return Manifest.from_json(manifest.read_bytes()).fingerprint

@@ -199,6 +199,19 @@ def test_cli_publishes_lists_and_inspects(kvcdn, tmp_path, texts):
     assert "removed document" in cli("rm", doc_id)
 
 
+def test_cli_lists_without_torch_fastapi_or_vllm(kvcdn):
+    """`kvcdn ls` on a server or on a store is a small client: none of them is imported."""
+    for where in (["--server", kvcdn.url], ["--store", f"file://{kvcdn.store_path}"]):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "vllm_kvcdn.cli", "ls", *where],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "documents" in out.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "vllm_kvcdn.catalog" in imported  # -X importtime lists what was imported
+        assert not imported & {"torch", "fastapi", "vllm"}, where
+
+
 def test_writes_need_the_publisher_key(kvcdn):
     with pytest.raises(APIError, match="401"):
         SideAPIClient(kvcdn.url, key="wrong").publish(text="hello")

@@ -1,4 +1,4 @@
-"""Artifact format v1: one safetensors file per chunk, one JSON manifest per document.
+"""Artifact format v1: one safetensors file per chunk (the document's JSON manifest: ``manifest``).
 
 A chunk file is a standard safetensors file (readable by ``safetensors.safe_open``)
 holding the chunk's token ids (``tokens``, int32) and, per layer ``i``,
@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import xxhash
 
+from vllm_kvcdn.manifest import ArtifactError
+
 CHUNK_FORMAT = "kvcdn.chunk/1"
-MANIFEST_FORMAT = "kvcdn.manifest/1"
 CHECKSUM_ALGO = "xxh3_128"
 
 _ST_DTYPES = {
@@ -35,14 +36,6 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.int32: "I32",
 }
-
-
-class ArtifactError(Exception):
-    """An artifact that must not be used. ``reason`` is a short label for metrics."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -222,56 +215,3 @@ def decode_chunk(
     keys = [tensor(f"layers.{i}.k", torch_dtype, shape) for i in range(header.num_layers)]
     values = [tensor(f"layers.{i}.v", torch_dtype, shape) for i in range(header.num_layers)]
     return ChunkKV(header=header, tokens=chunk_tokens, keys=keys, values=values)
-
-
-@dataclass(frozen=True)
-class ManifestChunk:
-    key: str
-    parent: str
-    num_tokens: int
-    nbytes: int
-    checksum: str
-
-
-@dataclass
-class Manifest:
-    """One published document: which chunks, under which fingerprint, made how."""
-
-    doc_id: str
-    fingerprint: str
-    num_tokens: int
-    chunk_size: int
-    chunks: list[ManifestChunk]
-    profile: dict = field(default_factory=dict)  # the fingerprint's fields, for humans
-    salted: bool = False
-    created: float = 0.0
-    producer: dict = field(default_factory=dict)
-    title: str = ""
-    metadata: dict = field(default_factory=dict)
-    format: str = MANIFEST_FORMAT
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(c.nbytes for c in self.chunks)
-
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["total_bytes"] = self.total_bytes
-        return json.dumps(d, indent=1, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Manifest":
-        try:
-            d = json.loads(data)
-            if d.get("format") != MANIFEST_FORMAT:
-                raise ArtifactError("format", f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
-            d.pop("total_bytes", None)
-            d["chunks"] = [ManifestChunk(**c) for c in d["chunks"]]
-            m = cls(**d)
-        except ArtifactError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactError("format", f"manifest is not valid: {e}") from e
-        if sum(c.num_tokens for c in m.chunks) != m.num_tokens:
-            raise ArtifactError("format", f"manifest {m.doc_id[:16]}: chunk tokens do not add up")
-        return m

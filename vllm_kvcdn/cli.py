@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from vllm_kvcdn import catalog
-from vllm_kvcdn.artifact import Manifest
-from vllm_kvcdn.store import default_store_url, open_store
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, default_store_url
+from vllm_kvcdn.manifest import Manifest
+from vllm_kvcdn.store import open_store
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model path or name, as for vLLM's --model")
     p.add_argument("--kvcdn-store", default=None, help=f"store URL (default: $KVCDN_STORE or {default_store_url()})")
-    p.add_argument("--kvcdn-chunk-size", type=int, default=None, help="tokens per chunk (default 256)")
+    p.add_argument("--kvcdn-chunk-size", type=int, default=None, help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--kvcdn-preset", default=None, help="a --kv-transfer-config JSON file (see connectors/)")
     p.add_argument("--publisher-key", default=None,
                    help="key that publish/delete calls must send (default: $KVCDN_PUBLISHER_KEY, else generated)")

@@ -7,7 +7,7 @@ import os
 import urllib.error
 import urllib.request
 
-from vllm_kvcdn.config import PUBLISHER_KEY_ENV
+from vllm_kvcdn.defaults import PUBLISHER_KEY_ENV
 
 
 class APIError(Exception):

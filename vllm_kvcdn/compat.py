@@ -6,7 +6,7 @@ import logging
 import os
 
 from vllm_kvcdn.connector.worker import KVGeometry
-from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, cpu_kernels, cuda_kernels, model_weights_digest
+from vllm_kvcdn.fingerprint import Fingerprint, cpu_kernels, cuda_kernels, model_fingerprint
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
 
@@ -30,18 +30,22 @@ def kv_dtype_name(vllm_config) -> str:
 def cpu_worker_threads(vllm_config, *, in_worker: bool) -> int | str:
     """OpenMP threads of the CPU worker (rank 0); vLLM's CPU attention splits its work by them.
 
-    The worker's own affinity is already bound to one core when it asks, so it reads what
-    vLLM exported to it (``OMP_NUM_THREADS``); every other process (API server, engine
-    core) asks vLLM's own OpenMP manager, as the executor did when it spawned the worker.
-    The two must agree: if they did not, no key would match (a miss, never a wrong load).
+    With vLLM's multiprocessing executor (the default) the worker's own affinity is already
+    bound to one core when it asks, so it reads what vLLM exported to it
+    (``OMP_NUM_THREADS``); every other process (API server, engine core) asks vLLM's own
+    OpenMP manager, as the executor did when it spawned the worker. With everything in one
+    process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) nothing binds the threads: both halves
+    ask torch. The two must agree: if they did not, no key would match (a miss, never a
+    wrong load; ``tests/test_async_io.py`` runs such an engine with a core reserved).
     """
+    import torch
     import vllm.envs as envs
 
     if envs.VLLM_CPU_OMP_THREADS_BIND == "nobind":
         return "unbound"  # the OS decides: exactness across restarts is not promised
+    if vllm_config.parallel_config.distributed_executor_backend != "mp":
+        return torch.get_num_threads()
     if in_worker:
-        import torch
-
         return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
@@ -90,9 +94,10 @@ def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
     from vllm.platforms import current_platform
 
     model_config = vllm_config.model_config
-    return Fingerprint.build(
-        architecture=architecture_fields(model_config.hf_config.to_dict()),
-        weights_digest=model_weights_digest(model_config.model, model_config.revision),
+    return model_fingerprint(
+        hf_config=model_config.hf_config.to_dict(),
+        model=model_config.model,
+        revision=model_config.revision,
         kv_dtype=kv_dtype_name(vllm_config),
         engine="vllm",
         device=current_platform.device_type,

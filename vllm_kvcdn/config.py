@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-from vllm_kvcdn.store import default_store_url
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, PUBLISHER_KEY_ENV, default_store_url
 
 PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
-PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
 
 
@@ -26,7 +25,7 @@ class KVCDNConfig:
     # Where artifacts live: file:///path (default $KVCDN_STORE or ~/.cache/kvcdn).
     store_url: str = field(default_factory=default_store_url)
     # Tokens per chunk; a multiple of the engine's KV block size.
-    chunk_size: int = 256
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     # Verify each chunk's checksum before it is copied into the KV cache.
     verify_checksums: bool = True
     # Host-RAM tier per worker: engine-native images of hot chunks' whole blocks (0: off).
@@ -47,6 +46,10 @@ class KVCDNConfig:
     async_io: bool = True
     # Chunk reads in flight at once per worker (a remote store's round trips overlap).
     io_threads: int = 4
+    # A background load still reading after this many seconds gives up on the chunks it
+    # has not written (they are recomputed, counted as reason "timeout"): a slow or hung
+    # store delays a request by at most this much.
+    load_timeout_s: float = 10.0
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -57,13 +60,15 @@ class KVCDNConfig:
             raise ValueError("kvcdn: publish_key must be a string")
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"kvcdn: io_threads must be a positive integer, got {self.io_threads!r}")
+        if not self.load_timeout_s > 0:
+            raise ValueError(f"kvcdn: load_timeout_s must be > 0, got {self.load_timeout_s!r}")
         if self.publish_isolation_s < 0:
             raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":
         """Parse ``kv_connector_extra_config``; ``KVCDN_STORE`` and ``KVCDN_PUBLISHER_KEY``
-        stand in for an absent store_url and publish_key."""
+        stand in for an absent store_url (see ``defaults``) and publish_key."""
         extra = dict(extra or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(extra) - known)
@@ -71,8 +76,6 @@ class KVCDNConfig:
             raise ValueError(
                 f"kvcdn: unknown kv_connector_extra_config keys {unknown}; known keys: {sorted(known)}"
             )
-        if "store_url" not in extra and os.environ.get("KVCDN_STORE"):
-            extra["store_url"] = os.environ["KVCDN_STORE"]
         if "publish_key" not in extra and os.environ.get(PUBLISHER_KEY_ENV):
             extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
         return cls(**extra)

@@ -10,14 +10,13 @@ vLLM's own prefix cache does (README "Exactness").
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from vllm_kvcdn.defaults import cache_root, default_store_url
 from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
-from vllm_kvcdn.store import default_store_url
 
 SAMPLE_TITLE = "kvcdn sample document"
 SAMPLE_DOCUMENT = """\
@@ -45,8 +44,7 @@ COMPUTED = "vllm:request_prefill_kv_computed_tokens"
 
 
 def demo_model_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "kvcdn" / "models" / "tiny"
+    return cache_root() / "models" / "tiny"
 
 
 def ensure_tiny_model(path: Path) -> Path:

@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vllm_kvcdn.offline import CPU_ENV_DEFAULTS
+from vllm_kvcdn.defaults import CPU_ENGINE_ENV, DEFAULT_CHUNK_SIZE
 
 
 def run(spec: dict) -> dict:
@@ -59,7 +59,7 @@ def run(spec: dict) -> dict:
         store_url=spec.get("store_url"),
         extra_config=spec.get("extra_config"),
         enable_prefix_caching=spec.get("prefix_caching", True),
-        chunk_size=spec.get("chunk_size", 256),
+        chunk_size=spec.get("chunk_size", DEFAULT_CHUNK_SIZE),
         **spec.get("engine_args", {}),
     )
     if any(op["op"] == "kv_blocks" for op in spec["ops"]):
@@ -151,7 +151,7 @@ def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900
     """Run ``spec`` in a fresh process (``workdir/name.*`` keep its spec, log and output)."""
     spec_path, out_path, log_path = (workdir / f"{name}{ext}" for ext in (".json", ".out.json", ".log"))
     spec_path.write_text(json.dumps(spec))
-    env = {**CPU_ENV_DEFAULTS, **os.environ, **spec.get("env", {})}  # every engine: the same CPU settings
+    env = {**CPU_ENGINE_ENV, **os.environ, **spec.get("env", {})}  # every engine: the same CPU settings
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "vllm_kvcdn.engine_job", str(spec_path), str(out_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)

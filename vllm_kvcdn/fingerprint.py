@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_kvcdn.defaults import digest_cache_path
 from vllm_kvcdn.log import get_logger
 
 logger = get_logger(__name__)
@@ -73,6 +74,21 @@ class Fingerprint:
         }
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
         return cls(digest=hashlib.sha256(canonical.encode()).hexdigest()[:32], fields=fields)
+
+
+def model_fingerprint(*, hf_config: dict, model: str, revision: str | None = None, kv_dtype: str, engine: str,
+                      device: str, compile_mode: str, kernels: dict) -> Fingerprint:
+    """The one way an engine fingerprints its model (vLLM: ``compat``; transformers:
+    ``hf``): architecture from the HF config, weights by digest (hub snapshots too)."""
+    return Fingerprint.build(
+        architecture=architecture_fields(hf_config),
+        weights_digest=model_weights_digest(model, revision),
+        kv_dtype=kv_dtype,
+        engine=engine,
+        device=device,
+        compile_mode=compile_mode,
+        kernels=kernels,
+    )
 
 
 # Fields of the compute profile: they change the last bits, not the model.
@@ -141,11 +157,6 @@ def fingerprint_diff(ours: dict, theirs: dict) -> list[str]:
     return out
 
 
-def _digest_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(os.environ.get("KVCDN_DIGEST_CACHE", os.path.join(base, "kvcdn", "weight-digests.json")))
-
-
 def _file_sha256(path: Path, cache: dict) -> str:
     st = path.stat()
     cache_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -175,7 +186,7 @@ def weights_digest(model_dir: str | os.PathLike) -> str:
     files = weight_files(model_dir)
     if not files:
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {model_dir}")
-    cache_path = _digest_cache_path()
+    cache_path = digest_cache_path()
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):

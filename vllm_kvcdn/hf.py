@@ -13,24 +13,16 @@ in the last bits across profiles, so exactness is only promised within one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from vllm_kvcdn import catalog
-from vllm_kvcdn.artifact import Manifest
 from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE
 from vllm_kvcdn.documents import read_chunk, write_document
-from vllm_kvcdn.fingerprint import (
-    PROFILE_FIELDS,
-    Fingerprint,
-    architecture_fields,
-    cpu_kernels,
-    cuda_kernels,
-    fingerprint_diff,
-    model_weights_digest,
-)
+from vllm_kvcdn.fingerprint import PROFILE_FIELDS, cpu_kernels, cuda_kernels, fingerprint_diff, model_fingerprint
 from vllm_kvcdn.index import ChunkIndex
+from vllm_kvcdn.manifest import Manifest
 from vllm_kvcdn.store import open_store
 
 
@@ -68,7 +60,7 @@ class Generation:
 
 class HFKVCDN:
     def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
-                 device: str | None = None, chunk_size: int = 256, allow_cross_profile: bool = False,
+                 device: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, allow_cross_profile: bool = False,
                  attn_implementation: str = "eager"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,9 +77,9 @@ class HFKVCDN:
         self.store = open_store(store_url)
         self.chunk_size = chunk_size
         self.allow_cross_profile = allow_cross_profile
-        self.fingerprint = Fingerprint.build(
-            architecture=architecture_fields(self.model.config.to_dict()),
-            weights_digest=model_weights_digest(model) if Path(model).exists() else f"name:{model}",
+        self.fingerprint = model_fingerprint(
+            hf_config=self.model.config.to_dict(),
+            model=model,
             kv_dtype=dtype,
             engine="transformers",
             device=self.device.type,

@@ -7,31 +7,19 @@ their entry point with ``if __name__ == "__main__":`` (vLLM starts processes).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvcdn.config import PUBLISH_PARAM
 from vllm_kvcdn.connector.params import WAIT_PROMPT
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, set_cpu_env
 
 # Offline engines publish through their own requests: each process is its own publisher.
 PUBLISH_KEY = secrets.token_urlsafe(16)
 
-# Same CPU thread setup for every engine, with or without a connector: a connector
-# otherwise makes vLLM reserve a core, which changes numerics (DESIGN 4b).
-CPU_ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-}
 
-
-def set_cpu_env() -> None:
-    for k, v in CPU_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-
-
-def kv_transfer_config(store_url: str, chunk_size: int = 256, **extra: Any) -> dict:
+def kv_transfer_config(store_url: str, chunk_size: int = DEFAULT_CHUNK_SIZE, **extra: Any) -> dict:
     return {
         "kv_connector": "KVCDNConnector",
         "kv_role": "kv_both",
@@ -45,7 +33,7 @@ def make_llm(
     model: str,
     *,
     store_url: str | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     extra_config: dict | None = None,
     enforce_eager: bool = True,
     max_model_len: int = 4096,

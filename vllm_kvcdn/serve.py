@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vllm_kvcdn.api.plugin import PLUGIN_NAME
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
-from vllm_kvcdn.store import default_store_url
+from vllm_kvcdn.defaults import default_store_url
 
 GENERAL_PLUGIN_NAME = "kvcdn"  # the vllm.general_plugins entry point (registers the connector)
 

@@ -25,12 +25,12 @@ from vllm_kvcdn.api.publisher import (
     text_tokens,
     verify_tokens,
 )
-from vllm_kvcdn.artifact import ArtifactError, Manifest
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.params import metadata_problem
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.manifest import ArtifactError, Manifest
 from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)

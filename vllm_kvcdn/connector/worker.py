@@ -28,7 +28,6 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 
 from vllm_kvcdn import catalog
-from vllm_kvcdn.artifact import ArtifactError
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.jobs import Outbox, pool
@@ -38,6 +37,7 @@ from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.documents import DocumentKV, compare_document, read_chunk, write_document
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.manifest import ArtifactError
 from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)
@@ -206,6 +206,7 @@ class KVCDNWorker:
 
     def _load_request(self, spec: LoadSpec) -> _LoadOutcome:
         started = time.perf_counter()
+        deadline = started + self.config.load_timeout_s
         outcome = _LoadOutcome(spec.req_id)
         # Start every file read now, in parallel; write chunks in order as they arrive.
         reads = [self._reads.submit(self._read_chunk, chunk) if self._needs_file(chunk) else None
@@ -213,10 +214,14 @@ class KVCDNWorker:
         loaded_tokens = 0
         for n, chunk in enumerate(spec.chunks):
             try:
-                self._write_chunk(spec, chunk, reads[n], outcome.stats)
+                self._write_chunk(spec, chunk, reads[n], outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else "store_error"
                 self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
+                break
+            except TimeoutError:
+                why = f"the store did not answer within load_timeout_s={self.config.load_timeout_s}s"
+                self._fail(outcome, spec, spec.chunks[n:], "timeout", why)
                 break
             except Exception as e:  # never take the engine down: recompute instead
                 logger.exception("kvcdn: unexpected error loading chunk %s", chunk.key[:16])
@@ -243,7 +248,7 @@ class KVCDNWorker:
         bs = self.geometry.block_size
         return not self.ram.holds(chunk.key, (last - chunk.start) // bs)
 
-    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read, stats: KVCDNStats) -> None:
+    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read, stats: KVCDNStats, deadline: float) -> None:
         """Write the chunk's tokens [write_from, write_to) into the request's slots: whole
         blocks from the RAM tier when it holds them, everything else from the verified file."""
         if self._skip_partial_tail and chunk.is_tail:
@@ -265,7 +270,7 @@ class KVCDNWorker:
             return
         if read is None:  # the RAM tier lost it meanwhile
             read = self._reads.submit(self._read_chunk, chunk)
-        kv, nbytes = read.result()
+        kv, nbytes = read.result(timeout=max(0.0, deadline - time.perf_counter()))
         stats.add("store_read_bytes", nbytes)
         for start, end in todo:
             slots = self._slots(spec.block_ids, start, end)

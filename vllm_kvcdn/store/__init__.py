@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlparse
 
+from vllm_kvcdn.defaults import default_store_url
 from vllm_kvcdn.store.base import Store, StoreError
 from vllm_kvcdn.store.file import FileStore
 
-__all__ = ["Store", "StoreError", "FileStore", "open_store", "default_store_url"]
-
-
-def default_store_url() -> str:
-    """``$KVCDN_STORE``, else ``$XDG_CACHE_HOME/kvcdn``, else ``~/.cache/kvcdn``."""
-    if os.environ.get("KVCDN_STORE"):
-        return os.environ["KVCDN_STORE"]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return f"file://{os.path.join(cache, 'kvcdn')}"
+__all__ = ["Store", "StoreError", "FileStore", "open_store"]
 
 
 def open_store(url: str | None = None) -> Store:

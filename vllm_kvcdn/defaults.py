@@ -1,0 +1,63 @@
+"""kvcdn's defaults and environment variables, each defined once.
+
+    python -m vllm_kvcdn.defaults cpu-env   # shell exports for a small CPU engine
+
+Imports nothing heavy: the CLI, the store and the connector all read from here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+STORE_ENV = "KVCDN_STORE"  # the store URL when none is given
+PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
+DIGEST_CACHE_ENV = "KVCDN_DIGEST_CACHE"  # where weight digests are cached (fingerprint.py)
+DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: a multiple of the engine's KV block size
+
+# A small vLLM CPU engine (tests, examples, the demo, benchmarks), with the same thread
+# setup whether a connector is configured or not: a kv_transfer_config otherwise makes
+# vLLM reserve a core, which changes numerics (DESIGN 4b "Thread trap").
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/kvcdn``, else ``~/.cache/kvcdn``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "kvcdn"
+
+
+def default_store_url() -> str:
+    """``$KVCDN_STORE``, else the cache root as a file store."""
+    return os.environ.get(STORE_ENV) or f"file://{cache_root()}"
+
+
+def digest_cache_path() -> Path:
+    return Path(os.environ.get(DIGEST_CACHE_ENV) or cache_root() / "weight-digests.json")
+
+
+def cpu_engine_env(kvcache_gib: str | None = None, reserved_cpus: int | None = None) -> dict[str, str]:
+    """``CPU_ENGINE_ENV`` with a benchmark's own KV cache size or core reservation."""
+    env = dict(CPU_ENGINE_ENV)
+    if kvcache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kvcache_gib)
+    if reserved_cpus is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
+    return env
+
+
+def set_cpu_env() -> None:
+    """Apply ``CPU_ENGINE_ENV`` where the environment does not say otherwise."""
+    for name, value in CPU_ENGINE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def _main(argv: list[str]) -> None:
+    if argv != ["cpu-env"]:
+        raise SystemExit(f"usage: python -m vllm_kvcdn.defaults cpu-env\n{__doc__}")
+    for name, value in CPU_ENGINE_ENV.items():  # the caller's own value wins
+        print(f'export {name}="${{{name}:-{value}}}"')
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,73 @@
+"""A published document's manifest (JSON), and the error every artifact check raises.
+
+Kept apart from the chunk codec (``artifact``) so that listing, finding and deleting
+documents (``catalog``, ``kvcdn ls``) never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+MANIFEST_FORMAT = "kvcdn.manifest/1"
+
+
+class ArtifactError(Exception):
+    """An artifact that must not be used. ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ManifestChunk:
+    key: str
+    parent: str
+    num_tokens: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """One published document: which chunks, under which fingerprint, made how."""
+
+    doc_id: str
+    fingerprint: str
+    num_tokens: int
+    chunk_size: int
+    chunks: list[ManifestChunk]
+    profile: dict = field(default_factory=dict)  # the fingerprint's fields, for humans
+    salted: bool = False
+    created: float = 0.0
+    producer: dict = field(default_factory=dict)
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            d = json.loads(data)
+            if d.get("format") != MANIFEST_FORMAT:
+                raise ArtifactError("format", f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
+            d.pop("total_bytes", None)
+            d["chunks"] = [ManifestChunk(**c) for c in d["chunks"]]
+            m = cls(**d)
+        except ArtifactError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError("format", f"manifest is not valid: {e}") from e
+        if sum(c.num_tokens for c in m.chunks) != m.num_tokens:
+            raise ArtifactError("format", f"manifest {m.doc_id[:16]}: chunk tokens do not add up")
+        return m
