@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model path or name, as for vLLM's --model")
     p.add_argument("--kvcdn-store", default=None, help=f"store URL (default: $KVCDN_STORE or {default_store_url()})")
-    p.add_argument("--kvcdn-chunk-size", type=int, default=None, help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--kvcdn-chunk-size", type=int, default=None,
+                   help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--kvcdn-preset", default=None, help="a --kv-transfer-config JSON file (see connectors/)")
     p.add_argument("--publisher-key", default=None,
                    help="key that publish/delete calls must send (default: $KVCDN_PUBLISHER_KEY, else generated)")

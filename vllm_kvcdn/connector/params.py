@@ -100,4 +100,5 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
     if not isinstance(key, str) or not hmac.compare_digest(key.encode(), publish_key.encode()):
         return _reject("unauthorized", f"publish, verify and wait_for need the publisher key in "
                                        f"kv_transfer_params.{PUBLISH_PARAM}.key")
-    return KVCDNParams(ask=PublishAsk(verify=verify, wait_for=wait_for, sync_index=sync_index, title=title, metadata=metadata))
+    ask = PublishAsk(verify=verify, wait_for=wait_for, sync_index=sync_index, title=title, metadata=metadata)
+    return KVCDNParams(ask=ask)
