@@ -1,7 +1,8 @@
 """Does store I/O stall the engine? In-step (``async_io: false``) vs background I/O, side by side.
 
 One run, one engine per mode, alternating: the engine core runs in this process and is
-stepped by the script, which stamps every token as it appears. vLLM's prefix caching is
+stepped by the script, which stamps every token as it appears; the worker runs in its own
+process with its OpenMP threads bound by vLLM's executor, as ``vllm serve`` runs it. vLLM's prefix caching is
 off (every hit comes through kvcdn) and publishes share steps (``publish_isolation_s: 0``)
 so both modes see the same batches. The store is a local directory behind a wrapper that
 sleeps ``--get-delay-s`` before each chunk read (``store/latency.py``: a remote store's
@@ -117,7 +118,8 @@ def child(spec: dict) -> dict:
 
     llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False,
                    max_model_len=spec["max_model_len"], max_num_batched_tokens=spec["max_model_len"],
-                   extra_config={"async_io": spec["async_io"], "publish_isolation_s": 0})
+                   extra_config={"async_io": spec["async_io"], "publish_isolation_s": 0},
+                   distributed_executor_backend="mp")  # the worker in its own process, bound as vLLM binds it
     setup = spec["setup_docs"] if spec["phases"] else [p[:n] for n, p in spec["ttft_prompts"]]
     for doc in setup if spec["publish_setup"] else []:
         assert generate(llm, doc, publish=True).kvcdn.get("published"), "setup publish failed"

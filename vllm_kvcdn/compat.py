@@ -90,6 +90,39 @@ def kernel_profile(vllm_config, *, in_worker: bool) -> dict:
     return {}
 
 
+def io_cpus(vllm_config) -> frozenset[int] | None:
+    """CPUs for the worker's I/O threads: those vLLM's CPU worker leaves out of its
+    OpenMP compute threads (``VLLM_CPU_NUM_OF_RESERVED_CPU``), as vLLM's own NIXL
+    connector puts its transfers on a reserved core; every CPU when none is left. None
+    where vLLM binds nothing (GPU workers, one process, ``nobind``): threads stay put."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    compute = _omp_bound_cpus(os.environ)
+    if compute is None:
+        return None
+    everything = frozenset(range(os.cpu_count() or 1))
+    return everything - compute or everything
+
+
+def _omp_bound_cpus(env) -> frozenset[int] | None:
+    """The cores vLLM's executor bound this worker's OpenMP threads to, from the variables
+    it exported (``vllm/utils/ompmultiprocessing.py``: Intel, GNU or generic OpenMP)."""
+    if "proclist=[" in env.get("KMP_AFFINITY", ""):
+        listed = env["KMP_AFFINITY"].split("proclist=[", 1)[1].split("]", 1)[0].replace(",", " ")
+    elif env.get("GOMP_CPU_AFFINITY"):
+        listed = env["GOMP_CPU_AFFINITY"]
+    elif env.get("OMP_PLACES", "").startswith("{"):
+        listed = env["OMP_PLACES"].strip("{}").replace(",", " ")
+    else:
+        return None
+    try:
+        return frozenset(int(c) for c in listed.split())
+    except ValueError:  # a form vLLM does not write (ranges, strides): do not guess
+        return None
+
+
 def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
     from vllm.platforms import current_platform
 

@@ -11,7 +11,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from vllm_kvcdn.compat import kv_geometry, vllm_fingerprint
+from vllm_kvcdn.compat import io_cpus, kv_geometry, vllm_fingerprint
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
@@ -67,7 +67,8 @@ class KVCDNConnector(KVConnectorBase_V1):
                 *(self.fingerprint.fields[k] for k in ("engine", "device", "compile", "kernels")),
             )
         else:
-            self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config))
+            self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
+                                       io_cpus=io_cpus(vllm_config))
 
     # -- worker side -------------------------------------------------------------
 

@@ -27,8 +27,11 @@ class InlineExecutor(Executor):
         return future
 
 
-def pool(threads: int, name: str, *, inline: bool) -> Executor:
-    return InlineExecutor() if inline else ThreadPoolExecutor(threads, thread_name_prefix=name)
+def pool(threads: int, name: str, *, inline: bool, on_start: Callable[[], None] | None = None) -> Executor:
+    """``threads`` pool threads, each running ``on_start`` first (it must not raise)."""
+    if inline:
+        return InlineExecutor()
+    return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=on_start)
 
 
 class Outbox:

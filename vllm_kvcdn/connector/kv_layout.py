@@ -34,6 +34,10 @@ class PagedKVLayout(ABC):
 
     block_dim = 0  # the dimension of the cache tensor that indexes blocks
 
+    def prime_thread(self, cache: torch.Tensor) -> None:
+        """Run ``write`` once on a scratch block in the calling thread, so whatever it
+        sets up per thread (an OpenMP team and its binding) is done before it matters."""
+
     def write_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, image: torch.Tensor) -> None:
         """Put images of whole blocks (engine-native packing, see ``block_cache``) back at
         other block ids: a plain copy."""
@@ -62,6 +66,11 @@ class CpuAttnLayout(PagedKVLayout):
         cpu_attn_reshape_and_cache(
             k.contiguous(), v.contiguous(), key_cache, value_cache, slots.to(torch.long), self.isa
         )
+
+    def prime_thread(self, cache):
+        scratch = torch.zeros_like(cache[:1])
+        kv = torch.zeros(1, cache.shape[1], self.head_dim, dtype=cache.dtype)
+        self.write(scratch, kv, kv, torch.zeros(1, dtype=torch.long))
 
     def read(self, cache, slots):
         num_blocks, heads, block_size, width = cache.shape

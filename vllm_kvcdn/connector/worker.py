@@ -19,9 +19,11 @@ Nothing here holds the engine step for store I/O (``async_io``, the default):
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
+from concurrent.futures import TimeoutError as ReadTimeout  # not the builtin before 3.11
 from dataclasses import dataclass, field
 
 import torch
@@ -94,7 +96,8 @@ class KVGeometry:
 
 
 class KVCDNWorker:
-    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, geometry: KVGeometry):
+    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, geometry: KVGeometry,
+                 io_cpus: frozenset[int] | None = None):
         self.config = config
         self.fingerprint = fingerprint
         self.store = store
@@ -105,9 +108,11 @@ class KVCDNWorker:
         self.ram: PackedBlockCache | None = None
         self._ram_lock = threading.Lock()  # the RAM tier is shared by concurrent load jobs
         inline = not config.async_io
-        self._reads = pool(config.io_threads, "kvcdn-read", inline=inline)  # chunk reads, in parallel
-        self._loads = pool(2, "kvcdn-load", inline=inline)  # one job per loading request
-        self._writes = pool(1, "kvcdn-publish", inline=inline)  # publishes, one at a time
+        self.io_cpus = io_cpus
+        start = self._move_to_io_cpus
+        self._reads = pool(config.io_threads, "kvcdn-read", inline=inline, on_start=start)  # chunk reads, in parallel
+        self._loads = pool(2, "kvcdn-load", inline=inline, on_start=start)  # one job per loading request
+        self._writes = pool(1, "kvcdn-publish", inline=inline, on_start=start)  # publishes, one at a time
         self._outbox = Outbox()
         self._failed_blocks: set[int] = set()
         self._report = WorkerReport()
@@ -138,10 +143,23 @@ class KVCDNWorker:
             self.ram = PackedBlockCache(ram_bytes, self.caches, self.layout.block_dim,
                                         self.config.chunk_size // g.block_size)
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s I/O (%d read threads)",
+            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s I/O (%d read threads, CPUs %s)",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
             "background" if self.config.async_io else "in-step", self.config.io_threads,
+            sorted(self.io_cpus) if self.io_cpus else "as the engine's",
         )
+
+    def _move_to_io_cpus(self) -> None:
+        """Put a new pool thread on the I/O CPUs. A thread starts on its creator's core (the
+        model's first OpenMP thread), and OpenMP binds it back there the first time it opens
+        a parallel region, which the platform's write op does: open one first, then move."""
+        if not self.io_cpus:
+            return
+        try:
+            self.layout.prime_thread(self.caches[0])
+            os.sched_setaffinity(0, self.io_cpus)
+        except Exception as e:  # a pool whose start raises is broken: run where we are instead
+            logger.warning("kvcdn: I/O thread stays on the engine's CPUs (%r)", e)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end, dtype=torch.long)
@@ -219,7 +237,7 @@ class KVCDNWorker:
                 reason = e.reason if isinstance(e, ArtifactError) else "store_error"
                 self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
                 break
-            except TimeoutError:
+            except ReadTimeout:
                 why = f"the store did not answer within load_timeout_s={self.config.load_timeout_s}s"
                 self._fail(outcome, spec, spec.chunks[n:], "timeout", why)
                 break

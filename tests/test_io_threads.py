@@ -1,0 +1,66 @@
+"""A CPU worker's I/O threads run on the cores vLLM leaves out of its compute threads.
+
+vLLM's executor binds the worker's OpenMP threads to the compute cores; a thread the
+worker starts inherits the core of its creator, and OpenMP binds it back there the
+first time it opens a parallel region (the platform's KV write op opens one). The
+OpenMP variables must be set before the OpenMP runtime loads, hence a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_kvcdn.compat import _omp_bound_cpus
+
+
+def test_compute_cores_are_read_from_what_vllm_exports():
+    assert _omp_bound_cpus({"OMP_PLACES": "{0,1,2}", "OMP_PROC_BIND": "true"}) == {0, 1, 2}
+    assert _omp_bound_cpus({"GOMP_CPU_AFFINITY": "3 4"}) == {3, 4}
+    assert _omp_bound_cpus({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[5,6]"}) == {5, 6}
+    assert _omp_bound_cpus({}) is None  # nothing bound (one process, a GPU worker)
+    assert _omp_bound_cpus({"OMP_PLACES": "{0:4}"}) is None  # a form vLLM does not write: no guess
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, threading
+    from types import SimpleNamespace
+    import torch
+    from vllm_kvcdn.connector.jobs import pool
+    from vllm_kvcdn.connector.kv_layout import CpuAttnLayout
+    from vllm_kvcdn.connector.worker import KVCDNWorker
+
+    io_cpus = frozenset(int(c) for c in sys.argv[1].split(","))
+    layout = CpuAttnLayout(torch.bfloat16, 128, 64)
+    cache = torch.zeros(2, 2, 128, 128, dtype=torch.bfloat16)
+    kv = torch.ones(4, 2, 64, dtype=torch.bfloat16)
+
+    def write_then_where():
+        layout.write(cache, kv, kv, torch.arange(4))
+        return sorted(os.sched_getaffinity(0))
+
+    def naive_pin():  # what a plain sched_setaffinity at thread start gets
+        os.sched_setaffinity(0, io_cpus)
+
+    worker = SimpleNamespace(io_cpus=io_cpus, layout=layout, caches=[cache])
+    primed = pool(1, "t", inline=False, on_start=lambda: KVCDNWorker._move_to_io_cpus(worker))
+    naive = pool(1, "n", inline=False, on_start=naive_pin)
+    print(primed.submit(write_then_where).result(), naive.submit(write_then_where).result())
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_pool_thread_stays_on_the_io_cpus_after_the_write_op():
+    cpus = sorted(os.sched_getaffinity(0))
+    compute, io = cpus[0], cpus[1:]
+    env = {**os.environ, "OMP_PLACES": f"{{{compute}}}", "OMP_PROC_BIND": "true", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(map(str, io))], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    primed, naive = out.stdout.strip().splitlines()[-1].split("] [")
+    assert primed.strip("[]") == ", ".join(map(str, io))
+    assert naive.strip("[]") == str(compute)  # the trap this guards against, still there
