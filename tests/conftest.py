@@ -1,8 +1,9 @@
-"""Shared fixtures: the generated tiny model (and a one-weight variant), documents, and
-a runner that executes real vLLM engines in fresh processes."""
+"""Shared fixtures: the generated tiny model (and a one-weight variant), documents, a
+runner that executes real vLLM engines in fresh processes, and a real S3 server."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -64,3 +65,31 @@ class EngineRunner:
 @pytest.fixture(scope="session")
 def run_engine(tmp_path_factory) -> EngineRunner:
     return EngineRunner(tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback (tests/s3.py), with credentials in the environment
+    for this process and the servers it starts."""
+    from tests.s3 import S3_ENV, MotoS3
+
+    saved = {name: os.environ.get(name) for name in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = MotoS3()
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3_proxy(s3):
+    """A fault-injecting HTTP proxy in front of the S3 server."""
+    from tests.s3 import FaultProxy
+
+    proxy = FaultProxy(s3.endpoint)
+    yield proxy
+    proxy.stop()

@@ -27,7 +27,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.servers import kvcdn_server, vllm_server
+from tests.servers import ask, kvcdn_server, vllm_server
 from vllm_kvcdn.client import APIError, SideAPIClient
 from vllm_kvcdn.store.keys import chunk_object_key
 
@@ -45,22 +45,6 @@ def documents(texts) -> list[list[dict]]:
          {"role": "user", "content": " ".join(lines[i * 60 : i * 60 + 60])}]
         for i in range(4)
     ]
-
-
-def ask(url: str, model: str, messages: list[dict]) -> dict:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    resp = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
-                                          logprobs=True, top_logprobs=5)
-    choice = resp.choices[0]
-    return {
-        "text": choice.message.content,
-        "tokens": [t.token for t in choice.logprobs.content],
-        "logprobs": [t.logprob for t in choice.logprobs.content],
-        "top": [{top.token: top.logprob for top in t.top_logprobs} for t in choice.logprobs.content],
-        "cached": resp.usage.prompt_tokens_details.cached_tokens or 0,
-        "prompt_tokens": resp.usage.prompt_tokens,
-        "kvcdn": (resp.model_extra.get("kv_transfer_params") or {}).get("kvcdn", {}),
-    }
 
 
 def conversations(texts) -> list[list[dict]]:

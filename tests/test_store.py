@@ -53,3 +53,51 @@ def test_open_store_by_url(tmp_path, monkeypatch):
     assert open_store().root == (tmp_path / "env").resolve()
     with pytest.raises(ValueError, match="unsupported store URL"):
         open_store("ftp://x/y")
+
+
+def test_put_if_absent_keeps_the_first_writer_and_leaves_no_temporaries(tmp_path):
+    s = FileStore(tmp_path)
+    assert s.put_if_absent("chunks/ab/k.safetensors", b"first")
+    assert not s.put_if_absent("chunks/ab/k.safetensors", b"second")
+    assert bytes(s.get("chunks/ab/k.safetensors")) == b"first"
+    assert os.listdir(tmp_path / "chunks" / "ab") == ["k.safetensors"]
+
+
+def test_scan_gives_size_time_and_an_etag_that_changes_on_replace(tmp_path):
+    s = FileStore(tmp_path)
+    s.put("manifests/a.json", b"{}")
+    (first,) = s.scan("manifests/")
+    assert first.key == "manifests/a.json" and first.size == 2 and first.modified > 0
+    s.put("manifests/a.json", b"{ }")
+    (second,) = s.scan("manifests/")
+    assert second.etag != first.etag and second.size == 3
+
+
+def test_circuit_breaker_opens_after_a_run_of_failures_and_lets_one_trial_through():
+    from vllm_kvcdn.store.breaker import CircuitBreaker, CircuitOpen
+
+    now = [0.0]
+    breaker = CircuitBreaker("store", threshold=3, cooldown_s=5, clock=lambda: now[0])
+    for _ in range(2):
+        breaker.before_call()
+        breaker.failed()
+    breaker.before_call()
+    breaker.succeeded()  # a success resets the run
+    for _ in range(3):
+        breaker.before_call()
+        breaker.failed()
+    assert breaker.is_open
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()
+    now[0] = 5.0
+    breaker.before_call()  # the trial
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # only one at a time
+    breaker.failed()  # the trial failed: open again for a full cooldown
+    now[0] = 9.0
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()
+    now[0] = 10.0
+    breaker.before_call()
+    breaker.succeeded()
+    assert not breaker.is_open and breaker.times_opened == 2

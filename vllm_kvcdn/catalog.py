@@ -6,6 +6,7 @@ functions that read chunks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from vllm_kvcdn.chain import is_chunk_key
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.manifest import ArtifactError, Manifest
 from vllm_kvcdn.store import Store
-from vllm_kvcdn.store.keys import MANIFEST_PREFIX, chunk_object_key, doc_id_of, manifest_object_key
+from vllm_kvcdn.store.keys import CHUNK_PREFIX, MANIFEST_PREFIX, chunk_object_key, doc_id_of, manifest_object_key
 
 logger = get_logger(__name__)
 
@@ -33,7 +34,8 @@ class DamagedManifest:
 Entry = Manifest | DamagedManifest
 
 
-def _read(store: Store, key: str) -> Entry | None:
+def read_entry(store: Store, key: str) -> Entry | None:
+    """The manifest object at ``key``; None when it is gone."""
     data = store.get(key)
     if data is None:
         return None  # deleted meanwhile
@@ -46,7 +48,7 @@ def _read(store: Store, key: str) -> Entry | None:
 def entries(store: Store) -> Iterator[Entry]:
     """Every document's manifest, damaged ones included."""
     for key in sorted(store.list(MANIFEST_PREFIX)):
-        entry = _read(store, key)
+        entry = read_entry(store, key)
         if entry is not None:
             yield entry
 
@@ -61,7 +63,7 @@ def manifests(store: Store) -> Iterator[Manifest]:
 
 
 def get_entry(store: Store, doc_id: str) -> Entry | None:
-    return _read(store, manifest_object_key(doc_id)) if len(doc_id) == 64 else None
+    return read_entry(store, manifest_object_key(doc_id)) if len(doc_id) == 64 else None
 
 
 def get_manifest(store: Store, doc_id: str) -> Manifest | None:
@@ -142,3 +144,40 @@ def document_tokens(store: Store, manifest: Manifest) -> list[int]:
     for c in manifest.chunks:
         tokens += read_chunk(store, c.key)[0].tokens.tolist()
     return tokens
+
+
+@dataclass
+class Garbage:
+    unreferenced: list[str]  # chunk object keys no manifest names, older than the grace period
+    young: int  # unreferenced, but within the grace period (maybe a publish under way): kept
+    referenced: int
+    bytes: int  # of ``unreferenced``
+
+
+def _referenced_chunks(store: Store) -> set[str]:
+    used = set()
+    for entry in entries(store):
+        if isinstance(entry, DamagedManifest):  # its chunks cannot be told: refuse rather than break it
+            raise ArtifactError("format", f"{entry.advice()}; then run gc again")
+        used.update(chunk_object_key(c.key) for c in entry.chunks)
+    return used
+
+
+def find_garbage(store: Store, grace_s: float, now: float | None = None) -> Garbage:
+    """Chunks no manifest references. A publish writes its chunks before its manifest,
+    so a chunk younger than ``grace_s`` may belong to one under way: it is kept. Chunks
+    are listed before manifests are read, so a document published meanwhile protects
+    its chunks (they are young, or named by a manifest read after them)."""
+    now = time.time() if now is None else now
+    chunks = list(store.scan(CHUNK_PREFIX))
+    used = _referenced_chunks(store)
+    unused = [c for c in chunks if c.key not in used]
+    old = [c for c in unused if now - c.modified >= grace_s]
+    return Garbage([c.key for c in old], len(unused) - len(old), len(chunks) - len(unused), sum(c.size for c in old))
+
+
+def collect_garbage(store: Store, garbage: Garbage) -> int:
+    """Delete what ``find_garbage`` found, except chunks a manifest written since then
+    names (a republish reusing an old orphan); returns how many objects went."""
+    used = _referenced_chunks(store)
+    return sum(store.delete(key) for key in garbage.unreferenced if key not in used)

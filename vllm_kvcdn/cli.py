@@ -166,6 +166,19 @@ def cmd_rm(args) -> None:
           f"{d.chunks_kept} still used by other documents)")
 
 
+def cmd_gc(args) -> None:
+    store = open_store(args.store)
+    garbage = catalog.find_garbage(store, args.grace)
+    verb = "would delete" if args.dry_run else "deleting"
+    print(f"{store.url}: {garbage.referenced} chunks in use, {garbage.young} unreferenced but younger than "
+          f"{args.grace:g}s (kept); {verb} {len(garbage.unreferenced)} chunks ({garbage.bytes / 1e6:.1f} MB)")
+    if args.dry_run:
+        for key in garbage.unreferenced:
+            print(key)
+        return
+    print(f"deleted {catalog.collect_garbage(store, garbage)} chunks")
+
+
 def _hf(args):
     from vllm_kvcdn.hf import HFKVCDN
 
@@ -300,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     _server_arg(p)
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("gc", help="delete chunks no published document uses (old enough not to be a publish under way)")
+    _store_arg(p)
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="keep unreferenced chunks younger than this: a publish writes its chunks before its "
+                        "manifest (default 3600)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.set_defaults(func=cmd_gc)
     return parser
 
 

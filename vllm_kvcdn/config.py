@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, PUBLISHER_KEY_ENV, default_store_url
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, PUBLISHER_KEY_ENV, default_store_url, disk_tier_dir
 
 PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
@@ -22,8 +22,16 @@ def injected_faults() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class KVCDNConfig:
-    # Where artifacts live: file:///path (default $KVCDN_STORE or ~/.cache/kvcdn).
+    # Where artifacts live: file:///path (default $KVCDN_STORE or ~/.cache/kvcdn), or
+    # s3://bucket/prefix[?endpoint_url=...] shared by many servers (store/s3.py).
     store_url: str = field(default_factory=default_store_url)
+    # The node's disk tier in front of the store (for s3://): chunks once read stay on
+    # local disk, least recently used out first, across restarts. 0: off.
+    disk_cache_gib: float = 0.0
+    disk_cache_dir: str = field(default_factory=lambda: str(disk_tier_dir()))
+    # How often the scheduler looks for documents published or deleted by other servers
+    # (one listing of the manifests; only new or changed ones are read).
+    index_refresh_s: float = 2.0
     # Tokens per chunk; a multiple of the engine's KV block size.
     chunk_size: int = DEFAULT_CHUNK_SIZE
     # Verify each chunk's checksum before it is copied into the KV cache.
@@ -54,6 +62,10 @@ class KVCDNConfig:
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ValueError(f"kvcdn: chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.disk_cache_gib < 0:
+            raise ValueError(f"kvcdn: disk_cache_gib must be >= 0, got {self.disk_cache_gib!r}")
+        if not self.index_refresh_s > 0:
+            raise ValueError(f"kvcdn: index_refresh_s must be > 0, got {self.index_refresh_s!r}")
         if self.ram_tier_gib < 0:
             raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
         if not isinstance(self.publish_key, str):
@@ -79,6 +91,14 @@ class KVCDNConfig:
         if "publish_key" not in extra and os.environ.get(PUBLISHER_KEY_ENV):
             extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
         return cls(**extra)
+
+    def open_store(self, tiers: bool = True):
+        """The store, behind the disk tier when one is configured (``tiers``: the
+        workers, who read chunks; the scheduler and the side API read manifests only)."""
+        from vllm_kvcdn.store import open_store
+
+        gib = self.disk_cache_gib if tiers else 0.0
+        return open_store(self.store_url, disk_cache_dir=self.disk_cache_dir, disk_cache_gib=gib)
 
     def check_block_size(self, block_size: int) -> None:
         if self.chunk_size % block_size:

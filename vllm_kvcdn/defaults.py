@@ -32,6 +32,11 @@ def default_store_url() -> str:
     return os.environ.get(STORE_ENV) or f"file://{cache_root()}"
 
 
+def disk_tier_dir() -> Path:
+    """Where a node keeps its disk tier of a shared store's chunks."""
+    return cache_root() / "disk-tier"
+
+
 def digest_cache_path() -> Path:
     return Path(os.environ.get(DIGEST_CACHE_ENV) or cache_root() / "weight-digests.json")
 

@@ -31,11 +31,21 @@ DocumentKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 def read_chunk(store: Store, key: str, **expect) -> tuple[ChunkKV, int]:
     """(the decoded chunk, its stored size); ``expect`` as ``decode_chunk``'s checks.
-    A missing chunk is an ``ArtifactError("missing")`` like any other unusable one."""
-    data = store.get(chunk_object_key(key))
-    if data is None:
-        raise ArtifactError("missing", f"chunk {key[:16]} is missing from {store.url}")
-    return decode_chunk(data, key=key, **expect), len(data)
+    A missing chunk is an ``ArtifactError("missing")`` like any other unusable one. A
+    local copy (disk tier) that fails its checks is dropped and the origin read once."""
+    object_key = chunk_object_key(key)
+    for attempt in range(2):
+        data = store.get(object_key)
+        if data is None:
+            raise ArtifactError("missing", f"chunk {key[:16]} is missing from {store.url}")
+        try:
+            return decode_chunk(data, key=key, **expect), len(data)
+        except ArtifactError as e:
+            if attempt or e.reason not in ("checksum", "truncated", "format") or not store.drop_cached(object_key):
+                raise
+            logger.warning("kvcdn: the local copy of chunk %s is damaged (%s); reading it from %s again",
+                           key[:16], e, store.url)
+    raise AssertionError("unreachable")
 
 
 def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: DocumentKV):
@@ -48,15 +58,23 @@ def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: Do
 def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
                       tokens: Sequence[int]) -> tuple[ManifestChunk, bool]:
     """Content-addressed write of one chunk; returns the manifest entry of what is
-    stored, and whether it was written."""
-    try:
+    stored, and whether it was written. The first writer wins: when another server
+    stores the chunk meanwhile, its copy is kept and recorded."""
+
+    def stored() -> ManifestChunk:
         kept, nbytes = read_chunk(store, entry.key, fingerprint=fingerprint, tokens=tokens)  # checksum too
-        return replace(entry, nbytes=nbytes, checksum=kept.header.checksum), False
+        return replace(entry, nbytes=nbytes, checksum=kept.header.checksum)
+
+    try:
+        return stored(), False
     except ArtifactError as e:
         if e.reason != "missing":
             logger.warning("kvcdn: replacing damaged chunk %s: %s", entry.key[:16], e)
-    store.put(chunk_object_key(entry.key), data)
-    return entry, True
+            store.put(chunk_object_key(entry.key), data)
+            return entry, True
+    if store.put_if_absent(chunk_object_key(entry.key), data):
+        return entry, True
+    return stored(), False
 
 
 @dataclass

@@ -8,6 +8,9 @@ the current parent key.
 Matching does no I/O: a background refresher (``start_refresher``) rebuilds the index
 from the store's manifests when they change and swaps it in whole; a publish this
 engine finished is added at once (``add``), so its readers need not wait for a refresh.
+A refresh lists the manifests (one LIST on S3) and reads only those that are new or
+replaced since the last one: documents other servers publish or delete show up within
+``refresh_interval_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from vllm_kvcdn import catalog
 from vllm_kvcdn.chain import ChunkSpan, chain_seed, chunk_key
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.manifest import Manifest
 from vllm_kvcdn.store import Store, StoreError
 from vllm_kvcdn.store.keys import MANIFEST_PREFIX
 
@@ -68,11 +72,11 @@ class ChunkIndex:
         self._added: list[tuple[int, str, list[PublishedChunk]]] = []  # (generation, doc, chunks)
         self._generation = 0
         self._version: object = object()
-        self._refreshed_at = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()  # refresh now (a deletion through the side API)
         self.refreshed_at = 0.0  # monotonic time the last refresh (rebuilt or not) began
         self._thread: threading.Thread | None = None
+        self._entries: dict[str, tuple[str, catalog.Entry]] = {}  # manifest key -> (etag, entry)
         self.num_documents = 0
         self.num_foreign = 0  # manifests under another fingerprint or chunk size
 
@@ -100,30 +104,28 @@ class ChunkIndex:
                 logger.exception("kvcdn: index refresh failed; keeping the old index")
 
     def refresh(self, force: bool = False) -> None:
-        """Rebuild from the store's manifests when they changed (cheap check), or when the
-        store cannot tell and the interval has passed."""
+        """Rebuild from the store's manifests when they changed: the store's cheap version
+        token when it has one (a directory's mtime), else a listing compared by etags."""
         began = time.monotonic()
         try:
             version = self.store.version(MANIFEST_PREFIX)
-            if version is None:
-                changed = began - self._refreshed_at > self.refresh_interval_s
-            else:
-                changed = version != self._version
-            if force or changed:
-                self._rebuild()
+            if force or version is None or version != self._version:
+                self._rebuild(force)
                 self._version = version
-                self._refreshed_at = time.monotonic()
         except StoreError as e:
             logger.warning("kvcdn: store unavailable, keeping the old index: %s", e)
             return
         self.refreshed_at = began
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, force: bool) -> None:
         with self._lock:
             started = self._generation
+        manifests, changed = self._read_manifests()
+        if not changed and not force:
+            return
         view = _View()
         docs = foreign = 0
-        for manifest in catalog.manifests(self.store):
+        for manifest in manifests:
             if manifest.fingerprint != self.fingerprint or manifest.chunk_size != self.chunk_size:
                 foreign += 1
                 continue
@@ -141,6 +143,26 @@ class ChunkIndex:
             "kvcdn: index holds %d documents, %d chunks (%d manifests of other models/settings)",
             docs, len(view.chunks), foreign,
         )
+
+    def _read_manifests(self) -> tuple[list[Manifest], bool]:
+        """The store's manifests, and whether any was added, replaced or removed since the
+        last call; only the new or replaced ones are read."""
+        entries, changed = {}, False
+        for info in self.store.scan(MANIFEST_PREFIX):
+            known = self._entries.get(info.key)
+            if known is not None and known[0] == info.etag:
+                entries[info.key] = known
+                continue
+            changed = True
+            entry = catalog.read_entry(self.store, info.key)
+            if entry is None:
+                continue  # deleted since the listing
+            if isinstance(entry, catalog.DamagedManifest):
+                logger.warning("kvcdn: skipping the manifest of %s: %s", entry.doc_id[:16], entry.error)
+            entries[info.key] = (info.etag, entry)
+        changed = changed or entries.keys() != self._entries.keys()
+        self._entries = entries
+        return [entry for _, entry in entries.values() if isinstance(entry, Manifest)], changed
 
     def add(self, doc_id: str, chunks: Iterable[PublishedChunk]) -> None:
         """A document this engine just published (its manifest is already stored)."""

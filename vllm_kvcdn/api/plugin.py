@@ -28,7 +28,6 @@ class KVCDNEndpointPlugin:
         from vllm_kvcdn.compat import vllm_fingerprint
         from vllm_kvcdn.config import KVCDNConfig
         from vllm_kvcdn.connector import CONNECTOR_NAME
-        from vllm_kvcdn.store import open_store
 
         if engine_client is None:
             return
@@ -41,7 +40,7 @@ class KVCDNEndpointPlugin:
         key = config.publish_key or None  # extra config, else $KVCDN_PUBLISHER_KEY
         state.kvcdn = KVCDNService(
             engine_client=engine_client,
-            store=open_store(config.store_url),
+            store=config.open_store(tiers=False),
             fingerprint=vllm_fingerprint(vllm_config),
             chunk_size=config.chunk_size,
             max_model_len=vllm_config.model_config.max_model_len,

@@ -17,7 +17,6 @@ from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
 from vllm_kvcdn.connector.worker import KVCDNWorker, WorkerReport
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.store import open_store
 from vllm_kvcdn.store.latency import LatencyStore
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ class KVCDNConnector(KVConnectorBase_V1):
                 "--tensor-parallel-size 1 --pipeline-parallel-size 1"
             )
         self.fingerprint = vllm_fingerprint(vllm_config, in_worker=role == KVConnectorRole.WORKER)
-        store = open_store(self.config.store_url)
+        store = self.config.open_store(tiers=role == KVConnectorRole.WORKER)
         delay = injected_faults().get("chunk_get_delay_s")
         if delay:
             store = LatencyStore(store, float(delay))

@@ -95,7 +95,7 @@ class KVCDNScheduler:
     def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store):
         self.config = config
         self.fingerprint = fingerprint
-        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size)
+        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s)
         self.index.start_refresher()
         self.stats = KVCDNStats()
         self.gate = PublishGate(config.publish_isolation_s)

@@ -18,6 +18,8 @@ COUNTERS = {
     "loaded_bytes": "KV bytes written into the KV cache by loads",
     "store_read_bytes": "Artifact bytes read from the store and verified",
     "ram_tier_hits": "Chunks whose whole blocks came from the worker's host-RAM tier",
+    "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
+    "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",

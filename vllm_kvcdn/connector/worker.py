@@ -41,6 +41,7 @@ from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.manifest import ArtifactError
 from vllm_kvcdn.store import Store, StoreError
+from vllm_kvcdn.store.breaker import CircuitOpen
 
 logger = get_logger(__name__)
 
@@ -117,6 +118,7 @@ class KVCDNWorker:
         self._failed_blocks: set[int] = set()
         self._report = WorkerReport()
         self._finished_loads: set[str] = set()  # loads ended (failed or not) since vLLM last asked
+        self._tier_counts: dict[str, int] = {}  # the store's disk-tier counters, as last reported
         self._skip_partial_tail = "skip_partial_tail" in injected_faults()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -184,6 +186,11 @@ class KVCDNWorker:
     def collect(self, idle: bool = False) -> None:
         """Take the outcomes of jobs that ended since the last step; in a step that
         computed nothing, wait a little for one (vLLM steps again at once otherwise)."""
+        counts = self.store.tier_counts()
+        for name, n in counts.items():
+            if n != self._tier_counts.get(name, 0):
+                self.stats.add(name, n - self._tier_counts.get(name, 0))
+        self._tier_counts = counts
         for outcome in self._outbox.take(IDLE_WAIT_S if idle else 0.0):
             self.stats.aggregate(outcome.stats)
             if isinstance(outcome, _LoadOutcome):
@@ -234,7 +241,7 @@ class KVCDNWorker:
             try:
                 self._write_chunk(spec, chunk, reads[n], outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
-                reason = e.reason if isinstance(e, ArtifactError) else "store_error"
+                reason = e.reason if isinstance(e, ArtifactError) else _store_failure(e)
                 self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
                 break
             except ReadTimeout:
@@ -378,6 +385,10 @@ class KVCDNWorker:
         verdict = compare_document(self.store, manifest, spec.token_ids, kv)
         logger.info("kvcdn: verified %s: %s", spec.doc_id[:16], "identical" if verdict["identical"] else "DIFFERS")
         return _DocumentOutcome(spec.req_id, {"verified": True, **verdict, "prefill": spec.prefill})
+
+
+def _store_failure(e: StoreError) -> str:
+    return "store_unavailable" if isinstance(e, CircuitOpen) else "store_error"
 
 
 def _failed_result(spec: SaveSpec, error: str) -> dict:

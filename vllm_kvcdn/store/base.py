@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 
 class StoreError(Exception):
     """The store could not serve a request (outage, permission). Never a miss."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: what a listing gives for free (no read of the object)."""
+
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
+    etag: str  # changes whenever the object is replaced
 
 
 class Store(ABC):
@@ -19,12 +30,20 @@ class Store(ABC):
     url: str
 
     @abstractmethod
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytes | bytearray | None:
         """The object's bytes, or None when it does not exist."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically (replacing any old object)."""
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` unless ``key`` exists; False when it did. Atomic where the
+        backend can make it so (file: a hard link; S3: ``If-None-Match: *``)."""
+        if self.contains(key):
+            return False
+        self.put(key, data)
+        return True
 
     @abstractmethod
     def contains(self, key: str) -> bool: ...
@@ -38,8 +57,12 @@ class Store(ABC):
         """Remove the object; False when it was not there."""
 
     @abstractmethod
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """The objects whose keys start with ``prefix``."""
+
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys that start with ``prefix``."""
+        return (info.key for info in self.scan(prefix))
 
     def version(self, prefix: str) -> object:
         """A cheap token that changes when keys under ``prefix`` are added or removed.
@@ -47,3 +70,50 @@ class Store(ABC):
         None means the store cannot tell; callers then refresh on their own timer.
         """
         return None
+
+    def drop_cached(self, key: str) -> bool:
+        """Forget a local copy of ``key`` that failed its checks, so the next ``get``
+        reads the origin again; False when there is no local copy to drop."""
+        return False
+
+    def tier_counts(self) -> dict[str, int]:
+        """Counters of the local tiers in front of the origin (hits, misses), if any."""
+        return {}
+
+
+class StoreWrapper(Store):
+    """A store in front of another one: everything not overridden goes straight through."""
+
+    def __init__(self, inner: Store):
+        self.inner = inner
+        self.url = inner.url
+
+    def get(self, key: str) -> bytes | bytearray | None:
+        return self.inner.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.inner.put(key, data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        return self.inner.put_if_absent(key, data)
+
+    def contains(self, key: str) -> bool:
+        return self.inner.contains(key)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.scan(prefix)
+
+    def version(self, prefix: str) -> object:
+        return self.inner.version(prefix)
+
+    def drop_cached(self, key: str) -> bool:
+        return self.inner.drop_cached(key)
+
+    def tier_counts(self) -> dict[str, int]:
+        return self.inner.tier_counts()

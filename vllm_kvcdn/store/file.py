@@ -7,11 +7,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_kvcdn.store.base import Store, StoreError
+from vllm_kvcdn.store.base import ObjectInfo, Store, StoreError
 
 
 class FileStore(Store):
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, durable: bool = True):
+        # durable=False skips the fsyncs: for a cache whose copies are checked on read.
+        self.durable = durable
         self.root = Path(root).expanduser().resolve()
         self.url = f"file://{self.root}"
         try:
@@ -41,25 +43,43 @@ class FileStore(Store):
         return self._path(key)
 
     def put(self, key: str, data: bytes) -> None:
+        self._write(key, data, os.replace)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # A hard link fails when the target exists: the atomic "create" a rename lacks.
+        try:
+            self._write(key, data, os.link)
+            return True
+        except FileExistsError:
+            return False
+
+    def _write(self, key: str, data: bytes, place) -> None:
+        """Write a temporary file, then ``place(tmp, path)``: a crash leaves the old
+        object or the new one, never a part."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # temp + fsync + rename: a crash leaves the old object or the new one.
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                    if self.durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                place(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if place is not os.replace:
+                Path(tmp).unlink()  # a link leaves the temporary name behind
+            if self.durable:
+                dir_fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except FileExistsError:
+            raise
         except OSError as e:
             raise StoreError(f"writing {key} to {self.url}: {e}") from e
 
@@ -79,7 +99,7 @@ class FileStore(Store):
         except FileNotFoundError:
             return False
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
         if not base.is_dir():
             return
@@ -87,9 +107,15 @@ class FileStore(Store):
             for name in files:
                 if name.startswith(".tmp-"):
                     continue
-                key = Path(dirpath, name).relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    yield key
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # deleted while we walked
+                    continue
+                yield ObjectInfo(key, st.st_size, st.st_mtime, f"{st.st_mtime_ns}:{st.st_ino}:{st.st_size}")
 
     def version(self, prefix: str) -> object:
         # A directory's mtime changes when an entry is created, renamed in or removed.

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 MANIFEST_PREFIX = "manifests/"
+CHUNK_PREFIX = "chunks/"
 
 
 def chunk_object_key(key: str) -> str:
-    return f"chunks/{key[:2]}/{key}.safetensors"
+    return f"{CHUNK_PREFIX}{key[:2]}/{key}.safetensors"
 
 
 def manifest_object_key(doc_id: str) -> str:

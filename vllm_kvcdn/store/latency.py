@@ -8,36 +8,17 @@ writes go straight through, so the index and publishes behave as before.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-from vllm_kvcdn.store.base import Store
+from vllm_kvcdn.store.base import Store, StoreWrapper
+from vllm_kvcdn.store.keys import CHUNK_PREFIX
 
 
-class LatencyStore(Store):
+class LatencyStore(StoreWrapper):
     def __init__(self, inner: Store, chunk_get_delay_s: float):
-        self.inner = inner
+        super().__init__(inner)
         self.delay_s = chunk_get_delay_s
-        self.url = inner.url
 
     def get(self, key: str) -> bytes | None:
-        if key.startswith("chunks/"):
+        if key.startswith(CHUNK_PREFIX):
             time.sleep(self.delay_s)
         return self.inner.get(key)
-
-    def put(self, key: str, data: bytes) -> None:
-        self.inner.put(key, data)
-
-    def contains(self, key: str) -> bool:
-        return self.inner.contains(key)
-
-    def size(self, key: str) -> int | None:
-        return self.inner.size(key)
-
-    def delete(self, key: str) -> bool:
-        return self.inner.delete(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def version(self, prefix: str) -> object:
-        return self.inner.version(prefix)
