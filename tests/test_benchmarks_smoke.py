@@ -64,3 +64,14 @@ def test_async_io_runs_both_modes_with_real_loads_and_publishes(tiny_model, tmp_
         assert all(r["gaps"] > 0 for r in mode["rows"])  # the decoders ran through every window
         assert mode["ttft"][0]["loaded"] == 255
     assert (tmp_path / "async_io_tiny.png").stat().st_size > 0
+
+
+def test_s3_tiers_runs_and_every_tier_is_checked(tiny_model, tmp_path):
+    run("s3_tiers.py", "--model", str(tiny_model), "--shape", "tiny", "--lengths", "300", "--reps", "1",
+        "--kv-cache-gib", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "s3_tiers_tiny.json").read_text())
+    (row,) = result["rows"]
+    assert row["failed checks"] == "" and row["hit, from S3 (cold node)"] > 0 and row["hit, RAM tier"] > 0
+    assert {r["variant"] for r in result["raw"]} == {"cold prefill", "hit, from S3 (cold node)",
+                                                     "hit, disk tier (after a restart)", "hit, RAM tier"}
+    assert result["throughput"]["kvcdn_gbps"] > 0

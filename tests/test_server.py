@@ -21,13 +21,20 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.servers import ask, kvcdn_server, vllm_server
+from tests.servers import (
+    Reference,
+    ask,
+    ask_all_at_once,
+    deviation,
+    kvcdn_server,
+    reference_answers,
+    vllm_server,
+)
 from vllm_kvcdn.client import APIError, SideAPIClient
 from vllm_kvcdn.store.keys import chunk_object_key
 
@@ -51,63 +58,12 @@ def conversations(texts) -> list[list[dict]]:
     return [doc + [{"role": "user", "content": q}] for doc in documents(texts) for q in QUESTIONS]
 
 
-def ask_all_at_once(url: str, model: str, convs: list[list[dict]]) -> list[dict]:
-    with futures.ThreadPoolExecutor(len(convs)) as pool:
-        return list(pool.map(lambda c: ask(url, model, c), convs))
-
-
-def deviation(got: dict, ref: dict) -> tuple[int, float]:
-    """(the first generated token where the two differ, the max |logprob diff| before it,
-    the first token's top-5 distribution included)."""
-    n = next((i for i, (a, b) in enumerate(zip(got["tokens"], ref["tokens"])) if a != b), len(ref["tokens"]))
-    shared = got["top"][0].keys() & ref["top"][0].keys()
-    diffs = [abs(got["top"][0][t] - ref["top"][0][t]) for t in shared]
-    diffs += [abs(a - b) for a, b in zip(got["logprobs"][:n], ref["logprobs"][:n])]
-    return n, max(diffs, default=0.0)
-
-
-def near_tie(answer: dict, i: int, tol: float) -> bool:
-    """The top two candidates at generated token ``i`` are within ``tol`` of each other."""
-    best = sorted(answer["top"][i].values(), reverse=True)
-    return len(best) > 1 and best[0] - best[1] <= tol
-
-
-@dataclass
-class Reference:
-    """The plain server's answers, one request at a time, and its own spread."""
-
-    answers: list[dict]
-    band: float  # max deviation when the plain server got the same requests all at once
-
-    def __getitem__(self, i: int) -> dict:
-        return self.answers[i]
-
-    @property
-    def tolerance(self) -> float:
-        """Twice vLLM's own spread (measured on an AVX2 EPYC: 0.052-0.061 over four runs);
-        a wrong load is off by 10x-100x (the exactness tests' negative control)."""
-        return max(2 * self.band, 0.01)
-
-    def check(self, got: dict, i: int, what: str = "") -> None:
-        """Level 3: logprobs within the band; a greedy token may differ only where vLLM itself
-        is at a near-tie, and the first token's distribution must match."""
-        ref = self.answers[i]
-        n, diff = deviation(got, ref)
-        assert diff <= self.tolerance, f"{what}: |logprob diff| {diff:.3g}"
-        assert len(got["top"][0].keys() & ref["top"][0].keys()) >= 3, f"{what}: another first-token distribution"
-        assert n == len(ref["tokens"]) or near_tie(ref, n, self.tolerance), f"{what}: diverged at token {n}"
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, texts, tmp_path_factory) -> Reference:
     log = tmp_path_factory.mktemp("servers") / "reference.log"
     server = vllm_server(tiny_model, log).start()
     try:
-        convs = conversations(texts)
-        answers = [ask(server.url, str(tiny_model), conv) for conv in convs]
-        concurrent = ask_all_at_once(server.url, str(tiny_model), convs)
-        own = [deviation(a, b) for a, b in zip(concurrent, answers)]
-        return Reference(answers, band=max(d for _, d in own))
+        return reference_answers(server.url, str(tiny_model), conversations(texts))
     finally:
         server.stop()
 

@@ -3,9 +3,9 @@ protocol, tests/s3.py): what one publishes the other serves within the refresh b
 what one deletes the other stops serving, a restart keeps everything, and both serve
 concurrent traffic over documents published on either.
 
-Server B reads through a disk tier. Its hits are compared bit for bit with A's hits on
-the same conversations (same artifact, same engine settings); how a hit compares with
-plain vLLM is test_server.py's subject, on the same code path.
+Server B reads through a disk tier. Hits are compared bit for bit across the two servers
+(same artifact, same engine settings) and with a plain vLLM server (no connector) at
+level 3 of the contract, within the spread plain vLLM shows itself (test_server.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from tests.s3 import FaultProxy
-from tests.servers import ask, kvcdn_server, start_all
+from tests.servers import ask, kvcdn_server, reference_answers, start_all, vllm_server
 from vllm_kvcdn.client import SideAPIClient
 
 pytestmark = pytest.mark.engine
@@ -54,8 +54,14 @@ def fleet(tiny_model, s3, b_proxy, tmp_path_factory):
     a = kvcdn_server(tiny_model, f"s3://{bucket}/qwen3-tiny?endpoint_url={s3.endpoint}", KEY, base / "a.log")
     b = kvcdn_server(tiny_model, f"s3://{bucket}/qwen3-tiny?endpoint_url={b_proxy.endpoint}", KEY, base / "b.log",
                      disk_cache_gib=1, disk_cache_dir=str(base / "b-disk"))
-    start_all(a, b)
-    yield a, b
+    plain = vllm_server(tiny_model, base / "plain.log")
+    start_all(a, b, plain)
+    try:
+        convs = [conversation(d, q) for d in range(8) for q in range(2)]  # index 2 * d + q
+        reference = reference_answers(plain.url, str(tiny_model), convs)
+    finally:
+        plain.stop()
+    yield a, b, reference
     a.stop()
     b.stop()
 
@@ -78,7 +84,7 @@ def metric(url: str, name: str) -> float:
 
 
 def test_published_on_a_is_served_by_b_within_the_bound(fleet, tiny_model):
-    a, b = fleet
+    a, b, reference = fleet
     model = str(tiny_model)
     assert ask(b.url, model, conversation(0))["kvcdn"].get("hit") is False  # nothing published yet
     doc = SideAPIClient(a.url, key=KEY).publish(messages=documents()[0], title="doc 0")
@@ -89,11 +95,12 @@ def test_published_on_a_is_served_by_b_within_the_bound(fleet, tiny_model):
     on_a = ask(a.url, model, conversation(0))
     assert on_a["kvcdn"]["hit"] is True
     assert (got["tokens"], got["logprobs"]) == (on_a["tokens"], on_a["logprobs"])  # the same bits on both
+    reference.check(got, 0, "B's hit against plain vLLM")
     assert metric(b.url, "vllm:kvcdn_disk_tier_misses_total") >= doc["num_chunks"]
 
 
 def test_two_servers_sixteen_concurrent_requests_each_over_eight_documents(fleet, tiny_model):
-    a, b = fleet
+    a, b, reference = fleet
     model = str(tiny_model)
     for i in range(1, 8):  # published on either server
         SideAPIClient((a, b)[i % 2].url, key=KEY).publish(messages=documents()[i], title=f"doc {i}")
@@ -108,10 +115,12 @@ def test_two_servers_sixteen_concurrent_requests_each_over_eight_documents(fleet
     for (_, d, q), got in zip(jobs, answers):
         by_conv.setdefault((d, q), []).append(got["tokens"])
     assert all(len(v) == 2 for v in by_conv.values())
+    for (url, d, q), got in zip(jobs, answers):
+        reference.check(got, 2 * d + q, f"{url}, document {d}, question {q}")
 
 
 def test_deleted_on_a_stops_hitting_on_b_within_the_bound(fleet, tiny_model):
-    a, b = fleet
+    a, b, reference = fleet
     model = str(tiny_model)
     api = SideAPIClient(a.url, key=KEY)
     doc = next(d for d in api.list()["documents"] if d["title"] == "doc 0")
@@ -128,7 +137,7 @@ def test_deleted_on_a_stops_hitting_on_b_within_the_bound(fleet, tiny_model):
 
 
 def test_restarted_b_serves_published_documents_from_its_disk_tier(fleet, tiny_model):
-    _, b = fleet
+    _, b, _ = fleet
     b.stop()
     b.start()
     got = ask(b.url, str(tiny_model), conversation(3, 1))
@@ -147,7 +156,7 @@ def publish_fresh(a, i: int) -> dict:
 
 
 def test_throttling_on_b_is_retried_and_the_hit_is_the_same(fleet, b_proxy, tiny_model):
-    a, b = fleet
+    a, b, reference = fleet
     doc = publish_fresh(a, 0)
     conv = doc["messages"] + [{"role": "user", "content": QUESTIONS[0]}]
     time.sleep(REFRESH_S + 0.5)
@@ -159,7 +168,7 @@ def test_throttling_on_b_is_retried_and_the_hit_is_the_same(fleet, b_proxy, tiny
 
 
 def test_an_outage_on_b_costs_a_bounded_delay_and_a_counted_miss(fleet, b_proxy, tiny_model):
-    a, b = fleet
+    a, b, reference = fleet
     doc = publish_fresh(a, 1)
     conv = doc["messages"] + [{"role": "user", "content": QUESTIONS[0]}]
     time.sleep(REFRESH_S + 0.5)

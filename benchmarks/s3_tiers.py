@@ -1,0 +1,230 @@
+"""A hit's TTFT by where its chunks come from: the shared S3 bucket (a cold node), the node's
+disk tier (after a restart), the worker's RAM tier (hot), beside a cold prefill; and the
+S3 client's GET throughput against one raw loopback GET of the same objects.
+
+The bucket is moto's S3 server (``moto[server]``) on loopback in this process: the real
+protocol, but a Python server, so its figures say what our client does over HTTP, not what
+AWS S3 or MinIO would give. Three engines, one after the other (vLLM's prefix cache off, so
+every hit comes through kvcdn; ``VLLM_CPU_NUM_OF_RESERVED_CPU`` the same for all):
+
+- ``publisher``: per length L, a cold prefill of document + question (TTFT), then publishes
+  the document to the bucket;
+- ``node``: a fresh node (empty RAM and disk tiers): the first hit reads the bucket; the
+  next ``--reps`` hits come from the RAM tier;
+- ``node-restarted``: the same node after a restart: the first hit reads its disk tier.
+
+Every hit is checked with vLLM's own counters (only the question computed) and kvcdn's
+(``loaded_tokens`` = L; disk-tier hits and misses as expected).
+
+    python benchmarks/s3_tiers.py [--shape kv-0.6b] [--lengths 255,945,3774,8192] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from vllm_kvcdn.defaults import cpu_engine_env
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+QUESTION_LEN = 16
+COMPUTED = "vllm:request_prefill_kv_computed_tokens"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def tokens(n: int, seed: str) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, 500) for _ in range(n)]
+
+
+def timed(llm, prompt: list[int], **kw) -> tuple[float, dict, dict]:
+    from vllm_kvcdn.offline import engine_counters, generate
+
+    before = engine_counters(llm)
+    t0 = time.perf_counter()
+    answer = generate(llm, prompt, max_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    after = engine_counters(llm)
+    return ttft, {k: after[k] - before.get(k, 0.0) for k in after}, answer.kvcdn
+
+
+def run_phase(spec: dict) -> list[dict]:
+    """One engine (in its own process): the measurements of ``spec["phase"]``."""
+    from vllm_kvcdn.offline import make_llm
+
+    lengths, phase = spec["lengths"], spec["phase"]
+    max_len = max(lengths) + QUESTION_LEN + 64
+    llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False, max_model_len=max_len,
+                   max_num_batched_tokens=max_len, extra_config={
+                       "ram_tier_gib": 4.0, "disk_cache_gib": 8.0, "disk_cache_dir": spec["disk_dir"],
+                       "publish_isolation_s": 0})
+    timed(llm, tokens(64, "warmup"), cache_salt="warmup")
+    rows, published = [], []
+
+    def record(variant: str, length: int, ttft: float, delta: dict, ok: bool) -> None:
+        rows.append({"variant": variant, "L": length, "ttft": ttft, "ok": bool(ok), "computed": delta.get(COMPUTED, 0),
+                     "disk_hits": delta.get("vllm:kvcdn_disk_tier_hits", 0),
+                     "disk_misses": delta.get("vllm:kvcdn_disk_tier_misses", 0),
+                     "load_s": delta.get("vllm:kvcdn_load_duration_seconds", 0)})
+
+    for length in lengths:
+        doc = tokens(length, f"doc{length}")
+
+        def hit(d: dict, report: dict) -> bool:
+            return report.get("loaded_tokens") == length and d.get(COMPUTED) == QUESTION_LEN
+        if phase == "publisher":
+            ttft, d, _ = timed(llm, doc + tokens(QUESTION_LEN, "cold"), cache_salt="nothing-published-here")
+            record("cold prefill", length, ttft, d, d.get(COMPUTED) == length + QUESTION_LEN)
+            _, _, report = timed(llm, doc, publish=True)
+            assert report.get("document"), report
+            published.append(report["document"])
+        elif phase == "node":
+            ttft, d, report = timed(llm, doc + tokens(QUESTION_LEN, "first"))
+            record("hit, from S3 (cold node)", length, ttft, d,
+                   hit(d, report) and d.get("vllm:kvcdn_disk_tier_misses", 0) > 0)
+            for rep in range(spec["reps"]):
+                ttft, d, report = timed(llm, doc + tokens(QUESTION_LEN, f"hot{rep}"))
+                record("hit, RAM tier", length, ttft, d, hit(d, report))
+        else:
+            ttft, d, report = timed(llm, doc + tokens(QUESTION_LEN, "restarted"))
+            record("hit, disk tier (after a restart)", length, ttft, d,
+                   hit(d, report) and d.get("vllm:kvcdn_disk_tier_hits", 0) > 0
+                   and not d.get("vllm:kvcdn_disk_tier_misses"))
+    for doc_id in published:  # the writes run in the background: let them finish
+        _, _, report = timed(llm, [1], wait_for=doc_id)
+        assert report.get("published"), report
+    return rows
+
+
+def throughput(store_url: str, endpoint: str, bucket: str, reps: int) -> dict:
+    """GB/s of the store's GET (parallel ranged parts) vs one plain GET of each chunk object
+    (a presigned URL read with urllib: no boto3 on that path)."""
+    import boto3
+
+    from vllm_kvcdn.store import open_store
+
+    store = open_store(store_url)
+    keys = [info.key for info in store.scan("chunks/")]
+    client = boto3.client("s3", endpoint_url=endpoint)
+    urls = {k: client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": store.prefix + k})
+            for k in keys}
+    nbytes = sum(store.size(k) for k in keys)
+    ours, raw = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for k in keys:
+            store.get(k)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for k in keys:
+            with urllib.request.urlopen(urls[k]) as r:
+                r.read()
+        raw.append(time.perf_counter() - t0)
+    return {"objects": len(keys), "bytes": nbytes, "kvcdn_gbps": nbytes / statistics.median(ours) / 1e9,
+            "raw_gbps": nbytes / statistics.median(raw) / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="kv-0.6b", help="tiny_model shape (kv-0.6b: Qwen3-0.6B's KV bytes)")
+    ap.add_argument("--model", help="model directory (default: generate --shape)")
+    ap.add_argument("--lengths", default="255,945,3774,8192")
+    ap.add_argument("--reps", type=int, default=3, help="RAM-tier hits per length (median)")
+    ap.add_argument("--kv-cache-gib", default="4")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        Path(spec["out"]).write_text(json.dumps(run_phase(spec)))
+        return
+
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint, bucket = f"http://{host}:{port}", "kvcdn-bench"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    store_url = f"s3://{bucket}/{args.shape}?endpoint_url={endpoint}"
+    work = Path(tempfile.mkdtemp(prefix="kvcdn-s3-tiers-"))
+    model = args.model
+    if not model:
+        from vllm_kvcdn.tiny_model import make_model
+
+        model = str(make_model(work / "model", args.shape))
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    rows = []
+    env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
+    for phase, disk in (("publisher", "disk-publisher"), ("node", "disk-node"), ("node-restarted", "disk-node")):
+        spec = {"phase": phase, "model": model, "lengths": lengths, "reps": args.reps, "store_url": store_url,
+                "disk_dir": str(work / disk), "out": str(work / f"{phase}.json")}
+        (work / f"{phase}.spec").write_text(json.dumps(spec))
+        print(f"[s3_tiers] {phase}: running...", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", str(work / f"{phase}.spec")], env=env, check=True)
+        rows += json.loads((work / f"{phase}.json").read_text())
+    tput = throughput(store_url, endpoint, bucket, reps=3)
+    server.stop()
+    _report(args, rows, tput)
+    print(f"[s3_tiers] work files in {work}")
+
+
+def _report(args, rows: list[dict], tput: dict) -> None:
+    from report import write_report
+
+    variants = ["cold prefill", "hit, from S3 (cold node)", "hit, disk tier (after a restart)", "hit, RAM tier"]
+    table = []
+    for length in sorted({r["L"] for r in rows}):
+        row = {"L": length}
+        for v in variants:
+            rs = [r for r in rows if r["L"] == length and r["variant"] == v]
+            row[v] = statistics.median(r["ttft"] for r in rs) if rs else None
+        cold = row["cold prefill"]
+        for v in variants[1:]:
+            row[f"x {v}"] = cold / row[v] if row[v] else None
+        row["failed checks"] = ", ".join(f"{r['variant']}" for r in rows if r["L"] == length and not r["ok"])
+        table.append(row)
+    columns = [("L", "L"), *[(v, f"{v} (s)") for v in variants],
+               *[(f"x {v}", f"speedup, {v.removeprefix('hit, ')}") for v in variants[1:]],
+               ("failed checks", "failed checks")]
+
+    def plot(ax):
+        xs = [r["L"] for r in table]
+        for v in variants:
+            ax.plot(xs, [r[v] for r in table], marker="o", label=v)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("document tokens")
+        ax.set_ylabel("TTFT (s)")
+        ax.legend()
+
+    notes = (f"Model {args.shape}, vLLM CPU, prompt = L document tokens + {QUESTION_LEN} question tokens, "
+             "max_tokens=1; "
+             f"RAM-tier TTFT: median of {args.reps}. S3 = moto's server on loopback (a Python server: its "
+             f"throughput bounds the first read). GET throughput over the {tput['objects']} chunk objects "
+             f"({tput['bytes'] / 1e6:.0f} MB): kvcdn's S3 client (parallel 8 MiB ranged GETs) "
+             f"{tput['kvcdn_gbps']:.2f} GB/s vs one plain GET per object {tput['raw_gbps']:.2f} GB/s "
+             f"({tput['kvcdn_gbps'] / tput['raw_gbps']:.2f}x).")
+    print(write_report(args.out, f"s3_tiers_{args.shape}", title="A hit's TTFT by tier: S3, disk, RAM", rows=table,
+                       columns=columns, notes=notes, extra={"raw": rows, "throughput": tput, "args": vars(args)},
+                       plot=plot).read_text())
+
+
+if __name__ == "__main__":
+    main()
