@@ -1,0 +1,143 @@
+"""Faults on the S3 path, end to end: a real engine reads published documents from moto's
+S3 server (the real protocol, tests/s3.py) through a node disk tier and the fault proxy.
+
+One engine publishes five documents; then, in the bucket or at the HTTP boundary:
+- ``flip`` / ``truncate``: the first chunk object is replaced by a damaged copy (a
+  corrupt object, a cut upload);
+- ``delete``: the chunk object is deleted after the manifest was listed;
+- ``reset``: the first GET of a chunk is cut mid-body by a connection reset;
+- ``during``: the document is deleted while the request's read is held up at the proxy
+  (a chunk deleted between match and load).
+A second engine (in-process core, disk tier on) asks a question about each. Damage and
+deletion must end in a full prefill bit-equal to plain vLLM computing the prompt cold,
+with the reason counted in our metric and no tokens counted as loaded by vLLM; the reset
+read is resumed and the hit is bit-equal to plain vLLM serving the document from its own
+prefix cache (level 2).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.s3 import FaultProxy
+from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.store.keys import chunk_object_key
+
+pytestmark = pytest.mark.engine
+
+DAMAGE = {"flip": "checksum", "truncate": "truncated", "delete": "missing"}  # kind -> failure reason
+DOCS = (*DAMAGE, "reset", "during")
+DOC_TOKENS = 512  # whole blocks: plain vLLM's prefix cache then reuses exactly the document
+NEW_TOKENS = 8
+EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
+ENGINE_ARGS = {"max_num_batched_tokens": 2048}
+PREFIX = "tiny"
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict[str, list[int]]:
+    from vllm_kvcdn.tiny_model import corpus
+
+    lines = corpus()
+    out = {}
+    for i, name in enumerate(DOCS):
+        doc = tokenizer(" ".join(lines[1200 + i * 200 : 1400 + i * 200])).input_ids[:DOC_TOKENS]
+        assert len(doc) == DOC_TOKENS
+        out[name] = doc
+        out[f"{name}_q"] = doc + tokenizer(" Q: who rang the bell at noon? A:").input_ids
+    return out
+
+
+def _query(name: str, ids: list[int]) -> dict:
+    return {"name": name, "op": "query", "ids": ids, "max_tokens": NEW_TOKENS}
+
+
+def _damage(client, bucket: str, key: str, kind: str) -> None:
+    if kind == "delete":
+        client.delete_object(Bucket=bucket, Key=key)
+        return
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    if kind == "flip":
+        data[-1] ^= 0x01  # in the KV data: the header still parses
+    else:
+        data = data[: len(data) // 2]
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+@pytest.fixture(scope="module")
+def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
+    bucket, model = s3.new_bucket(), str(tiny_model)
+    published = run_engine({
+        "model": model, "store_url": f"s3://{bucket}/{PREFIX}?endpoint_url={s3.endpoint}",
+        "engine_args": ENGINE_ARGS,
+        "ops": [{"name": name, "op": "publish", "ids": prompts[name]} for name in DOCS]})
+    first_chunk = {}
+    for name in DOCS:
+        report = published[name]["answer"]["kvcdn"]
+        assert report["published"], report
+        chunk = document_chunks(prompts[name], report["fingerprint"], None, 256)[0]
+        first_chunk[name] = f"{PREFIX}/{chunk_object_key(chunk.key)}"
+    client = s3.client()
+    for kind in DAMAGE:
+        _damage(client, bucket, first_chunk[kind], kind)
+
+    proxy = FaultProxy(s3.endpoint)
+    try:
+        proxy.inject("reset", 200, method="GET", path=re.escape(first_chunk["reset"]))
+        # Held 3 s at the proxy, then forwarded: by then the document is gone.
+        proxy.inject("delay", 3, method="GET", path=re.escape(first_chunk["during"]))
+        consumer = run_engine({
+            "model": model, "store_url": f"s3://{bucket}/{PREFIX}?endpoint_url={proxy.endpoint}",
+            "inproc": True, "engine_args": ENGINE_ARGS,
+            "extra_config": {"disk_cache_gib": 1, "disk_cache_dir": str(tmp_path_factory.mktemp("disk-tier"))},
+            "ops": [*(_query(kind, prompts[f"{kind}_q"]) for kind in (*DAMAGE, "reset")),
+                    {"name": "during", "op": "delete_during", "ids": prompts["during_q"],
+                     "doc": published["during"]["answer"]["kvcdn"]["document"],
+                     "after_steps": 1, "max_tokens": NEW_TOKENS},
+                    {"name": "forget", "op": "reset"},  # the recompute left the document in vLLM's own cache
+                    _query("flip_again", prompts["flip_q"])]})
+        faulted = proxy.faulted
+    finally:
+        proxy.stop()
+
+    ref_ops = []
+    for name in DOCS:
+        ref_ops += [{"name": f"reset_{name}", "op": "reset"}, _query(f"{name}_cold", prompts[f"{name}_q"])]
+    ref_ops += [{"name": "reset_warm", "op": "reset"}, _query("doc", prompts["reset"]),
+                _query("reset_warm", prompts["reset_q"])]
+    plain = run_engine({"model": model, "store_url": None, "inproc": True, "engine_args": ENGINE_ARGS,
+                        "ops": ref_ops})
+    return {"consumer": consumer, "plain": plain, "faulted": faulted}
+
+
+@pytest.mark.parametrize("kind", [*DAMAGE, "flip_again"])
+def test_a_damaged_or_deleted_object_is_a_counted_miss_and_a_cold_answer(runs, kind):
+    done = runs["consumer"][kind]
+    report = done["answer"]["kvcdn"]
+    assert report["hit"] is False and report["loaded_tokens"] == 0, report
+    reason = DAMAGE[kind.removesuffix("_again")]
+    assert done["counters"].get(f"vllm:kvcdn_load_failures{{reason={reason}}}", 0) >= 1, done["counters"]
+    assert done["counters"].get(EXTERNAL, 0) == 0, done["counters"]
+    assert identical(done["answer"], runs["plain"][f"{kind.removesuffix('_again')}_cold"]["answer"])
+
+
+def test_a_chunk_deleted_between_match_and_load_is_a_counted_miss(runs):
+    done = runs["consumer"]["during"]
+    assert done["answer"]["kvcdn"]["hit"] is False, done["answer"]["kvcdn"]
+    assert done["counters"].get("vllm:kvcdn_load_failures{reason=missing}", 0) >= 1, done["counters"]
+    assert done["counters"].get(EXTERNAL, 0) == 0, done["counters"]
+    assert identical(done["answer"], runs["plain"]["during_cold"]["answer"])
+
+
+def test_a_read_cut_by_a_connection_reset_is_resumed_and_hits(runs):
+    assert runs["faulted"] == 2  # the reset and the held read both happened
+    done = runs["consumer"]["reset"]
+    report = done["answer"]["kvcdn"]
+    assert report["hit"] is True and report["loaded_tokens"] == DOC_TOKENS, report
+    assert done["counters"][EXTERNAL] == DOC_TOKENS  # vLLM's own count: prefill of the document skipped
+    warm = runs["plain"]["reset_warm"]["answer"]
+    assert warm["num_cached_tokens"] >= DOC_TOKENS  # the reference really reused the document
+    assert identical(done["answer"], warm)
