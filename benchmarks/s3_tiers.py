@@ -2,9 +2,12 @@
 disk tier (after a restart), the worker's RAM tier (hot), beside a cold prefill; and the
 S3 client's GET throughput against one raw loopback GET of the same objects.
 
-The bucket is moto's S3 server (``moto[server]``) on loopback in this process: the real
-protocol, but a Python server, so its figures say what our client does over HTTP, not what
-AWS S3 or MinIO would give. Three engines, one after the other (vLLM's prefix cache off, so
+The bucket is moto's S3 server (``moto[server]``) on loopback in a process of its own: the
+real protocol, but a Python server (it copies the whole object for every ranged GET, and
+shares this machine's cores), so its figures say what our client does over HTTP, not what
+AWS S3 or MinIO would give. Throughput reads every chunk object ``io_threads`` (4) at a
+time, as the connector's loader does, both ways; the client's CPU seconds per GB are
+measured too (the server runs in another process). Three engines, one after the other (vLLM's prefix cache off, so
 every hit comes through kvcdn; ``VLLM_CPU_NUM_OF_RESERVED_CPU`` the same for all):
 
 - ``publisher``: per length L, a cold prefill of document + question (TTFT), then publishes
@@ -109,9 +112,11 @@ def run_phase(spec: dict) -> list[dict]:
     return rows
 
 
-def throughput(store_url: str, endpoint: str, bucket: str, reps: int) -> dict:
-    """GB/s of the store's GET (parallel ranged parts) vs one plain GET of each chunk object
-    (a presigned URL read with urllib: no boto3 on that path)."""
+def throughput(store_url: str, endpoint: str, bucket: str, reps: int, concurrency: int = 4) -> dict:
+    """GB/s and client CPU s/GB of the store's GET vs one plain GET of each chunk object (a
+    presigned URL read with urllib: no boto3 on that path), ``concurrency`` objects at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import boto3
 
     from vllm_kvcdn.store import open_store
@@ -119,22 +124,48 @@ def throughput(store_url: str, endpoint: str, bucket: str, reps: int) -> dict:
     store = open_store(store_url)
     keys = [info.key for info in store.scan("chunks/")]
     client = boto3.client("s3", endpoint_url=endpoint)
-    urls = {k: client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": store.prefix + k})
-            for k in keys}
+    urls = [client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": store.prefix + k})
+            for k in keys]
     nbytes = sum(store.size(k) for k in keys)
-    ours, raw = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for k in keys:
-            store.get(k)
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for k in keys:
-            with urllib.request.urlopen(urls[k]) as r:
-                r.read()
-        raw.append(time.perf_counter() - t0)
-    return {"objects": len(keys), "bytes": nbytes, "kvcdn_gbps": nbytes / statistics.median(ours) / 1e9,
-            "raw_gbps": nbytes / statistics.median(raw) / 1e9}
+
+    def plain_get(url: str) -> None:
+        with urllib.request.urlopen(url) as r:
+            r.read()
+
+    timings = {"kvcdn": [], "raw": []}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(reps):
+            for name, read, items in (("kvcdn", store.get, keys), ("raw", plain_get, urls)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                list(pool.map(read, items))
+                timings[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    out = {"objects": len(keys), "bytes": nbytes, "concurrency": concurrency,
+           "part_mib": store.options.part_mib}
+    for name, runs in timings.items():
+        out[f"{name}_gbps"] = nbytes / statistics.median(w for w, _ in runs) / 1e9
+        out[f"{name}_cpu_s_per_gb"] = statistics.median(c for _, c in runs) / (nbytes / 1e9)
+    return out
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in a process of its own (its GIL is not the client's)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
+            return server, endpoint
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
 
 
 def main() -> None:
@@ -152,35 +183,33 @@ def main() -> None:
         Path(spec["out"]).write_text(json.dumps(run_phase(spec)))
         return
 
-    from moto.server import ThreadedMotoServer
-
     os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint, bucket = f"http://{host}:{port}", "kvcdn-bench"
-    import boto3
+    server, endpoint = start_moto()
+    try:
+        bucket = "kvcdn-bench"
+        import boto3
 
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    store_url = f"s3://{bucket}/{args.shape}?endpoint_url={endpoint}"
-    work = Path(tempfile.mkdtemp(prefix="kvcdn-s3-tiers-"))
-    model = args.model
-    if not model:
-        from vllm_kvcdn.tiny_model import make_model
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        store_url = f"s3://{bucket}/{args.shape}?endpoint_url={endpoint}"
+        work = Path(tempfile.mkdtemp(prefix="kvcdn-s3-tiers-"))
+        model = args.model
+        if not model:
+            from vllm_kvcdn.tiny_model import make_model
 
-        model = str(make_model(work / "model", args.shape))
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    rows = []
-    env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
-    for phase, disk in (("publisher", "disk-publisher"), ("node", "disk-node"), ("node-restarted", "disk-node")):
-        spec = {"phase": phase, "model": model, "lengths": lengths, "reps": args.reps, "store_url": store_url,
-                "disk_dir": str(work / disk), "out": str(work / f"{phase}.json")}
-        (work / f"{phase}.spec").write_text(json.dumps(spec))
-        print(f"[s3_tiers] {phase}: running...", flush=True)
-        subprocess.run([sys.executable, __file__, "--child", str(work / f"{phase}.spec")], env=env, check=True)
-        rows += json.loads((work / f"{phase}.json").read_text())
-    tput = throughput(store_url, endpoint, bucket, reps=3)
-    server.stop()
+            model = str(make_model(work / "model", args.shape))
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        rows = []
+        env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
+        for phase, disk in (("publisher", "disk-publisher"), ("node", "disk-node"), ("node-restarted", "disk-node")):
+            spec = {"phase": phase, "model": model, "lengths": lengths, "reps": args.reps, "store_url": store_url,
+                    "disk_dir": str(work / disk), "out": str(work / f"{phase}.json")}
+            (work / f"{phase}.spec").write_text(json.dumps(spec))
+            print(f"[s3_tiers] {phase}: running...", flush=True)
+            subprocess.run([sys.executable, __file__, "--child", str(work / f"{phase}.spec")], env=env, check=True)
+            rows += json.loads((work / f"{phase}.json").read_text())
+        tput = throughput(store_url, endpoint, bucket, reps=3)
+    finally:
+        server.terminate()
     _report(args, rows, tput)
     print(f"[s3_tiers] work files in {work}")
 
@@ -216,10 +245,12 @@ def _report(args, rows: list[dict], tput: dict) -> None:
 
     notes = (f"Model {args.shape}, vLLM CPU, prompt = L document tokens + {QUESTION_LEN} question tokens, "
              "max_tokens=1; "
-             f"RAM-tier TTFT: median of {args.reps}. S3 = moto's server on loopback (a Python server: its "
-             f"throughput bounds the first read). GET throughput over the {tput['objects']} chunk objects "
-             f"({tput['bytes'] / 1e6:.0f} MB): kvcdn's S3 client (parallel 8 MiB ranged GETs) "
-             f"{tput['kvcdn_gbps']:.2f} GB/s vs one plain GET per object {tput['raw_gbps']:.2f} GB/s "
+             f"RAM-tier TTFT: median of {args.reps}. S3 = moto's server on loopback, in its own process (a "
+             f"Python server: its throughput bounds the first read). GET throughput over the {tput['objects']} "
+             f"chunk objects ({tput['bytes'] / 1e6:.0f} MB), {tput['concurrency']} at a time: kvcdn's S3 client "
+             f"({tput['part_mib']} MiB ranged parts) {tput['kvcdn_gbps']:.2f} GB/s at "
+             f"{tput['kvcdn_cpu_s_per_gb']:.2f} client CPU s/GB vs one plain GET per object "
+             f"{tput['raw_gbps']:.2f} GB/s at {tput['raw_cpu_s_per_gb']:.2f} s/GB "
              f"({tput['kvcdn_gbps'] / tput['raw_gbps']:.2f}x).")
     print(write_report(args.out, f"s3_tiers_{args.shape}", title="A hit's TTFT by tier: S3, disk, RAM", rows=table,
                        columns=columns, notes=notes, extra={"raw": rows, "throughput": tput, "args": vars(args)},
