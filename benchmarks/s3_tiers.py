@@ -1,6 +1,7 @@
 """A hit's TTFT by where its chunks come from: the shared S3 bucket (a cold node), the node's
-disk tier (after a restart), the worker's RAM tier (hot), beside a cold prefill; and the
-S3 client's GET throughput against one raw loopback GET of the same objects.
+disk tier after a restart (canonical chunks; block images), the worker's RAM tier (hot),
+beside a cold prefill; and the S3 client's GET throughput against one raw loopback GET of
+the same objects.
 
 The bucket is moto's S3 server (``moto[server]``) on loopback in a process of its own: the
 real protocol, but a Python server (it copies the whole object for every ranged GET, and
@@ -14,10 +15,13 @@ every hit comes through kvcdn; ``VLLM_CPU_NUM_OF_RESERVED_CPU`` the same for all
   the document to the bucket;
 - ``node``: a fresh node (empty RAM and disk tiers): the first hit reads the bucket; the
   next ``--reps`` hits come from the RAM tier;
-- ``node-restarted``: the same node after a restart: the first hit reads its disk tier.
+- ``node-restarted-chunks``: the same node after a restart, block images off
+  (``disk_images: false``): the first hit reads canonical chunks from its disk tier;
+- ``node-restarted-images``: restarted again, block images on (the default): whole chunks
+  are read as the engine's own block images (no packing op), the tail from its chunk.
 
 Every hit is checked with vLLM's own counters (only the question computed) and kvcdn's
-(``loaded_tokens`` = L; disk-tier hits and misses as expected).
+(``loaded_tokens`` = L; disk-tier misses, image-tier hits as expected).
 
     python benchmarks/s3_tiers.py [--shape kv-0.6b] [--lengths 255,945,3774,8192] [--reps 3]
 """
@@ -41,6 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 QUESTION_LEN = 16
+CHUNK_TOKENS = 256  # the connector's default chunk size
+DISK_CHUNKS = "hit, disk tier: chunks"  # canonical chunks: read, verify, the packing op
+DISK_IMAGES = "hit, disk tier: block images"  # the engine's own blocks: read, verify, copy
 COMPUTED = "vllm:request_prefill_kv_computed_tokens"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
@@ -73,7 +80,7 @@ def run_phase(spec: dict) -> list[dict]:
     llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False, max_model_len=max_len,
                    max_num_batched_tokens=max_len, extra_config={
                        "ram_tier_gib": 4.0, "disk_cache_gib": 8.0, "disk_cache_dir": spec["disk_dir"],
-                       "publish_isolation_s": 0})
+                       "disk_images": spec["disk_images"], "publish_isolation_s": 0})
     timed(llm, tokens(64, "warmup"), cache_salt="warmup")
     rows, published = [], []
 
@@ -81,6 +88,7 @@ def run_phase(spec: dict) -> list[dict]:
         rows.append({"variant": variant, "L": length, "ttft": ttft, "ok": bool(ok), "computed": delta.get(COMPUTED, 0),
                      "disk_hits": delta.get("vllm:kvcdn_disk_tier_hits", 0),
                      "disk_misses": delta.get("vllm:kvcdn_disk_tier_misses", 0),
+                     "image_hits": delta.get("vllm:kvcdn_image_tier_hits", 0),
                      "load_s": delta.get("vllm:kvcdn_load_duration_seconds", 0)})
 
     for length in lengths:
@@ -101,11 +109,12 @@ def run_phase(spec: dict) -> list[dict]:
             for rep in range(spec["reps"]):
                 ttft, d, report = timed(llm, doc + tokens(QUESTION_LEN, f"hot{rep}"))
                 record("hit, RAM tier", length, ttft, d, hit(d, report))
-        else:
+        else:  # restarted: everything from the node's disk, as chunks or (whole chunks) as block images
             ttft, d, report = timed(llm, doc + tokens(QUESTION_LEN, "restarted"))
-            record("hit, disk tier (after a restart)", length, ttft, d,
-                   hit(d, report) and d.get("vllm:kvcdn_disk_tier_hits", 0) > 0
-                   and not d.get("vllm:kvcdn_disk_tier_misses"))
+            images = d.get("vllm:kvcdn_image_tier_hits", 0)
+            record(DISK_IMAGES if spec["disk_images"] else DISK_CHUNKS, length, ttft, d,
+                   hit(d, report) and not d.get("vllm:kvcdn_disk_tier_misses")
+                   and (images >= length // CHUNK_TOKENS if spec["disk_images"] else images == 0))
     for doc_id in published:  # the writes run in the background: let them finish
         _, _, report = timed(llm, [1], wait_for=doc_id)
         assert report.get("published"), report
@@ -200,9 +209,11 @@ def main() -> None:
         lengths = [int(x) for x in args.lengths.split(",") if x]
         rows = []
         env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
-        for phase, disk in (("publisher", "disk-publisher"), ("node", "disk-node"), ("node-restarted", "disk-node")):
+        phases = (("publisher", "disk-publisher", True), ("node", "disk-node", True),
+                  ("node-restarted-chunks", "disk-node", False), ("node-restarted-images", "disk-node", True))
+        for phase, disk, images in phases:
             spec = {"phase": phase, "model": model, "lengths": lengths, "reps": args.reps, "store_url": store_url,
-                    "disk_dir": str(work / disk), "out": str(work / f"{phase}.json")}
+                    "disk_dir": str(work / disk), "disk_images": images, "out": str(work / f"{phase}.json")}
             (work / f"{phase}.spec").write_text(json.dumps(spec))
             print(f"[s3_tiers] {phase}: running...", flush=True)
             subprocess.run([sys.executable, __file__, "--child", str(work / f"{phase}.spec")], env=env, check=True)
@@ -217,7 +228,7 @@ def main() -> None:
 def _report(args, rows: list[dict], tput: dict) -> None:
     from report import write_report
 
-    variants = ["cold prefill", "hit, from S3 (cold node)", "hit, disk tier (after a restart)", "hit, RAM tier"]
+    variants = ["cold prefill", "hit, from S3 (cold node)", DISK_CHUNKS, DISK_IMAGES, "hit, RAM tier"]
     table = []
     for length in sorted({r["L"] for r in rows}):
         row = {"L": length}

@@ -72,6 +72,6 @@ def test_s3_tiers_runs_and_every_tier_is_checked(tiny_model, tmp_path):
     result = json.loads((tmp_path / "s3_tiers_tiny.json").read_text())
     (row,) = result["rows"]
     assert row["failed checks"] == "" and row["hit, from S3 (cold node)"] > 0 and row["hit, RAM tier"] > 0
-    assert {r["variant"] for r in result["raw"]} == {"cold prefill", "hit, from S3 (cold node)",
-                                                     "hit, disk tier (after a restart)", "hit, RAM tier"}
+    assert {r["variant"] for r in result["raw"]} == {"cold prefill", "hit, from S3 (cold node)", "hit, RAM tier",
+                                                     "hit, disk tier: chunks", "hit, disk tier: block images"}
     assert result["throughput"]["kvcdn_gbps"] > 0

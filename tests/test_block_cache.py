@@ -30,3 +30,32 @@ def test_too_small_capacity_holds_nothing():
     ram = PackedBlockCache(10, cs, block_dim=0, blocks_per_chunk=2)
     ram.put("a", cs, torch.tensor([0, 1]))
     assert ram.num_slots == 0 and ram.get("a", 0, 1) is None
+
+
+def test_pinned_and_reserved_slots_are_not_evicted():
+    cs = caches()
+    slot_bytes = 2 * 2 * 4 * 6 * 4
+    ram = PackedBlockCache(2 * slot_bytes, cs, block_dim=0, blocks_per_chunk=2)
+    ram.put("a", cs, torch.tensor([0, 1]))
+    image, blocks = ram.pin("a")  # being written to disk
+    assert blocks == 2 and torch.equal(image[1], cs[1][[0, 1]])
+    reserved = ram.reserve()  # being filled from disk: the free slot
+    ram.put("b", cs, torch.tensor([2, 3]))  # nothing left to evict but the pinned one: not kept
+    assert ram.get("b", 0, 2) is None and ram.get("a", 0, 2) is not None
+    ram.slot(reserved)[0].copy_(cs[0][[4, 5]])
+    ram.slot(reserved)[1].copy_(cs[1][[4, 5]])
+    ram.commit("c", reserved, 2)
+    assert torch.equal(ram.get("c", 0, 2)[1], cs[1][[4, 5]])
+    ram.unpin("a")
+    ram.put("d", cs, torch.tensor([6, 7]))  # now "a" (least recent) can go
+    assert ram.get("a", 0, 1) is None and ram.get("d", 0, 2) is not None
+
+
+def test_a_second_commit_of_one_chunk_gives_its_slot_back():
+    cs = caches()
+    ram = PackedBlockCache(2 * 2 * 2 * 4 * 6 * 4, cs, block_dim=0, blocks_per_chunk=2)
+    first, second = ram.reserve(), ram.reserve()
+    assert ram.reserve() is None  # both slots out, none held to evict
+    ram.commit("a", first, 2)
+    ram.commit("a", second, 2)  # two loads read the same image at once
+    assert len(ram) == 1 and ram.reserve() == second

@@ -29,6 +29,10 @@ class KVCDNConfig:
     # local disk, least recently used out first, across restarts. 0: off.
     disk_cache_gib: float = 0.0
     disk_cache_dir: str = field(default_factory=lambda: str(disk_tier_dir()))
+    # With the disk tier on, each worker also keeps the engine's own block images of the
+    # chunks it loaded (its RAM tier's slots) under disk_cache_dir/images, bounded by
+    # disk_cache_gib too: a read from disk then skips the packing op. false: canonical only.
+    disk_images: bool = True
     # How often the scheduler looks for documents published or deleted by other servers
     # (one listing of the manifests; only new or changed ones are read).
     index_refresh_s: float = 2.0

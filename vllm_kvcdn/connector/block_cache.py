@@ -10,6 +10,10 @@ The memory is one arena of fixed-size slots (one chunk's blocks for every layer)
 allocated and touched when the worker starts: filling fresh memory page by page on the
 request path cost more than the load itself (measured: 0.9 s of a 1.4 s first read of
 940 MB).
+
+A slot can also be filled from outside (``reserve``, then ``commit`` or ``release``: the
+node's block-image files, ``image_tier``) and pinned while it is written out (``pin``):
+neither a reserved nor a pinned slot is evicted. The caller serializes every call.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class PackedBlockCache:
         self.arena.zero_()  # touch every page now, not on the request path
         self._slots: OrderedDict[str, tuple[int, int]] = OrderedDict()  # chunk key -> (slot, blocks held)
         self._free = list(range(self.num_slots))
+        self._pins: dict[str, int] = {}  # chunk key -> pins held
 
     @property
     def capacity_bytes(self) -> int:
@@ -51,12 +56,11 @@ class PackedBlockCache:
 
     def put(self, chunk_key: str, caches: list[torch.Tensor], block_ids: torch.Tensor) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order) out of the paged caches."""
-        if not self.num_slots or chunk_key in self._slots:
+        if chunk_key in self._slots:
             return
-        if not self._free:
-            _, (slot, _) = self._slots.popitem(last=False)
-            self._free.append(slot)
-        slot = self._free.pop()
+        slot = self.reserve()
+        if slot is None:
+            return
         for layer, cache in zip(self.arena[slot], caches):
             dst = layer.narrow(self.block_dim, 0, len(block_ids))
             if dst.is_contiguous() and dst.device == cache.device:
@@ -64,6 +68,42 @@ class PackedBlockCache:
             else:
                 dst.copy_(cache.index_select(self.block_dim, block_ids.to(cache.device)))
         self._slots[chunk_key] = (slot, len(block_ids))
+
+    def reserve(self) -> int | None:
+        """A slot out of use (the least recently used unpinned image goes), or None."""
+        if not self._free:
+            victim = next((key for key in self._slots if key not in self._pins), None)
+            if victim is None:
+                return None
+            self._free.append(self._slots.pop(victim)[0])
+        return self._free.pop()
+
+    def slot(self, slot: int) -> torch.Tensor:
+        """The whole slot: ``[layers, *layer shape with blocks_per_chunk blocks]``, contiguous."""
+        return self.arena[slot]
+
+    def commit(self, chunk_key: str, slot: int, blocks: int) -> None:
+        """A reserved slot now holds the chunk's first ``blocks`` whole blocks."""
+        if chunk_key in self._slots:
+            self.release(slot)
+        else:
+            self._slots[chunk_key] = (slot, blocks)
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def pin(self, chunk_key: str) -> tuple[torch.Tensor, int] | None:
+        """Keep the chunk's slot from eviction until ``unpin``; (the slot, blocks held)."""
+        held = self._slots.get(chunk_key)
+        if held is None:
+            return None
+        self._pins[chunk_key] = self._pins.get(chunk_key, 0) + 1
+        return self.arena[held[0]], held[1]
+
+    def unpin(self, chunk_key: str) -> None:
+        left = self._pins.pop(chunk_key, 1) - 1
+        if left:
+            self._pins[chunk_key] = left
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -20,6 +20,8 @@ COUNTERS = {
     "ram_tier_hits": "Chunks whose whole blocks came from the worker's host-RAM tier",
     "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
     "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
+    "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier (no packing op)",
+    "image_tier_misses": "Block images listed but unreadable or damaged (dropped; the chunk was read instead)",
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",

@@ -23,8 +23,10 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as ReadTimeout  # not the builtin before 3.11
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
@@ -32,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerM
 from vllm_kvcdn import catalog
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
+from vllm_kvcdn.connector.image_tier import BlockImageFiles, layout_id
 from vllm_kvcdn.connector.jobs import Outbox, pool
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
@@ -79,6 +82,12 @@ class _DocumentOutcome:
 
 
 @dataclass(frozen=True)
+class _Read:
+    source: str  # "chunk": (DocumentKV, bytes read); "image": whether it is now in the RAM tier
+    future: Future
+
+
+@dataclass(frozen=True)
 class KVGeometry:
     """What an artifact must match to go into this engine's cache."""
 
@@ -107,6 +116,7 @@ class KVCDNWorker:
         self.caches: list[torch.Tensor] = []
         self.layout: PagedKVLayout | None = None
         self.ram: PackedBlockCache | None = None
+        self.images: BlockImageFiles | None = None  # the RAM tier's slots on the node's disk
         self._ram_lock = threading.Lock()  # the RAM tier is shared by concurrent load jobs
         inline = not config.async_io
         self.io_cpus = io_cpus
@@ -114,6 +124,7 @@ class KVCDNWorker:
         self._reads = pool(config.io_threads, "kvcdn-read", inline=inline, on_start=start)  # chunk reads, in parallel
         self._loads = pool(2, "kvcdn-load", inline=inline, on_start=start)  # one job per loading request
         self._writes = pool(1, "kvcdn-publish", inline=inline, on_start=start)  # publishes, one at a time
+        self._image_writes = pool(1, "kvcdn-image", inline=inline, on_start=start)  # block images to disk
         self._outbox = Outbox()
         self._failed_blocks: set[int] = set()
         self._report = WorkerReport()
@@ -144,12 +155,28 @@ class KVCDNWorker:
         if ram_bytes:
             self.ram = PackedBlockCache(ram_bytes, self.caches, self.layout.block_dim,
                                         self.config.chunk_size // g.block_size)
+        if self.ram is not None and self.ram.num_slots and self.config.disk_cache_gib and self.config.disk_images:
+            self.images = BlockImageFiles(Path(self.config.disk_cache_dir) / "images" / self._layout_id(),
+                                          int(self.config.disk_cache_gib * (1 << 30)))
         logger.info(
             "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s I/O (%d read threads, CPUs %s)",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
             "background" if self.config.async_io else "in-step", self.config.io_threads,
             sorted(self.io_cpus) if self.io_cpus else "as the engine's",
         )
+
+    def _layout_id(self) -> str:
+        """What a block image depends on besides the chunk's tokens."""
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        except (AssertionError, ImportError):  # no parallel state: a single worker
+            rank = 0
+        return layout_id(fingerprint=self.fingerprint.digest, layout=type(self.layout).__name__,
+                         isa=getattr(self.layout, "isa", ""), shape=list(self.caches[0].shape[1:]),
+                         dtype=str(self.caches[0].dtype), layers=len(self.caches),
+                         chunk_size=self.config.chunk_size, rank=rank)
 
     def _move_to_io_cpus(self) -> None:
         """Put a new pool thread on the I/O CPUs. A thread starts on its creator's core (the
@@ -172,6 +199,7 @@ class KVCDNWorker:
         for executor in (self._reads, self._loads):
             executor.shutdown(wait=False, cancel_futures=True)
         self._writes.shutdown(wait=True)  # a publish under way finishes: its manifest is written last
+        self._image_writes.shutdown(wait=True)  # a few files: the next start reads them
 
     # -- per step ----------------------------------------------------------------
 
@@ -233,9 +261,8 @@ class KVCDNWorker:
         started = time.perf_counter()
         deadline = started + self.config.load_timeout_s
         outcome = _LoadOutcome(spec.req_id)
-        # Start every file read now, in parallel; write chunks in order as they arrive.
-        reads = [self._reads.submit(self._read_chunk, chunk) if self._needs_file(chunk) else None
-                 for chunk in spec.chunks]
+        # Start every read now, in parallel; write chunks in order as they arrive.
+        reads = [self._start_read(chunk) for chunk in spec.chunks]
         loaded_tokens = 0
         for n, chunk in enumerate(spec.chunks):
             try:
@@ -255,7 +282,7 @@ class KVCDNWorker:
             loaded_tokens += chunk.write_to - chunk.write_from
         for read in reads:
             if read is not None:
-                read.cancel()  # those not started yet after a failure
+                read.future.cancel()  # those not started yet after a failure
         outcome.stats.add("loaded_tokens", loaded_tokens)
         outcome.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
         outcome.stats.observe("load_duration_seconds", time.perf_counter() - started)
@@ -266,18 +293,29 @@ class KVCDNWorker:
         bs = self.geometry.block_size
         return -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
 
-    def _needs_file(self, chunk: ChunkLoad) -> bool:
+    def _start_read(self, chunk: ChunkLoad) -> _Read | None:
+        """Nothing when the RAM tier holds what the chunk needs; else its block image (into
+        the RAM tier) when the node's disk holds one, else the chunk itself."""
         first, last = self._whole_blocks(chunk)
         if self.ram is None or first >= last or first > chunk.write_from or last < chunk.write_to:
-            return True
-        bs = self.geometry.block_size
-        return not self.ram.holds(chunk.key, (last - chunk.start) // bs)
+            return _Read("chunk", self._reads.submit(self._read_chunk, chunk))
+        blocks = (last - chunk.start) // self.geometry.block_size
+        if self.ram.holds(chunk.key, blocks):
+            return None
+        if self.images is not None and self.images.blocks(chunk.key) >= blocks:
+            return _Read("image", self._reads.submit(self._read_image, chunk.key))
+        return _Read("chunk", self._reads.submit(self._read_chunk, chunk))
 
-    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read, stats: KVCDNStats, deadline: float) -> None:
+    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read: _Read | None, stats: KVCDNStats,
+                     deadline: float) -> None:
         """Write the chunk's tokens [write_from, write_to) into the request's slots: whole
         blocks from the RAM tier when it holds them, everything else from the verified file."""
         if self._skip_partial_tail and chunk.is_tail:
             return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
+        if read is not None and read.source == "image":
+            promoted = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
+            stats.add("image_tier_hits" if promoted else "image_tier_misses")
+            read = None
         bs = self.geometry.block_size
         first, last = self._whole_blocks(chunk)
         todo = [(chunk.write_from, chunk.write_to)]
@@ -293,9 +331,9 @@ class KVCDNWorker:
                 stats.add("ram_tier_hits")
         if not todo:
             return
-        if read is None:  # the RAM tier lost it meanwhile
-            read = self._reads.submit(self._read_chunk, chunk)
-        kv, nbytes = read.result(timeout=max(0.0, deadline - time.perf_counter()))
+        if read is None:  # the RAM tier lost it meanwhile, or its image was no good
+            read = _Read("chunk", self._reads.submit(self._read_chunk, chunk))
+        kv, nbytes = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
         stats.add("store_read_bytes", nbytes)
         for start, end in todo:
             slots = self._slots(spec.block_ids, start, end)
@@ -307,6 +345,35 @@ class KVCDNWorker:
                 and whole_end > chunk.start and chunk.write_to >= whole_end:
             with self._ram_lock:
                 self.ram.put(chunk.key, self.caches, self._block_ids(spec, chunk.start, whole_end))
+                pinned = self.ram.pin(chunk.key) if self.images is not None else None
+            if pinned is not None:
+                self._image_writes.submit(self._write_image, chunk.key, *pinned)
+
+    def _read_image(self, key: str) -> bool:
+        """Read the chunk's block image from the node's disk into a RAM-tier slot."""
+        with self._ram_lock:
+            slot = self.ram.reserve()
+        if slot is None:
+            return False
+        blocks = 0
+        try:
+            blocks = self.images.read_into(key, self.ram.slot(slot))
+        finally:
+            with self._ram_lock:
+                if blocks:
+                    self.ram.commit(key, slot, blocks)
+                else:
+                    self.ram.release(slot)
+        return blocks > 0
+
+    def _write_image(self, key: str, slot: torch.Tensor, blocks: int) -> None:
+        try:
+            self.images.write(key, slot, blocks)
+        except Exception:  # a background copy: it costs a later read speed, never a load
+            logger.exception("kvcdn: could not write the block image of chunk %s", key[:16])
+        finally:
+            with self._ram_lock:
+                self.ram.unpin(key)
 
     def _read_chunk(self, chunk: ChunkLoad):
         g = self.geometry

@@ -1,0 +1,108 @@
+"""The node's block-image files: RAM-tier slots kept on disk, verified on every read."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from vllm_kvcdn.connector.image_tier import BlockImageFiles, layout_id
+from vllm_kvcdn.exactness import identical
+
+
+def slot(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 4, 2, 16, 8, generator=g).to(torch.bfloat16)  # layers x blocks x ...
+
+
+def test_an_image_round_trips_and_survives_a_restart(tmp_path):
+    images = BlockImageFiles(tmp_path, 1 << 20)
+    src = slot(0)
+    images.write("ab" * 16, src, blocks=3)
+    assert images.blocks("ab" * 16) == 3 and images.blocks("cd" * 16) == 0
+    restarted = BlockImageFiles(tmp_path, 1 << 20)
+    dst = torch.zeros_like(src)
+    assert restarted.read_into("ab" * 16, dst) == 3
+    assert torch.equal(dst.view(torch.int16), src.view(torch.int16))  # bit for bit
+
+
+def test_a_damaged_image_is_dropped_and_reads_as_none(tmp_path):
+    images = BlockImageFiles(tmp_path, 1 << 20)
+    for key, seed in (("a1" * 16, 1), ("b2" * 16, 2), ("c3" * 16, 3)):
+        images.write(key, slot(seed), blocks=4)
+    flipped, cut, gone = (next(tmp_path.glob(f"*/{k * 16}.*.img")) for k in ("a1", "b2", "c3"))
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 1
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:100])
+    gone.unlink()
+    dst = torch.zeros_like(slot(0))
+    for key in ("a1" * 16, "b2" * 16, "c3" * 16):
+        assert images.read_into(key, dst) == 0
+        assert images.blocks(key) == 0  # forgotten
+    assert images.damaged == 2 and not list(tmp_path.glob("*/*.img"))
+
+
+def test_the_tier_stays_within_its_bound_least_recently_used_out(tmp_path):
+    one = slot(0).numel() * 2 + 64
+    images = BlockImageFiles(tmp_path, 2 * one)
+    images.write("a" * 32, slot(1), 4)
+    images.write("b" * 32, slot(2), 4)
+    assert images.read_into("a" * 32, torch.zeros_like(slot(0))) == 4  # a is now the most recent
+    images.write("c" * 32, slot(3), 4)
+    assert (images.blocks("a" * 32), images.blocks("b" * 32), images.blocks("c" * 32)) == (4, 0, 4)
+    assert sum(p.stat().st_size for p in tmp_path.glob("*/*.img")) <= 2 * one
+    # The order survives a restart (mtimes): a fourth image evicts the oldest, "a" now.
+    old = time.time() - 60
+    os.utime(next(tmp_path.glob(f"*/{'a' * 32}.*.img")), (old, old))
+    restarted = BlockImageFiles(tmp_path, 2 * one)
+    restarted.write("d" * 32, slot(4), 4)
+    assert restarted.blocks("a" * 32) == 0 and restarted.blocks("c" * 32) == 4
+
+
+def test_layouts_get_directories_of_their_own():
+    base = {"fingerprint": "f", "layout": "CpuAttnLayout", "isa": "vec", "shape": [8, 16, 256],
+            "dtype": "torch.bfloat16", "layers": 28, "chunk_size": 256, "rank": 0}
+    assert layout_id(**base) == layout_id(**dict(base))
+    assert len({layout_id(**{**base, k: v}) for k, v in [("isa", "amx"), ("rank", 1), ("dtype", "torch.float16"),
+                                                        ("fingerprint", "g")]} | {layout_id(**base)}) == 5
+
+
+@pytest.mark.engine
+def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, tiny_model, tokenizer):
+    """Real engines, one after another on one node disk: the first reads the document's
+    chunks (and keeps their block images); a restart loads the images, with the same bits
+    in the KV cache and the same answer; a damaged image is dropped, counted, and the
+    chunk read instead, still the same answer."""
+    from vllm_kvcdn.tiny_model import corpus
+
+    doc = tokenizer(" ".join(corpus()[2400:2600])).input_ids[:700]  # 2 chunks; a tail: 1 whole block, 1 part
+    prompt = doc + tokenizer(" Q: what was in the box? A:").input_ids
+    store, disk = tmp_path / "store", tmp_path / "node-disk"
+    node = {"model": str(tiny_model), "store_url": f"file://{store}", "prefix_caching": False,
+            "extra_config": {"disk_cache_gib": 1, "disk_cache_dir": str(disk)}}
+    ask = [{"name": "q", "op": "query", "ids": prompt, "max_tokens": 8},
+           {"name": "kv", "op": "kv_blocks", "of": "load", "tokens": len(doc)}]
+    run_engine({**node, "ops": [{"name": "pub", "op": "publish", "ids": doc}]})
+    first = run_engine({**node, "ops": ask})
+    images = list((disk / "images").glob("*/*/*.img"))
+    # Two whole chunks and the tail's whole block; the tail is read from its chunk anyway
+    # (for its partial block), so its image waits for a load that needs only whole blocks.
+    assert len(doc) == 700 and sorted(p.name.split(".")[1] for p in images) == ["1", "2", "2"]
+    restarted = run_engine({**node, "ops": ask})
+    whole_chunk = next(p for p in images if p.name.endswith(".2.img"))
+    data = bytearray(whole_chunk.read_bytes())
+    data[-1] ^= 1
+    whole_chunk.write_bytes(bytes(data))
+    damaged = run_engine({**node, "ops": ask})
+
+    def counter(run, name):
+        return run["q"]["counters"].get(f"vllm:kvcdn_{name}", 0)
+
+    assert counter(first, "image_tier_hits") == 0 and counter(first, "loaded_tokens") == len(doc)
+    assert counter(restarted, "image_tier_hits") == 2 and counter(restarted, "loaded_tokens") == len(doc)
+    assert (counter(damaged, "image_tier_hits"), counter(damaged, "image_tier_misses")) == (1, 1)
+    assert counter(damaged, "loaded_tokens") == len(doc)
+    for run in (restarted, damaged):
+        assert run["kv"] == first["kv"]  # digests of the bytes in the KV cache
+        assert identical(run["q"]["answer"], first["q"]["answer"])

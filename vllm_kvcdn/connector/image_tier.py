@@ -1,0 +1,170 @@
+"""A node's disk tier of block images: the RAM tier's slots (``block_cache``), on disk.
+
+A first read from the canonical format costs the platform's packing op (on CPU it
+transposes K; a third of a first read) and a fresh buffer per chunk. This tier keeps what
+the RAM tier holds, the engine's own packed blocks, one file per chunk, so a node that
+restarts reads a chunk straight into a RAM-tier slot and copies blocks from there. The
+shared store keeps the portable canonical format; images are only valid for the engine
+layout that made them, so each layout (model, dtype, packing, block size, rank) has a
+directory of its own.
+
+A file is a fixed header (magic, blocks held, payload bytes, xxh3-64 of the payload)
+and the slot's bytes; the checksum is verified on every read, and a file that fails it is
+deleted. Bounded in bytes, least recently used first out, the order rebuilt from mtimes
+on restart (every hit refreshes the file's mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import xxhash
+
+from vllm_kvcdn.log import get_logger
+
+logger = get_logger(__name__)
+
+_MAGIC = b"KVCDNIMG"
+_HEADER = struct.Struct("<8sIQQ")  # magic, blocks held, payload bytes, xxh3-64 of the payload
+_SUFFIX = ".img"
+
+
+def _bytes_of(slot: torch.Tensor) -> memoryview:
+    """The slot's memory as one flat byte view (no copy; the slot is contiguous)."""
+    return memoryview(slot.view(torch.uint8).view(-1).numpy())  # raises if not contiguous
+
+
+def layout_id(**fields) -> str:
+    """A short digest naming one engine layout: images from another never load here."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class BlockImageFiles:
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int):
+        self.root = Path(directory)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (file bytes, blocks held)
+        for tmp in self.root.glob("*/.*.tmp"):  # a write cut by a crash
+            try:
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
+            except OSError:
+                pass
+        found = []
+        for path in self.root.glob(f"*/*{_SUFFIX}"):
+            try:
+                stat = path.stat()
+                key, blocks = path.name.removesuffix(_SUFFIX).rsplit(".", 1)
+                found.append((stat.st_mtime, key, stat.st_size, int(blocks)))
+            except (OSError, ValueError):
+                continue  # a stray file, or one removed meanwhile
+        for _, key, size, blocks in sorted(found):
+            self._lru[key] = (size, blocks)
+        self._bytes = sum(size for size, _ in self._lru.values())
+        self.damaged = 0
+        self._evict()
+        logger.info("kvcdn: block-image tier %s: %d chunks, %.2f of %.2f GiB", self.root, len(self._lru),
+                    self._bytes / 2**30, capacity_bytes / 2**30)
+
+    def blocks(self, key: str) -> int:
+        """Whole blocks the image of chunk ``key`` holds (0: none)."""
+        held = self._lru.get(key)
+        return held[1] if held else 0
+
+    def read_into(self, key: str, slot: torch.Tensor) -> int:
+        """Fill ``slot`` (a contiguous RAM-tier slot) with the image of chunk ``key``;
+        the blocks it holds, or 0 when there is none or it fails its checksum."""
+        blocks = self.blocks(key)
+        if not blocks:
+            return 0
+        path = self._path(key, blocks)
+        payload = _bytes_of(slot)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                magic, held, size, digest = _HEADER.unpack(f.read(_HEADER.size))
+                if magic != _MAGIC or held != blocks or size != len(payload):
+                    raise ValueError(f"header says {held} blocks / {size} bytes, slot is {len(payload)} bytes")
+                got = 0
+                while got < size:
+                    n = f.readinto(payload[got:])
+                    if not n:
+                        raise ValueError(f"truncated at byte {got} of {size}")
+                    got += n
+            if xxhash.xxh3_64_intdigest(payload) != digest:
+                raise ValueError("checksum mismatch")
+        except FileNotFoundError:
+            self._forget(key)
+            return 0
+        except (OSError, ValueError, struct.error) as e:
+            with self._lock:
+                self.damaged += 1
+            logger.warning("kvcdn: block image of chunk %s is damaged (%s); dropped, reading the chunk instead",
+                           key[:16], e)
+            self._forget(key)
+            path.unlink(missing_ok=True)
+            return 0
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+        try:
+            os.utime(path)  # the order survives a restart
+        except OSError:
+            pass
+        return blocks
+
+    def write(self, key: str, slot: torch.Tensor, blocks: int) -> None:
+        """Keep ``slot`` (holding ``blocks`` whole blocks of chunk ``key``) as its image."""
+        payload = _bytes_of(slot)
+        size = _HEADER.size + len(payload)
+        if size > self.capacity_bytes or self.blocks(key) >= blocks:
+            return
+        path = self._path(key, blocks)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(_HEADER.pack(_MAGIC, blocks, len(payload), xxhash.xxh3_64_intdigest(payload)))
+                f.write(payload)
+            os.replace(tmp, path)  # readers see the whole file or none
+        except OSError as e:  # a full or broken disk costs speed, never a load
+            tmp.unlink(missing_ok=True)
+            logger.warning("kvcdn: block-image tier cannot keep chunk %s: %s", key[:16], e)
+            return
+        with self._lock:
+            old = self._lru.pop(key, None)
+            self._bytes += size - (old[0] if old else 0)
+            self._lru[key] = (size, blocks)
+        if old and old[1] != blocks:
+            self._path(key, old[1]).unlink(missing_ok=True)
+        self._evict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def _path(self, key: str, blocks: int) -> Path:
+        return self.root / key[:2] / f"{key}.{blocks}{_SUFFIX}"
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            held = self._lru.pop(key, None)
+            if held:
+                self._bytes -= held[0]
+
+    def _evict(self) -> None:
+        while True:
+            with self._lock:
+                if self._bytes <= self.capacity_bytes or not self._lru:
+                    return
+                key, (size, blocks) = self._lru.popitem(last=False)
+                self._bytes -= size
+            self._path(key, blocks).unlink(missing_ok=True)
