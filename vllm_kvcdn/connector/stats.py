@@ -21,7 +21,7 @@ COUNTERS = {
     "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
     "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
     "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier (no packing op)",
-    "image_tier_misses": "Block images listed but unreadable or damaged (dropped; the chunk was read instead)",
+    "image_tier_misses": "Block images not loaded (damaged and dropped, gone, or no free RAM-tier slot): chunk read",
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",
