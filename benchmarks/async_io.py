@@ -9,14 +9,19 @@ sleeps ``--get-delay-s`` before each chunk read (``store/latency.py``: a remote 
 round trip). Phases, each with N requests decoding throughout:
 
 - ``decode``: nothing else (no store I/O): the decoders' inter-token latency (ITL);
-- ``load``: a request hitting a published L-token document arrives: ITL until its first
-  token, and its TTFT;
+- ``load``: a request hitting a published L-token document arrives (its first read, over
+  the slowed store): ITL until its first token, and its TTFT;
+- ``hot``: the same request again, its chunks now in the worker's RAM tier: the same run
+  with no store I/O (the request's own question step is in both; only the reads differ);
 - ``compute``: an L-token document arrives as a plain request (the publish's compute, no
   write): ITL until its first token;
-- ``publish``: the same document published: ITL until its result is back.
+- ``publish``: that document published: ITL until its result is back.
 
-Then, alone and from local files (no delay): a hit's TTFT at each ``--ttft-lengths`` (the
-first read of the document in that engine, then reads served by its RAM tier; median).
+Then, alone and from local files (no delay), a hit's TTFT at each ``--ttft-lengths``: with
+the RAM tier off (every read from the files; median of ``--ttft-reads``), then with it (the
+reads after the first come from RAM), each after one warm-up hit on another document (an
+engine's first step that attends over loaded context pays a one-time setup, whichever
+the I/O mode).
 
     python benchmarks/async_io.py [--shape kv-0.6b] [--doc-tokens 2048] [--decoders 4]
 """
@@ -39,6 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 MODES = {"in-step": False, "background": True}
+PHASES = ("decode", "load", "hot", "compute", "publish")
+RUNS = {"phases": {}, "files": {"ram_tier_gib": 0}, "ram": {}}  # engine settings of each run
 
 
 VOCAB = 500  # token ids drawn from [3, VOCAB): inside every shape's vocabulary
@@ -118,15 +125,16 @@ def child(spec: dict) -> dict:
 
     llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False,
                    max_model_len=spec["max_model_len"], max_num_batched_tokens=spec["max_model_len"],
-                   extra_config={"async_io": spec["async_io"], "publish_isolation_s": 0},
+                   extra_config={"async_io": spec["async_io"], "publish_isolation_s": 0, **spec.get("extra", {})},
                    distributed_executor_backend="mp")  # the worker in its own process, bound as vLLM binds it
-    setup = spec["setup_docs"] if spec["phases"] else [p[:n] for n, p in spec["ttft_prompts"]]
+    sweep_docs = [p[:n] for n, p in spec["ttft_prompts"]] + [spec["warmup"][:-16]]
+    setup = spec["setup_docs"] if spec["phases"] else sweep_docs
     for doc in setup if spec["publish_setup"] else []:
         assert generate(llm, doc, publish=True).kvcdn.get("published"), "setup publish failed"
     st = Stepper(llm.llm_engine)
     rows, ttft = [], []
     for rep in range(spec["repeats"] if spec["phases"] else 0):
-        for phase in ("decode", "load", "compute", "publish"):
+        for phase in PHASES:
             decoders = [st.add(_tokens(16, 1000 * rep + i), max_tokens=spec["max_model_len"] - 32, ignore_eos=True)
                         for i in range(spec["decoders"])]
             st.until(lambda: all(len(st.stamps[d]) > 4 for d in decoders))  # steady decode
@@ -134,8 +142,8 @@ def child(spec: dict) -> dict:
             row = {"phase": phase, "repeat": rep}
             if phase == "decode":
                 st.until(lambda: len(st.stamps[decoders[0]]) > 40)
-            elif phase == "load":
-                hit = st.add(spec["hit_prompt"], max_tokens=1)
+            elif phase in ("load", "hot"):
+                hit = st.add(spec["hit_prompts"][rep], max_tokens=1)
                 st.until(lambda: st.first_token(hit))
                 row["ttft_s"] = st.stamps[hit][1] - st.stamps[hit][0]
                 row["loaded"] = st.reports.get(hit, {}).get("loaded_tokens")
@@ -154,15 +162,17 @@ def child(spec: dict) -> dict:
                        itl_median_ms=1000 * statistics.median(gaps), gaps=len(gaps))
             rows.append(row)
             st.abort(decoders)
+    if not spec["phases"]:
+        warm = st.add(spec["warmup"], max_tokens=1)
+        st.until(lambda: warm in st.done)
     for n, prompt in spec["ttft_prompts"] if not spec["phases"] else []:
         times = []
-        for _ in range(spec["repeats"]):
+        for _ in range(spec["ttft_reads"]):
             req = st.add(prompt, max_tokens=1)
             st.until(lambda: req in st.done)
             times.append(st.stamps[req][1] - st.stamps[req][0])
             loaded = st.reports[req].get("loaded_tokens")
-        ttft.append({"doc_tokens": n, "first_s": times[0], "loaded": loaded,
-                     "hot_s": statistics.median(times[1:]) if len(times) > 1 else None})
+        ttft.append({"doc_tokens": n, "times": times, "loaded": loaded})
     return {"rows": rows, "ttft": ttft}
 
 
@@ -174,7 +184,8 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=4, help="N: requests decoding throughout")
     ap.add_argument("--get-delay-s", type=float, default=0.05, help="sleep before each chunk read")
     ap.add_argument("--ttft-lengths", default="255,945,2048", help="document lengths of the TTFT sweep")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the phases")
+    ap.add_argument("--ttft-reads", type=int, default=5, help="reads of each document in the TTFT sweeps")
     ap.add_argument("--kv-cache-gib", default="4")
     ap.add_argument("--reserved-cpus", type=int, default=0,
                     help="cores vLLM leaves to other threads (VLLM_CPU_NUM_OF_RESERVED_CPU), the same in both "
@@ -195,35 +206,39 @@ def main() -> None:
         model = str(make_model(work / "model", args.shape))
     lengths = [int(x) for x in args.ttft_lengths.split(",") if x]
     question = _tokens(16, 7)
-    loaded_doc = _tokens(args.doc_tokens, 1)
+    loaded_docs = [_tokens(args.doc_tokens, 1 + r) for r in range(args.repeats)]  # each one's first read
     ttft_docs = {n: _tokens(n, 100 + n) for n in lengths}
     spec = {
-        "model": model, "repeats": args.repeats, "decoders": args.decoders,
+        "model": model, "repeats": args.repeats, "ttft_reads": args.ttft_reads, "decoders": args.decoders,
         "max_model_len": max([args.doc_tokens, *lengths]) + 64,
-        "setup_docs": [loaded_doc],
-        "hit_prompt": loaded_doc + question,
+        "setup_docs": loaded_docs,
+        "hit_prompts": [doc + question for doc in loaded_docs],
+        "warmup": _tokens(300, 3) + question,
         "publish_docs": [_tokens(args.doc_tokens, 500 + r) for r in range(args.repeats)],
         "ttft_prompts": [(n, d + question) for n, d in ttft_docs.items()],
     }
     results = {mode: {} for mode in MODES}
-    # Phases over the slowed store, then the TTFT sweep from local files; modes alternate.
-    for phases in (True, False):
+    # Phases over the slowed store, then the TTFT sweeps from local files (every read from
+    # the files: RAM tier off; then with the RAM tier); modes alternate.
+    for run, extra in RUNS.items():
+        phases = run == "phases"
         for mode, async_io in MODES.items():
-            name = f"{mode}-{'phases' if phases else 'ttft'}"
+            name = f"{mode}-{run}"
             env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib, reserved_cpus=args.reserved_cpus)}
             if phases:
                 env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
-            # The phases publish, so each mode has its own store; the TTFT sweep only reads,
-            # so the modes share one (async_io is not in the fingerprint) and a long
-            # document's prefill is paid once.
-            store = work / ("store-" + name if phases else "store-ttft")
+            # The phases publish, so each mode has its own store; the sweeps only read, so
+            # they share one (async_io is not in the fingerprint) and a long document's
+            # prefill is paid once.
+            store = work / (f"store-{name}" if phases else "store-sweeps")
+            first_sweep = run == next(r for r in RUNS if r != "phases") and mode == next(iter(MODES))
             child_spec = {**spec, "async_io": async_io, "phases": phases, "store_url": f"file://{store}",
-                          "publish_setup": phases or mode == next(iter(MODES)), "out": str(work / f"{name}.json")}
+                          "extra": extra, "publish_setup": phases or first_sweep, "out": str(work / f"{name}.json")}
             (work / f"{name}.spec").write_text(json.dumps(child_spec))
             print(f"[async_io] {name}: running...", flush=True)
             subprocess.run([sys.executable, __file__, "--child", str(work / f"{name}.spec")], env=env, check=True)
             part = json.loads((work / f"{name}.json").read_text())
-            results[mode]["rows" if phases else "ttft"] = part["rows" if phases else "ttft"]
+            results[mode][run] = part["rows" if phases else "ttft"]
     _report(args, results)
     print(f"[async_io] work files in {work}")
 
@@ -233,34 +248,38 @@ def _report(args, results: dict) -> None:
 
     rows = []
     for mode, res in results.items():
-        for phase in ("decode", "load", "compute", "publish"):
-            rs = [r for r in res["rows"] if r["phase"] == phase]
+        for phase in PHASES:
+            rs = [r for r in res["phases"] if r["phase"] == phase]
             rows.append({"mode": mode, "phase": phase,
                          "itl_p99_ms": statistics.median(r["itl_p99_ms"] for r in rs),
                          "itl_median_ms": statistics.median(r["itl_median_ms"] for r in rs),
-                         "ttft_s": statistics.median(r["ttft_s"] for r in rs) if phase == "load" else "",
+                         "ttft_s": statistics.median(r["ttft_s"] for r in rs) if phase in ("load", "hot") else "",
                          "window_s": statistics.median(r["window_s"] for r in rs)})
-        for t in res["ttft"]:
-            rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, first read", "ttft_s": t["first_s"]})
-            if t["hot_s"] is not None:
-                rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, RAM tier", "ttft_s": t["hot_s"]})
+        for t in res["files"]:
+            rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, from local files",
+                         "ttft_s": statistics.median(t["times"])})
+        for t in res["ram"]:
+            if len(t["times"]) > 1:
+                rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, RAM tier",
+                             "ttft_s": statistics.median(t["times"][1:])})
     columns = [("mode", "I/O"), ("phase", "phase"), ("itl_p99_ms", "decoders' ITL p99 (ms)"),
                ("itl_median_ms", "ITL median (ms)"), ("ttft_s", "hit TTFT (s)"), ("window_s", "window (s)")]
 
     def plot(ax):
-        phases = ["decode", "load", "compute", "publish"]
+        phases = list(PHASES)
         for i, mode in enumerate(results):
             vals = [next(r["itl_p99_ms"] for r in rows if r["mode"] == mode and r["phase"] == p) for p in phases]
             ax.bar([x + 0.4 * i for x in range(len(phases))], vals, width=0.4, label=f"{mode} I/O")
         ax.set_xticks([x + 0.2 for x in range(len(phases))], phases)
+        ax.set_yscale("log")  # a prefill step is minutes, a decode step tens of ms
         ax.set_ylabel("decoders' inter-token latency p99 (ms)")
         ax.legend()
 
     notes = (f"{args.decoders} requests decode throughout each phase; documents of {args.doc_tokens} tokens "
              f"({args.shape} shape); chunk reads delayed {args.get_delay_s}s each in the phases; medians of "
              f"{args.repeats} repeats; {args.reserved_cpus} core(s) left out of vLLM's compute threads. "
-             "TTFT rows: a hit alone, its first read from local files, then from the RAM tier (median of the "
-             "other repeats).")
+             "TTFT rows: a hit alone, read from local files (RAM tier off: every read from the files), then "
+             "from the RAM tier (the reads after the first); medians.")
     suffix = f"_reserved{args.reserved_cpus}" if args.reserved_cpus else ""
     title = "Store I/O in the engine step vs in the background"
     print(write_report(args.out, f"async_io_{args.shape}{suffix}", title=title, rows=rows, columns=columns,

@@ -54,15 +54,15 @@ def test_exactness_runs_and_a_hit_equals_vllm_computing_the_same_spans(tiny_mode
 
 def test_async_io_runs_both_modes_with_real_loads_and_publishes(tiny_model, tmp_path):
     run("async_io.py", "--model", str(tiny_model), "--shape", "tiny", "--doc-tokens", "300", "--decoders", "2",
-        "--repeats", "1", "--ttft-lengths", "255", "--get-delay-s", "0.01", "--kv-cache-gib", "1",
+        "--repeats", "1", "--ttft-reads", "2", "--ttft-lengths", "255", "--get-delay-s", "0.01", "--kv-cache-gib", "1",
         "--out", str(tmp_path))
     raw = json.loads((tmp_path / "async_io_tiny.json").read_text())["raw"]
     assert set(raw) == {"in-step", "background"}
     for mode in raw.values():
-        phases = {r["phase"]: r for r in mode["rows"]}
-        assert phases["load"]["loaded"] == 300 and phases["publish"]["published"] is True, phases
-        assert all(r["gaps"] > 0 for r in mode["rows"])  # the decoders ran through every window
-        assert mode["ttft"][0]["loaded"] == 255
+        phases = {r["phase"]: r for r in mode["phases"]}
+        assert phases["load"]["loaded"] == phases["hot"]["loaded"] == 300 and phases["publish"]["published"], phases
+        assert all(r["gaps"] > 0 for r in mode["phases"])  # the decoders ran through every window
+        assert mode["files"][0]["loaded"] == mode["ram"][0]["loaded"] == 255
     assert (tmp_path / "async_io_tiny.png").stat().st_size > 0
 
 

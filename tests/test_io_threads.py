@@ -28,11 +28,10 @@ def test_compute_cores_are_read_from_what_vllm_exports():
 
 SCRIPT = textwrap.dedent("""
     import os, sys, threading
-    from types import SimpleNamespace
     import torch
+    from vllm_kvcdn.connector.io_threads import IOThreadPlacement
     from vllm_kvcdn.connector.jobs import pool
     from vllm_kvcdn.connector.kv_layout import CpuAttnLayout
-    from vllm_kvcdn.connector.worker import KVCDNWorker
 
     io_cpus = frozenset(int(c) for c in sys.argv[1].split(","))
     layout = CpuAttnLayout(torch.bfloat16, 128, 64)
@@ -46,21 +45,30 @@ SCRIPT = textwrap.dedent("""
     def naive_pin():  # what a plain sched_setaffinity at thread start gets
         os.sched_setaffinity(0, io_cpus)
 
-    worker = SimpleNamespace(io_cpus=io_cpus, layout=layout, caches=[cache])
-    primed = pool(1, "t", inline=False, on_start=lambda: KVCDNWorker._move_to_io_cpus(worker))
+    layout.write(cache, kv, kv, torch.arange(4))  # OpenMP binds the engine's thread to the compute cores
+    placement = IOThreadPlacement(io_cpus)
+    placement.bind(lambda: layout.prime_thread(cache))
+    primed = pool(1, "t", inline=False, on_start=placement.enter)
     naive = pool(1, "n", inline=False, on_start=naive_pin)
     print(primed.submit(write_then_where).result(), naive.submit(write_then_where).result())
+    placement.engine_idle(True)  # a step that computes nothing: the compute cores are lent
+    print(primed.submit(write_then_where).result())
+    placement.engine_idle(False)  # and taken back before a step that computes
+    print(primed.submit(write_then_where).result())
 """)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_pool_thread_stays_on_the_io_cpus_after_the_write_op():
+def test_a_pool_thread_stays_on_the_io_cpus_after_the_write_op_and_borrows_idle_compute_cpus():
     cpus = sorted(os.sched_getaffinity(0))
     compute, io = cpus[0], cpus[1:]
     env = {**os.environ, "OMP_PLACES": f"{{{compute}}}", "OMP_PROC_BIND": "true", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(map(str, io))], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    primed, naive = out.stdout.strip().splitlines()[-1].split("] [")
+    first, idle, busy = out.stdout.strip().splitlines()[-3:]
+    primed, naive = first.split("] [")
     assert primed.strip("[]") == ", ".join(map(str, io))
     assert naive.strip("[]") == str(compute)  # the trap this guards against, still there
+    assert idle == str(cpus)  # an idle engine's core is lent to the I/O threads
+    assert busy == str(io)

@@ -58,7 +58,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
         try:
-            d = json.loads(data)
+            d = json.loads(data if isinstance(data, (str, bytes, bytearray)) else bytes(data))
             if d.get("format") != MANIFEST_FORMAT:
                 raise ArtifactError("format", f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
             d.pop("total_bytes", None)

@@ -76,7 +76,7 @@ class KVCDNConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if isinstance(meta, KVCDNMetadata) and meta.loads:
+        if isinstance(meta, KVCDNMetadata):
             self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

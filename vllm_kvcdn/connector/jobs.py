@@ -10,8 +10,9 @@ synchronous behaviour, kept so benchmarks compare both in one run.
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 
@@ -32,6 +33,16 @@ def pool(threads: int, name: str, *, inline: bool, on_start: Callable[[], None] 
     if inline:
         return InlineExecutor()
     return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=on_start)
+
+
+def start_threads(executor: Executor, threads: int, timeout_s: float = 60.0) -> None:
+    """Start all ``threads`` of a pool now, each running its initializer, instead of at
+    the first jobs: a new thread's one-time setup must not land on a request's load.
+    (A pool starts a thread per job that finds none idle: hold each job until all run.)"""
+    if isinstance(executor, InlineExecutor):
+        return
+    together = threading.Barrier(threads)
+    wait([executor.submit(together.wait, timeout_s) for _ in range(threads)], timeout=timeout_s)
 
 
 class Outbox:

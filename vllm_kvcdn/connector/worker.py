@@ -19,7 +19,6 @@ Nothing here holds the engine step for store I/O (``async_io``, the default):
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -35,7 +34,8 @@ from vllm_kvcdn import catalog
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.image_tier import BlockImageFiles, layout_id
-from vllm_kvcdn.connector.jobs import Outbox, pool
+from vllm_kvcdn.connector.io_threads import IOThreadPlacement
+from vllm_kvcdn.connector.jobs import Outbox, pool, start_threads
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.stats import KVCDNStats
@@ -119,12 +119,16 @@ class KVCDNWorker:
         self.images: BlockImageFiles | None = None  # the RAM tier's slots on the node's disk
         self._ram_lock = threading.Lock()  # the RAM tier is shared by concurrent load jobs
         inline = not config.async_io
-        self.io_cpus = io_cpus
-        start = self._move_to_io_cpus
-        self._reads = pool(config.io_threads, "kvcdn-read", inline=inline, on_start=start)  # chunk reads, in parallel
-        self._loads = pool(2, "kvcdn-load", inline=inline, on_start=start)  # one job per loading request
-        self._writes = pool(1, "kvcdn-publish", inline=inline, on_start=start)  # publishes, one at a time
-        self._image_writes = pool(1, "kvcdn-image", inline=inline, on_start=start)  # block images to disk
+        self.placement = IOThreadPlacement(io_cpus)
+        start = self.placement.enter
+        self._pool_threads = {
+            "kvcdn-read": config.io_threads,  # chunk reads, in parallel
+            "kvcdn-load": 2,  # one job per loading request
+            "kvcdn-publish": 1,  # publishes, one at a time
+            "kvcdn-image": 1,  # block images to disk
+        }
+        self._pools = {name: pool(n, name, inline=inline, on_start=start) for name, n in self._pool_threads.items()}
+        self._reads, self._loads, self._writes, self._image_writes = self._pools.values()
         self._outbox = Outbox()
         self._failed_blocks: set[int] = set()
         self._report = WorkerReport()
@@ -158,11 +162,16 @@ class KVCDNWorker:
         if self.ram is not None and self.ram.num_slots and self.config.disk_cache_gib and self.config.disk_images:
             self.images = BlockImageFiles(Path(self.config.disk_cache_dir) / "images" / self._layout_id(),
                                           int(self.config.disk_cache_gib * (1 << 30)))
+        self.placement.bind(lambda: self.layout.prime_thread(self.caches[0]))
+        for name, executor in self._pools.items():
+            start_threads(executor, self._pool_threads[name])  # their setup is not a request's to pay
+        io_cpus = self.placement.io_cpus
+        where = f"CPUs {sorted(io_cpus)}, and the compute CPUs in idle steps" if io_cpus else "the engine's CPUs"
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s I/O (%d read threads, CPUs %s)",
+            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
-            "background" if self.config.async_io else "in-step", self.config.io_threads,
-            sorted(self.io_cpus) if self.io_cpus else "as the engine's",
+            f"background I/O ({self.config.io_threads} read threads on {where})" if self.config.async_io
+            else "in-step I/O",
         )
 
     def _layout_id(self) -> str:
@@ -178,18 +187,6 @@ class KVCDNWorker:
                          dtype=str(self.caches[0].dtype), layers=len(self.caches),
                          chunk_size=self.config.chunk_size, rank=rank)
 
-    def _move_to_io_cpus(self) -> None:
-        """Put a new pool thread on the I/O CPUs. A thread starts on its creator's core (the
-        model's first OpenMP thread), and OpenMP binds it back there the first time it opens
-        a parallel region, which the platform's write op does: open one first, then move."""
-        if not self.io_cpus:
-            return
-        try:
-            self.layout.prime_thread(self.caches[0])
-            os.sched_setaffinity(0, self.io_cpus)
-        except Exception as e:  # a pool whose start raises is broken: run where we are instead
-            logger.warning("kvcdn: I/O thread stays on the engine's CPUs (%r)", e)
-
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end, dtype=torch.long)
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.geometry.block_size]
@@ -204,6 +201,7 @@ class KVCDNWorker:
     # -- per step ----------------------------------------------------------------
 
     def start_load_kv(self, meta: KVCDNMetadata) -> None:
+        self.placement.engine_idle(meta.idle)
         for spec in meta.loads:
             self._submit_load(spec)
 

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_kvcdn.store.base import ObjectInfo, Store, StoreError
+from vllm_kvcdn.store.base import ObjectInfo, Store, StoreError, new_buffer
 
 
 class FileStore(Store):
@@ -30,7 +30,7 @@ class FileStore(Store):
         # A writable buffer, so tensors can view it without a copy.
         try:
             with open(self._path(key), "rb") as f:
-                buf = bytearray(os.fstat(f.fileno()).st_size)
+                buf = new_buffer(os.fstat(f.fileno()).st_size)
                 f.readinto(buf)
                 return buf
         except FileNotFoundError:

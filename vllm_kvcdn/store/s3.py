@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 from urllib.parse import parse_qsl
 
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.store.base import ObjectInfo, Store, StoreError
+from vllm_kvcdn.store.base import ObjectInfo, Store, StoreError, new_buffer
 from vllm_kvcdn.store.breaker import CircuitBreaker
 
 logger = get_logger(__name__)
@@ -156,8 +156,8 @@ class S3Store(Store):
         response, total, etag = first
         if response is None:
             return bytearray()
-        buf = bytearray(total)  # one buffer, filled in place; writable: tensors view it without a copy
-        view = memoryview(buf)
+        buf = new_buffer(total)  # one buffer, filled in place; writable: tensors view it without a copy
+        view = memoryview(buf).cast("B")
         head = int(response["ContentLength"])
         # The other parts start now and run while this thread reads the first one's body.
         parts = [self._parts.submit(self._call, f"GET {key} from byte {s}", lambda s=s: self._fill(
