@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--reserved-cpus", type=int, default=0,
                     help="cores vLLM leaves to other threads (VLLM_CPU_NUM_OF_RESERVED_CPU), the same in both "
                          "modes; 1 leaves one to the I/O threads, as a GPU server's host has spare cores")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which runs to do (the others are read from --work)")
+    ap.add_argument("--work", help="work directory of an earlier run, to redo some of its runs (--runs)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,8 +200,8 @@ def main() -> None:
         Path(spec["out"]).write_text(json.dumps(child(spec)))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="kvcdn-async-io-"))
-    model = args.model
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kvcdn-async-io-"))
+    model = args.model or (str(work / "model") if (work / "model").exists() else None)
     if not model:
         from vllm_kvcdn.tiny_model import make_model
 
@@ -220,10 +222,14 @@ def main() -> None:
     results = {mode: {} for mode in MODES}
     # Phases over the slowed store, then the TTFT sweeps from local files (every read from
     # the files: RAM tier off; then with the RAM tier); modes alternate.
+    redo = set(args.runs.split(","))
     for run, extra in RUNS.items():
         phases = run == "phases"
         for mode, async_io in MODES.items():
             name = f"{mode}-{run}"
+            if run not in redo:  # kept from the earlier run in --work
+                results[mode][run] = json.loads((work / f"{name}.json").read_text())["rows" if phases else "ttft"]
+                continue
             env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib, reserved_cpus=args.reserved_cpus)}
             if phases:
                 env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
@@ -231,7 +237,7 @@ def main() -> None:
             # they share one (async_io is not in the fingerprint) and a long document's
             # prefill is paid once.
             store = work / (f"store-{name}" if phases else "store-sweeps")
-            first_sweep = run == next(r for r in RUNS if r != "phases") and mode == next(iter(MODES))
+            first_sweep = not (store / "manifests").exists()
             child_spec = {**spec, "async_io": async_io, "phases": phases, "store_url": f"file://{store}",
                           "extra": extra, "publish_setup": phases or first_sweep, "out": str(work / f"{name}.json")}
             (work / f"{name}.spec").write_text(json.dumps(child_spec))

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 from vllm_kvcdn.compat import _omp_bound_cpus
+from vllm_kvcdn.connector.io_threads import IO_NICE
 
 
 def test_compute_cores_are_read_from_what_vllm_exports():
@@ -55,6 +56,7 @@ SCRIPT = textwrap.dedent("""
     print(primed.submit(write_then_where).result())
     placement.engine_idle(False)  # and taken back before a step that computes
     print(primed.submit(write_then_where).result())
+    print(primed.submit(os.getpriority, os.PRIO_PROCESS, 0).result() - os.getpriority(os.PRIO_PROCESS, 0))
 """)
 
 
@@ -66,9 +68,10 @@ def test_a_pool_thread_stays_on_the_io_cpus_after_the_write_op_and_borrows_idle_
     out = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(map(str, io))], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    first, idle, busy = out.stdout.strip().splitlines()[-3:]
+    first, idle, busy, nicer = out.stdout.strip().splitlines()[-4:]
     primed, naive = first.split("] [")
     assert primed.strip("[]") == ", ".join(map(str, io))
     assert naive.strip("[]") == str(compute)  # the trap this guards against, still there
     assert idle == str(cpus)  # an idle engine's core is lent to the I/O threads
     assert busy == str(io)
+    assert nicer == str(IO_NICE)  # below the engine's threads where they share a core

@@ -101,3 +101,18 @@ def test_circuit_breaker_opens_after_a_run_of_failures_and_lets_one_trial_throug
     breaker.before_call()
     breaker.succeeded()
     assert not breaker.is_open and breaker.times_opened == 2
+
+
+def test_large_objects_come_in_unzeroed_buffers_that_read_like_bytes(tmp_path):
+    import torch
+
+    from vllm_kvcdn.store.base import UNZEROED_FROM
+
+    store = FileStore(tmp_path)
+    big, small = os.urandom(UNZEROED_FROM + 3), b'{"a": 1}'
+    store.put("chunks/big", big)
+    store.put("manifests/small.json", small)
+    got = store.get("chunks/big")
+    assert isinstance(got, memoryview) and len(got) == len(big) and got == big and bytes(got[-3:]) == big[-3:]
+    assert torch.frombuffer(got, dtype=torch.uint8)[0].item() == big[0]  # writable: a tensor views it
+    assert isinstance(store.get("manifests/small.json"), bytearray)  # small objects: plain bytes, for json

@@ -42,7 +42,7 @@ class DiskCachedStore(StoreWrapper):
         logger.info("kvcdn: disk tier %s: %d chunks, %.2f of %.2f GiB, in front of %s", self.cache.root,
                     len(self._lru), self._bytes / 2**30, capacity_bytes / 2**30, origin.url)
 
-    def get(self, key: str) -> bytearray | bytes | None:
+    def get(self, key: str) -> bytes | bytearray | memoryview | None:
         if not key.startswith(CHUNK_PREFIX):
             return self.inner.get(key)
         data = self.cache.get(key) if key in self._lru else None

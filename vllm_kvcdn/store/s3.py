@@ -149,7 +149,7 @@ class S3Store(Store):
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key: str) -> bytearray | None:
+    def get(self, key: str) -> bytearray | memoryview | None:
         first = self._call(f"GET {key}", lambda: self._open(key))
         if first is _MISSING:
             return None
