@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--reserved-cpus", type=int, default=0,
                     help="cores vLLM leaves to other threads (VLLM_CPU_NUM_OF_RESERVED_CPU), the same in both "
                          "modes; 1 leaves one to the I/O threads, as a GPU server's host has spare cores")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of the TTFT sweeps, modes alternating in each; their reads are pooled")
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs to do (the others are read from --work)")
     ap.add_argument("--work", help="work directory of an earlier run, to redo some of its runs (--runs)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -221,32 +223,52 @@ def main() -> None:
     }
     results = {mode: {} for mode in MODES}
     # Phases over the slowed store, then the TTFT sweeps from local files (every read from
-    # the files: RAM tier off; then with the RAM tier); modes alternate.
+    # the files: RAM tier off; then with the RAM tier); modes alternate, the sweeps --rounds
+    # times (this machine's noise is tens of percent between engines of the same mode).
     redo = set(args.runs.split(","))
     for run, extra in RUNS.items():
         phases = run == "phases"
-        for mode, async_io in MODES.items():
-            name = f"{mode}-{run}"
-            if run not in redo:  # kept from the earlier run in --work
-                results[mode][run] = json.loads((work / f"{name}.json").read_text())["rows" if phases else "ttft"]
-                continue
-            env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib, reserved_cpus=args.reserved_cpus)}
-            if phases:
-                env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
-            # The phases publish, so each mode has its own store; the sweeps only read, so
-            # they share one (async_io is not in the fingerprint) and a long document's
-            # prefill is paid once.
-            store = work / (f"store-{name}" if phases else "store-sweeps")
-            first_sweep = not (store / "manifests").exists()
-            child_spec = {**spec, "async_io": async_io, "phases": phases, "store_url": f"file://{store}",
-                          "extra": extra, "publish_setup": phases or first_sweep, "out": str(work / f"{name}.json")}
-            (work / f"{name}.spec").write_text(json.dumps(child_spec))
-            print(f"[async_io] {name}: running...", flush=True)
-            subprocess.run([sys.executable, __file__, "--child", str(work / f"{name}.spec")], env=env, check=True)
-            part = json.loads((work / f"{name}.json").read_text())
-            results[mode][run] = part["rows" if phases else "ttft"]
+        for rnd in range(1 if phases else args.rounds):
+            for mode, async_io in MODES.items():
+                name = f"{mode}-{run}" + (f"-{rnd}" if rnd else "")
+                if run not in redo:  # kept from the earlier run in --work
+                    part = json.loads((work / f"{name}.json").read_text())
+                else:
+                    part = _run_child(args, spec, work, name, run, extra, async_io)
+                if phases:
+                    results[mode][run] = part["rows"]
+                else:
+                    results[mode].setdefault(run, []).append(part["ttft"])
     _report(args, results)
     print(f"[async_io] work files in {work}")
+
+
+def _run_child(args, spec: dict, work: Path, name: str, run: str, extra: dict, async_io: bool) -> dict:
+    """One engine in its own process: one mode, one run."""
+    phases = run == "phases"
+    env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib, reserved_cpus=args.reserved_cpus)}
+    if phases:
+        env["KVCDN_TEST_FAULTS"] = f"chunk_get_delay_s={args.get_delay_s}"
+    # The phases publish, so each mode has its own store; the sweeps only read, so they
+    # share one (async_io is not in the fingerprint) and a long document's prefill is paid once.
+    store = work / (f"store-{name}" if phases else "store-sweeps")
+    first_sweep = not (store / "manifests").exists()
+    child_spec = {**spec, "async_io": async_io, "phases": phases, "store_url": f"file://{store}",
+                  "extra": extra, "publish_setup": phases or first_sweep, "out": str(work / f"{name}.json")}
+    (work / f"{name}.spec").write_text(json.dumps(child_spec))
+    print(f"[async_io] {name}: running...", flush=True)
+    subprocess.run([sys.executable, __file__, "--child", str(work / f"{name}.spec")], env=env, check=True)
+    return json.loads((work / f"{name}.json").read_text())
+
+
+def _pooled(rounds: list[list[dict]], first: int) -> dict[int, list[float]]:
+    """Document length -> the TTFTs of every round, each round's reads from ``first`` on
+    (the RAM tier's: the reads after the round's first, which came from the files)."""
+    pooled: dict[int, list[float]] = {}
+    for sweep in rounds:
+        for t in sweep:
+            pooled.setdefault(t["doc_tokens"], []).extend(t["times"][first:])
+    return {n: times for n, times in pooled.items() if times}
 
 
 def _report(args, results: dict) -> None:
@@ -261,13 +283,9 @@ def _report(args, results: dict) -> None:
                          "itl_median_ms": statistics.median(r["itl_median_ms"] for r in rs),
                          "ttft_s": statistics.median(r["ttft_s"] for r in rs) if phase in ("load", "hot") else "",
                          "window_s": statistics.median(r["window_s"] for r in rs)})
-        for t in res["files"]:
-            rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, from local files",
-                         "ttft_s": statistics.median(t["times"])})
-        for t in res["ram"]:
-            if len(t["times"]) > 1:
-                rows.append({"mode": mode, "phase": f"hit alone, L={t['doc_tokens']}, RAM tier",
-                             "ttft_s": statistics.median(t["times"][1:])})
+        for run, where, first in (("files", "from local files", 0), ("ram", "RAM tier", 1)):
+            for n, times in _pooled(res[run], first).items():
+                rows.append({"mode": mode, "phase": f"hit alone, L={n}, {where}", "ttft_s": statistics.median(times)})
     columns = [("mode", "I/O"), ("phase", "phase"), ("itl_p99_ms", "decoders' ITL p99 (ms)"),
                ("itl_median_ms", "ITL median (ms)"), ("ttft_s", "hit TTFT (s)"), ("window_s", "window (s)")]
 
@@ -284,8 +302,9 @@ def _report(args, results: dict) -> None:
     notes = (f"{args.decoders} requests decode throughout each phase; documents of {args.doc_tokens} tokens "
              f"({args.shape} shape); chunk reads delayed {args.get_delay_s}s each in the phases; medians of "
              f"{args.repeats} repeats; {args.reserved_cpus} core(s) left out of vLLM's compute threads. "
-             "TTFT rows: a hit alone, read from local files (RAM tier off: every read from the files), then "
-             "from the RAM tier (the reads after the first); medians.")
+             f"TTFT rows: a hit alone, read from local files (RAM tier off: every read from the files), then "
+             f"from the RAM tier (the reads after the first); medians of {args.ttft_reads} reads x {args.rounds} "
+             "round(s), modes alternating.")
     suffix = f"_reserved{args.reserved_cpus}" if args.reserved_cpus else ""
     title = "Store I/O in the engine step vs in the background"
     print(write_report(args.out, f"async_io_{args.shape}{suffix}", title=title, rows=rows, columns=columns,
