@@ -46,6 +46,9 @@ def test_large_objects_are_read_in_parallel_ranged_parts(s3, bucket, s3_proxy):
     assert store.get("chunks/aa/big.safetensors") == data
     gets = [p for m, p in s3_proxy.requests if m == "GET"]
     assert len(gets) == 4  # 1 MiB parts: the first tells the size, three more in parallel
+    into = memoryview(bytearray(len(data) + 10))
+    got = store.get("chunks/aa/big.safetensors", into)  # every part into the caller's buffer
+    assert got == data and got.obj is into.obj and bytes(into[: len(data)]) == data
 
 
 def test_put_if_absent_keeps_the_first_writer(s3, bucket):

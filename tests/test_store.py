@@ -116,3 +116,23 @@ def test_large_objects_come_in_unzeroed_buffers_that_read_like_bytes(tmp_path):
     assert isinstance(got, memoryview) and len(got) == len(big) and got == big and bytes(got[-3:]) == big[-3:]
     assert torch.frombuffer(got, dtype=torch.uint8)[0].item() == big[0]  # writable: a tensor views it
     assert isinstance(store.get("manifests/small.json"), bytearray)  # small objects: plain bytes, for json
+
+
+def test_a_read_fills_the_callers_buffer_when_the_object_fits(tmp_path):
+    """Loads reuse their read buffers (connector/read_buffers.py): a store given one reads
+    into it and returns a view of it; an object that does not fit gets memory of its own.
+    The disk tier does the same for a hit and for a miss read through to the origin."""
+    from vllm_kvcdn.store.disk_cache import DiskCachedStore
+
+    data = os.urandom(5000)
+    origin = FileStore(tmp_path / "origin")
+    origin.put("chunks/ab/x", data)
+    tiered = DiskCachedStore(origin, tmp_path / "tier", capacity_bytes=1 << 20)
+    for store in (origin, tiered, tiered):  # the tier: a miss (read through), then a hit
+        into = memoryview(bytearray(8192))
+        got = store.get("chunks/ab/x", into)
+        assert got == data and got.obj is into.obj and bytes(into[: len(data)]) == data
+        small = memoryview(bytearray(100))
+        got = store.get("chunks/ab/x", small)
+        assert got == data and bytes(small) == bytes(100)  # too small: left alone
+    assert tiered.tier_counts() == {"disk_tier_hits": 3, "disk_tier_misses": 1}

@@ -56,7 +56,8 @@ class KVCDNConfig:
     # step. false: they run inside the step (how kvcdn ran before background I/O; kept so benchmarks
     # can compare both in one run).
     async_io: bool = True
-    # Chunk reads in flight at once per worker (a remote store's round trips overlap).
+    # Chunk reads in flight at once per worker (a remote store's round trips overlap); the
+    # worker keeps io_threads + 2 chunk-sized read buffers (connector/read_buffers.py).
     io_threads: int = 4
     # A background load still reading after this many seconds gives up on the chunks it
     # has not written (they are recomputed, counted as reason "timeout"): a slow or hung

@@ -29,13 +29,14 @@ logger = get_logger(__name__)
 DocumentKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def read_chunk(store: Store, key: str, **expect) -> tuple[ChunkKV, int]:
-    """(the decoded chunk, its stored size); ``expect`` as ``decode_chunk``'s checks.
+def read_chunk(store: Store, key: str, into: memoryview | None = None, **expect) -> tuple[ChunkKV, int]:
+    """(the decoded chunk, its stored size); ``expect`` as ``decode_chunk``'s checks; read
+    into ``into`` when it fits (the chunk's tensors then view it; ``Store.get``).
     A missing chunk is an ``ArtifactError("missing")`` like any other unusable one. A
     local copy (disk tier) that fails its checks is dropped and the origin read once."""
     object_key = chunk_object_key(key)
     for attempt in range(2):
-        data = store.get(object_key)
+        data = store.get(object_key, into)
         if data is None:
             raise ArtifactError("missing", f"chunk {key[:16]} is missing from {store.url}")
         try:

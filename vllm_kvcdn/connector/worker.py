@@ -38,6 +38,7 @@ from vllm_kvcdn.connector.io_threads import IOThreadPlacement
 from vllm_kvcdn.connector.jobs import Outbox, pool, start_threads
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
+from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.documents import DocumentKV, compare_document, read_chunk, write_document
 from vllm_kvcdn.fingerprint import Fingerprint
@@ -85,6 +86,10 @@ class _DocumentOutcome:
 class _Read:
     source: str  # "chunk": (DocumentKV, bytes read); "image": whether it is now in the RAM tier
     future: Future
+    buffer: memoryview | None = None  # the pooled read buffer a chunk read fills (its tensors view it)
+
+
+_NO_BUFFER = object()  # a read not started: no read buffer free
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class KVCDNWorker:
         self.layout: PagedKVLayout | None = None
         self.ram: PackedBlockCache | None = None
         self.images: BlockImageFiles | None = None  # the RAM tier's slots on the node's disk
+        self.buffers: ReadBuffers | None = None  # chunk reads go into these
         self._ram_lock = threading.Lock()  # the RAM tier is shared by concurrent load jobs
         inline = not config.async_io
         self.placement = IOThreadPlacement(io_cpus)
@@ -162,14 +168,19 @@ class KVCDNWorker:
         if self.ram is not None and self.ram.num_slots and self.config.disk_cache_gib and self.config.disk_images:
             self.images = BlockImageFiles(Path(self.config.disk_cache_dir) / "images" / self._layout_id(),
                                           int(self.config.disk_cache_gib * (1 << 30)))
+        # Every read thread busy, and two chunks read ahead of the ones being written.
+        self.buffers = ReadBuffers(self.config.io_threads + 2, _chunk_object_bytes(
+            self.config.chunk_size, len(self.caches), g.num_kv_heads, g.head_dim, g.kv_dtype))
         self.placement.bind(lambda: self.layout.prime_thread(self.caches[0]))
         for name, executor in self._pools.items():
             start_threads(executor, self._pool_threads[name])  # their setup is not a request's to pay
         io_cpus = self.placement.io_cpus
         where = f"CPUs {sorted(io_cpus)}, and the compute CPUs in idle steps" if io_cpus else "the engine's CPUs"
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %s",
+            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %d read buffers of "
+            "%.0f MB, %s",
             len(self.caches), type(self.layout).__name__, self.store.url, self.config.ram_tier_gib,
+            self.buffers.count, self.buffers.nbytes / 1e6,
             f"background I/O ({self.config.io_threads} read threads on {where})" if self.config.async_io
             else "in-step I/O",
         )
@@ -259,12 +270,14 @@ class KVCDNWorker:
         started = time.perf_counter()
         deadline = started + self.config.load_timeout_s
         outcome = _LoadOutcome(spec.req_id)
-        # Start every read now, in parallel; write chunks in order as they arrive.
-        reads = [self._start_read(chunk) for chunk in spec.chunks]
+        # Reads run ahead, in parallel, as far as free read buffers allow; chunks are
+        # written in order as their reads end, each one's buffer freed once written.
+        reads: list[_Read | None] = []
         loaded_tokens = 0
         for n, chunk in enumerate(spec.chunks):
             try:
-                self._write_chunk(spec, chunk, reads[n], outcome.stats, deadline)
+                self._read_ahead(spec.chunks, n, reads, deadline)
+                self._write_chunk(spec, n, reads, outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else _store_failure(e)
                 self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
@@ -277,10 +290,13 @@ class KVCDNWorker:
                 logger.exception("kvcdn: unexpected error loading chunk %s", chunk.key[:16])
                 self._fail(outcome, spec, spec.chunks[n:], "error", repr(e))
                 break
+            finally:
+                if n < len(reads):
+                    self._let_go(reads[n])
+                    reads[n] = None
             loaded_tokens += chunk.write_to - chunk.write_from
         for read in reads:
-            if read is not None:
-                read.future.cancel()  # those not started yet after a failure
+            self._let_go(read)  # those read ahead of a failed chunk
         outcome.stats.add("loaded_tokens", loaded_tokens)
         outcome.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
         outcome.stats.observe("load_duration_seconds", time.perf_counter() - started)
@@ -291,23 +307,51 @@ class KVCDNWorker:
         bs = self.geometry.block_size
         return -(-chunk.write_from // bs) * bs, chunk.write_to // bs * bs
 
-    def _start_read(self, chunk: ChunkLoad) -> _Read | None:
-        """Nothing when the RAM tier holds what the chunk needs; else its block image (into
-        the RAM tier) when the node's disk holds one, else the chunk itself."""
-        first, last = self._whole_blocks(chunk)
-        if self.ram is None or first >= last or first > chunk.write_from or last < chunk.write_to:
-            return _Read("chunk", self._reads.submit(self._read_chunk, chunk))
-        blocks = (last - chunk.start) // self.geometry.block_size
-        if self.ram.holds(chunk.key, blocks):
-            return None
-        if self.images is not None and self.images.blocks(chunk.key) >= blocks:
-            return _Read("image", self._reads.submit(self._read_image, chunk.key))
-        return _Read("chunk", self._reads.submit(self._read_chunk, chunk))
+    def _read_ahead(self, chunks: list[ChunkLoad], n: int, reads: list[_Read | None], deadline: float) -> None:
+        """Start the reads after ``reads`` (those started, in chunk order) while read
+        buffers are free. When chunk ``n``, written next, has none started, wait for a
+        buffer: this job then holds none (the chunks before it are written), and the jobs
+        holding the others write and free theirs without waiting for any."""
+        while len(reads) < len(chunks):
+            must = len(reads) == n
+            read = self._start_read(chunks[len(reads)], max(0.0, deadline - time.perf_counter()) if must else 0.0)
+            if read is _NO_BUFFER:
+                if must:
+                    raise ReadTimeout()
+                return
+            reads.append(read)
 
-    def _write_chunk(self, spec: LoadSpec, chunk: ChunkLoad, read: _Read | None, stats: KVCDNStats,
+    def _start_read(self, chunk: ChunkLoad, wait_s: float = 0.0):
+        """Nothing when the RAM tier holds what the chunk needs; else its block image (into
+        the RAM tier) when the node's disk holds one, else the chunk itself, into a read
+        buffer free within ``wait_s`` (``_NO_BUFFER`` if none)."""
+        first, last = self._whole_blocks(chunk)
+        if self.ram is not None and first < last and first <= chunk.write_from and last >= chunk.write_to:
+            blocks = (last - chunk.start) // self.geometry.block_size
+            if self.ram.holds(chunk.key, blocks):
+                return None
+            if self.images is not None and self.images.blocks(chunk.key) >= blocks:
+                return _Read("image", self._reads.submit(self._read_image, chunk.key))
+        buffer = self.buffers.acquire(wait_s)
+        if buffer is None:
+            return _NO_BUFFER
+        return _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
+
+    def _let_go(self, read: _Read | None) -> None:
+        """Cancel the read if it has not started; its buffer goes back once it has ended
+        (the caller no longer uses what it read)."""
+        if read is None:
+            return
+        read.future.cancel()
+        if read.buffer is not None:
+            read.future.add_done_callback(lambda _: self.buffers.release(read.buffer))
+
+    def _write_chunk(self, spec: LoadSpec, n: int, reads: list[_Read | None], stats: KVCDNStats,
                      deadline: float) -> None:
-        """Write the chunk's tokens [write_from, write_to) into the request's slots: whole
-        blocks from the RAM tier when it holds them, everything else from the verified file."""
+        """Write chunk ``n``'s tokens [write_from, write_to) into the request's slots: whole
+        blocks from the RAM tier when it holds them, everything else from the verified file
+        (read by ``reads[n]``, or by a read started here into ``reads[n]``)."""
+        chunk, read = spec.chunks[n], reads[n]
         if self._skip_partial_tail and chunk.is_tail:
             return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
         if read is not None and read.source == "image":
@@ -330,7 +374,8 @@ class KVCDNWorker:
         if not todo:
             return
         if read is None:  # the RAM tier lost it meanwhile, or its image was no good
-            read = _Read("chunk", self._reads.submit(self._read_chunk, chunk))
+            buffer = self.buffers.acquire()  # none free: a buffer of its own (waiting could deadlock)
+            read = reads[n] = _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
         kv, nbytes = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
         stats.add("store_read_bytes", nbytes)
         for start, end in todo:
@@ -373,10 +418,10 @@ class KVCDNWorker:
             with self._ram_lock:
                 self.ram.unpin(key)
 
-    def _read_chunk(self, chunk: ChunkLoad):
+    def _read_chunk(self, chunk: ChunkLoad, into: memoryview | None = None):
         g = self.geometry
         return read_chunk(
-            self.store, chunk.key, fingerprint=self.fingerprint.digest, dtype=g.kv_dtype,
+            self.store, chunk.key, into, fingerprint=self.fingerprint.digest, dtype=g.kv_dtype,
             num_layers=len(self.caches), num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
             tokens=chunk.tokens, verify=self.config.verify_checksums,
         )
@@ -450,6 +495,13 @@ class KVCDNWorker:
         verdict = compare_document(self.store, manifest, spec.token_ids, kv)
         logger.info("kvcdn: verified %s: %s", spec.doc_id[:16], "identical" if verdict["identical"] else "DIFFERS")
         return _DocumentOutcome(spec.req_id, {"verified": True, **verdict, "prefill": spec.prefill})
+
+
+def _chunk_object_bytes(chunk_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+    """Room for a stored chunk of this geometry: its K and V, its token ids and a header."""
+    header_room = 64 << 10  # the safetensors header: a few hundred bytes per layer
+    return chunk_size * (num_layers * 2 * num_kv_heads * head_dim * dtype.itemsize + 4) + header_room
 
 
 def _store_failure(e: StoreError) -> str:

@@ -7,20 +7,36 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 UNZEROED_FROM = 1 << 20  # bytes: a buffer this large is not cleared before it is filled
+PAGE = 4096
 
 
-def new_buffer(size: int) -> bytearray | memoryview:
+def new_buffer(size: int, into: memoryview | None = None) -> bytearray | memoryview:
     """A writable buffer of ``size`` bytes for a read to fill (``len``, buffer protocol).
 
     ``bytearray(n)`` clears n bytes holding the GIL: ~6 ms for a 29 MB chunk, during which
-    the engine's own thread cannot start its next op. A large buffer is a view of a NumPy
-    array left uninitialized instead; its pages are first touched by the read that fills
-    it, which runs with the GIL released."""
+    the engine's own thread cannot start its next op. A large buffer is an uninitialized,
+    page-aligned one instead (``aligned_empty``); its pages are first touched by the read
+    that fills it, which runs with the GIL released. With ``into`` (a reader's own buffer)
+    large enough: a view of its first ``size`` bytes."""
+    if into is not None and len(into) >= size:
+        return into[:size]
     if size < UNZEROED_FROM:
         return bytearray(size)
+    return aligned_empty(size)
+
+
+def aligned_empty(size: int) -> memoryview:
+    """``size`` uninitialized, writable bytes starting on a page boundary.
+
+    The kernel copies a file read into the buffer (``copy_to_user``) at ~2.5 GB/s when the
+    buffer starts 16 bytes past a 64-byte boundary, as a large ``malloc`` block does, and at
+    ~7 GB/s when it is aligned (measured on our VMs: 32 chunks of 29 MB from the page cache,
+    0.38 s vs 0.13 s)."""
     import numpy  # not at import: `kvcdn ls` stays light
 
-    return memoryview(numpy.empty(size, dtype=numpy.uint8))
+    raw = numpy.empty(size + PAGE, dtype=numpy.uint8)
+    start = -raw.ctypes.data % PAGE
+    return memoryview(raw[start : start + size])
 
 
 class StoreError(Exception):
@@ -46,9 +62,12 @@ class Store(ABC):
     url: str
 
     @abstractmethod
-    def get(self, key: str) -> bytes | bytearray | memoryview | None:
+    def get(self, key: str, into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
         """The object's bytes, or None when it does not exist (large objects come in
-        ``new_buffer``'s: compare or slice them as bytes, ``bytes()`` them for ``json``)."""
+        ``new_buffer``'s: compare or slice them as bytes, ``bytes()`` them for ``json``).
+
+        ``into``: a writable buffer to read the object into when it fits (the result is then
+        a view of it), so a reader can reuse its buffers; a store may ignore it."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -105,8 +124,8 @@ class StoreWrapper(Store):
         self.inner = inner
         self.url = inner.url
 
-    def get(self, key: str) -> bytes | bytearray | memoryview | None:
-        return self.inner.get(key)
+    def get(self, key: str, into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
+        return self.inner.get(key, into)
 
     def put(self, key: str, data: bytes) -> None:
         self.inner.put(key, data)

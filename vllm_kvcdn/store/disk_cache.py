@@ -42,16 +42,16 @@ class DiskCachedStore(StoreWrapper):
         logger.info("kvcdn: disk tier %s: %d chunks, %.2f of %.2f GiB, in front of %s", self.cache.root,
                     len(self._lru), self._bytes / 2**30, capacity_bytes / 2**30, origin.url)
 
-    def get(self, key: str) -> bytes | bytearray | memoryview | None:
+    def get(self, key: str, into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
         if not key.startswith(CHUNK_PREFIX):
-            return self.inner.get(key)
-        data = self.cache.get(key) if key in self._lru else None
+            return self.inner.get(key, into)
+        data = self.cache.get(key, into) if key in self._lru else None
         if data is not None:
             self._touch(key)
             return data
         with self._lock:
             self.misses += 1
-        data = self.inner.get(key)
+        data = self.inner.get(key, into)
         if data is not None:
             self._admit(key, data)
         return data

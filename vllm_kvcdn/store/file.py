@@ -26,11 +26,11 @@ class FileStore(Store):
             raise ValueError(f"invalid store key {key!r}")
         return self.root / key
 
-    def get(self, key: str) -> bytearray | memoryview | None:
+    def get(self, key: str, into: memoryview | None = None) -> bytearray | memoryview | None:
         # A writable buffer, so tensors can view it without a copy.
         try:
             with open(self._path(key), "rb") as f:
-                buf = new_buffer(os.fstat(f.fileno()).st_size)
+                buf = new_buffer(os.fstat(f.fileno()).st_size, into)
                 got = f.readinto(buf)
                 return buf if got == len(buf) else buf[:got]  # cut short meanwhile: never unread bytes
         except FileNotFoundError:

@@ -18,7 +18,7 @@ class LatencyStore(StoreWrapper):
         super().__init__(inner)
         self.delay_s = chunk_get_delay_s
 
-    def get(self, key: str) -> bytes | bytearray | memoryview | None:
+    def get(self, key: str, into: memoryview | None = None) -> bytes | bytearray | memoryview | None:
         if key.startswith(CHUNK_PREFIX):
             time.sleep(self.delay_s)
-        return self.inner.get(key)
+        return self.inner.get(key, into)

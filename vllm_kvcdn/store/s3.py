@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, fields
 from urllib.parse import parse_qsl
 
@@ -149,14 +150,14 @@ class S3Store(Store):
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key: str) -> bytearray | memoryview | None:
+    def get(self, key: str, into: memoryview | None = None) -> bytearray | memoryview | None:
         first = self._call(f"GET {key}", lambda: self._open(key))
         if first is _MISSING:
             return None
         response, total, etag = first
         if response is None:
             return bytearray()
-        buf = new_buffer(total)  # one buffer, filled in place; writable: tensors view it without a copy
+        buf = new_buffer(total, into)  # one buffer, filled in place; writable: tensors view it without a copy
         view = memoryview(buf).cast("B")
         head = int(response["ContentLength"])
         # The other parts start now and run while this thread reads the first one's body.
@@ -171,6 +172,7 @@ class S3Store(Store):
         finally:
             for part in parts:
                 part.cancel()
+            futures_wait(parts)  # none may write into the buffer (maybe the caller's) after we return
         return buf
 
     def _open(self, key: str) -> tuple[dict | None, int, str | None]:

@@ -1,0 +1,190 @@
+"""The worker's load jobs on their own: reads into reused buffers, read-ahead bounded by
+them, failures mid-document (no engine: a worker over plain paged-cache tensors in the
+FlashAttention layout, a real file store; the engine tests cover the same jobs under vLLM).
+
+A small geometry (32-token chunks of 2 layers) makes a document of many chunks, more than
+the worker has read buffers (``io_threads`` + 2)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec
+from vllm_kvcdn.connector.read_buffers import ReadBuffers
+from vllm_kvcdn.connector.worker import KVCDNWorker, KVGeometry
+from vllm_kvcdn.documents import write_document
+from vllm_kvcdn.fingerprint import Fingerprint
+from vllm_kvcdn.store.base import StoreWrapper
+from vllm_kvcdn.store.file import FileStore
+from vllm_kvcdn.store.keys import chunk_object_key
+from vllm_kvcdn.store.latency import LatencyStore
+
+BLOCK, HEADS, DIM, LAYERS, CHUNK = 16, 2, 8, 2, 32
+DOC_TOKENS = 10 * CHUNK + 8  # ten whole chunks and a tail
+FINGERPRINT = Fingerprint("f" * 64, {"test": "chunk loads"})
+
+
+class _Recording(StoreWrapper):
+    """Counts chunk reads that were handed a buffer to fill, and how many run at once."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.into, self.running, self.most_running = [], 0, 0
+        self._lock = threading.Lock()
+
+    def get(self, key, into=None):
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            data = self.inner.get(key, into)
+            if key.startswith("chunks/"):
+                self.into.append(isinstance(data, memoryview) and into is not None and data.obj is into.obj)
+            return data
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def _document(seed: int) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 30000, (DOC_TOKENS,), generator=gen).tolist()
+    kv = [(torch.randn(DOC_TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16),
+           torch.randn(DOC_TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16)) for _ in range(LAYERS)]
+    return tokens, kv
+
+
+def _publish(store, tokens, kv):
+    spans = document_chunks(tokens, FINGERPRINT.digest, None, CHUNK)
+    write_document(store, spans=spans, tokens=tokens, kv=kv, fingerprint=FINGERPRINT.digest, profile={},
+                   chunk_size=CHUNK, producer={})
+    return spans
+
+
+def _worker(store, io_threads: int = 1, blocks: int = 64) -> KVCDNWorker:
+    config = KVCDNConfig(store_url=store.url, chunk_size=CHUNK, io_threads=io_threads, ram_tier_gib=0,
+                         load_timeout_s=30)
+    geometry = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
+    worker = KVCDNWorker(config, FINGERPRINT, store, geometry)
+    worker.register_kv_caches({f"model.layers.{i}.attn": torch.zeros(2, blocks, BLOCK, HEADS, DIM,
+                                                                      dtype=torch.bfloat16)
+                               for i in range(LAYERS)})
+    return worker
+
+
+def _spec(req_id: str, spans, tokens, first_block: int) -> LoadSpec:
+    chunks = [ChunkLoad(s.key, s.start, s.num_tokens, s.start, s.end, s.num_tokens < CHUNK,
+                        tokens[s.start : s.end]) for s in spans]
+    blocks = -(-DOC_TOKENS // BLOCK)
+    return LoadSpec(req_id, list(range(first_block, first_block + blocks)), chunks)
+
+
+def _load(worker, *specs, timeout_s: float = 30.0) -> set[int]:
+    """Run the loads to their end; the blocks reported failed."""
+    worker.start_load_kv(KVCDNMetadata(loads=list(specs), idle=True))
+    waiting, deadline = {s.req_id for s in specs}, time.monotonic() + timeout_s
+    while waiting:
+        assert time.monotonic() < deadline, f"loads {waiting} never ended"
+        waiting -= worker.take_finished_loads(idle=True)
+    return worker.get_block_ids_with_load_errors()
+
+
+def _cached(worker, spec: LoadSpec, layer: int, end: int = DOC_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = worker._slots(spec.block_ids, 0, end)
+    return worker.layout.read(worker.caches[layer], slots)
+
+
+def _all_buffers_back(worker, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while worker.buffers.free < worker.buffers.count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return worker.buffers.free == worker.buffers.count
+
+
+@pytest.fixture
+def store(tmp_path):
+    return _Recording(FileStore(tmp_path / "store", durable=False))
+
+
+def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(store):
+    tokens, kv = _document(0)
+    spans = _publish(store, tokens, kv)
+    worker = _worker(store, io_threads=1)
+    try:
+        assert worker.buffers.count == 3 < len(spans)
+        store.into.clear()
+        spec = _spec("r1", spans, tokens, first_block=0)
+        assert _load(worker, spec) == set()
+        for layer, (k, v) in enumerate(kv):
+            k2, v2 = _cached(worker, spec, layer)
+            assert torch.equal(k2, k) and torch.equal(v2, v)
+        assert store.into == [True] * len(spans)  # every chunk read went into a pooled buffer
+        assert _all_buffers_back(worker)
+    finally:
+        worker.shutdown()
+
+
+def test_concurrent_loads_over_a_slow_store_share_few_buffers_without_deadlock(tmp_path):
+    origin = FileStore(tmp_path / "store", durable=False)
+    docs = [_document(seed) for seed in (1, 2)]
+    spans = [_publish(origin, *doc) for doc in docs]
+    slow = _Recording(LatencyStore(origin, chunk_get_delay_s=0.02))
+    worker = _worker(slow, io_threads=2, blocks=64)
+    try:
+        specs = [_spec(f"r{i}", s, docs[i][0], first_block=i * 32) for i, s in enumerate(spans)]
+        assert _load(worker, *specs) == set()
+        for spec, (_, kv) in zip(specs, docs):
+            k, _ = _cached(worker, spec, LAYERS - 1)
+            assert torch.equal(k, kv[-1][0])
+        assert slow.most_running <= worker.config.io_threads  # read-ahead bounded by the read threads
+        assert _all_buffers_back(worker)
+    finally:
+        worker.shutdown()
+
+
+def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buffer(store):
+    tokens, kv = _document(3)
+    spans = _publish(store, tokens, kv)
+    bad = 4
+    path = store.inner.root / chunk_object_key(spans[bad].key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    worker = _worker(store, io_threads=1)
+    try:
+        spec = _spec("r1", spans, tokens, first_block=0)
+        failed = _load(worker, spec)
+        first_bad_block = spans[bad].start // BLOCK
+        assert failed == set(spec.block_ids[first_bad_block:])
+        good = spans[bad].start
+        for layer, (k, v) in enumerate(kv):
+            k2, v2 = _cached(worker, spec, layer, end=good)
+            assert torch.equal(k2, k[:good]) and torch.equal(v2, v[:good])
+        assert worker.stats.data["failures"] == {"checksum": 1}
+        assert _all_buffers_back(worker)
+    finally:
+        worker.shutdown()
+
+
+def test_a_chunk_larger_than_a_buffer_still_loads(store):
+    """A buffer fits this engine's chunks; an object that does not fit (a bigger header,
+    say) is read into memory of its own."""
+    tokens, kv = _document(4)
+    spans = _publish(store, tokens, kv)
+    worker = _worker(store, io_threads=1)
+    try:
+        worker.buffers = ReadBuffers(3, 16)
+        store.into.clear()
+        spec = _spec("r1", spans, tokens, first_block=0)
+        assert _load(worker, spec) == set()
+        k, v = _cached(worker, spec, 0)
+        assert torch.equal(k, kv[0][0]) and torch.equal(v, kv[0][1])
+        assert store.into == [False] * len(spans)
+    finally:
+        worker.shutdown()
