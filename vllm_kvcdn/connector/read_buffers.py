@@ -3,8 +3,9 @@
 A load reads each ~30 MB chunk into a buffer, decodes it in place and copies it into the
 KV cache. A fresh buffer per chunk is fresh memory: the allocator hands big blocks back
 to the kernel between loads, and the first touch of each new page costs (on the VMs we
-measure, ~1.2 s per GiB: a 940 MB background load that held all its buffers at once paid
-~1 s of it). Reused buffers are already mapped and touched.
+measure, ~1.2 s per GiB; a background load that held all 32 buffers of an 8192-token
+document at once read its chunks up to 4x slower in an engine's first loads). Reused
+buffers are already mapped and touched, and page-aligned (``store.base.aligned_empty``).
 
 The pool also bounds read-ahead: a load starts a chunk's read only with a free buffer,
 so a document of any length holds at most ``count`` chunks in memory at once.
