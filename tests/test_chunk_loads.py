@@ -1,8 +1,11 @@
 """The worker's load jobs on their own: reads into reused buffers, read-ahead bounded by
-them, failures mid-document (no engine: a worker over plain paged-cache tensors in the
-FlashAttention layout, a real file store; the engine tests cover the same jobs under vLLM).
+them, failures mid-document (no engine: a worker over plain paged-cache tensors, a real
+file store; the engine tests cover the same jobs under vLLM). Each test runs twice: over
+CPU caches written with vLLM's own CPU op, and over the GPU backends' layout on CPU
+tensors with the device path on (a chunk's K/V "uploaded" in one copy, slots moved once
+per chunk: the copies land in host memory here, on the GPU in production).
 
-A small geometry (32-token chunks of 2 layers) makes a document of many chunks, more than
+A small geometry (64-token chunks of 2 layers) makes a document of many chunks, more than
 the worker has read buffers (``io_threads`` + 2)."""
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector import worker as worker_module
+from vllm_kvcdn.connector.kv_layout import SplitKVLayout
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.worker import KVCDNWorker, KVGeometry
@@ -25,7 +30,7 @@ from vllm_kvcdn.store.file import FileStore
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.store.latency import LatencyStore
 
-BLOCK, HEADS, DIM, LAYERS, CHUNK = 16, 2, 8, 2, 32
+BLOCK, HEADS, DIM, LAYERS, CHUNK = 32, 2, 64, 2, 64
 DOC_TOKENS = 10 * CHUNK + 8  # ten whole chunks and a tail
 FINGERPRINT = Fingerprint("f" * 64, {"test": "chunk loads"})
 
@@ -67,14 +72,23 @@ def _publish(store, tokens, kv):
     return spans
 
 
-def _worker(store, io_threads: int = 1, blocks: int = 64) -> KVCDNWorker:
+@pytest.fixture(params=["cpu_attn", "split"])
+def layout(request, monkeypatch) -> str:
+    if request.param == "split":  # the GPU backends' layout, HND strides
+        monkeypatch.setattr(worker_module, "layout_for",
+                            lambda cache, **_: SplitKVLayout(BLOCK, cache.shape[2], DIM))
+    return request.param
+
+
+def _worker(store, layout: str, io_threads: int = 1, blocks: int = 64) -> KVCDNWorker:
     config = KVCDNConfig(store_url=store.url, chunk_size=CHUNK, io_threads=io_threads, ram_tier_gib=0,
                          load_timeout_s=30)
     geometry = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
     worker = KVCDNWorker(config, FINGERPRINT, store, geometry)
-    worker.register_kv_caches({f"model.layers.{i}.attn": torch.zeros(2, blocks, BLOCK, HEADS, DIM,
+    worker.register_kv_caches({f"model.layers.{i}.attn": torch.zeros(blocks, HEADS, BLOCK, 2 * DIM,
                                                                       dtype=torch.bfloat16)
                                for i in range(LAYERS)})
+    worker.device.moves = layout == "split"  # the GPU's copy path (one upload per chunk) on host memory
     return worker
 
 
@@ -112,10 +126,10 @@ def store(tmp_path):
     return _Recording(FileStore(tmp_path / "store", durable=False))
 
 
-def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(store):
+def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(store, layout):
     tokens, kv = _document(0)
     spans = _publish(store, tokens, kv)
-    worker = _worker(store, io_threads=1)
+    worker = _worker(store, layout, io_threads=1)
     try:
         assert worker.buffers.count == 3 < len(spans)
         store.into.clear()
@@ -130,12 +144,12 @@ def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(stor
         worker.shutdown()
 
 
-def test_concurrent_loads_over_a_slow_store_share_few_buffers_without_deadlock(tmp_path):
+def test_concurrent_loads_over_a_slow_store_share_few_buffers_without_deadlock(tmp_path, layout):
     origin = FileStore(tmp_path / "store", durable=False)
     docs = [_document(seed) for seed in (1, 2)]
     spans = [_publish(origin, *doc) for doc in docs]
     slow = _Recording(LatencyStore(origin, chunk_get_delay_s=0.02))
-    worker = _worker(slow, io_threads=2, blocks=64)
+    worker = _worker(slow, layout, io_threads=2, blocks=64)
     try:
         specs = [_spec(f"r{i}", s, docs[i][0], first_block=i * 32) for i, s in enumerate(spans)]
         assert _load(worker, *specs) == set()
@@ -148,7 +162,7 @@ def test_concurrent_loads_over_a_slow_store_share_few_buffers_without_deadlock(t
         worker.shutdown()
 
 
-def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buffer(store):
+def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buffer(store, layout):
     tokens, kv = _document(3)
     spans = _publish(store, tokens, kv)
     bad = 4
@@ -156,7 +170,7 @@ def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buff
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
-    worker = _worker(store, io_threads=1)
+    worker = _worker(store, layout, io_threads=1)
     try:
         spec = _spec("r1", spans, tokens, first_block=0)
         failed = _load(worker, spec)
@@ -172,12 +186,12 @@ def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buff
         worker.shutdown()
 
 
-def test_a_chunk_larger_than_a_buffer_still_loads(store):
+def test_a_chunk_larger_than_a_buffer_still_loads(store, layout):
     """A buffer fits this engine's chunks; an object that does not fit (a bigger header,
     say) is read into memory of its own."""
     tokens, kv = _document(4)
     spans = _publish(store, tokens, kv)
-    worker = _worker(store, io_threads=1)
+    worker = _worker(store, layout, io_threads=1)
     try:
         worker.buffers = ReadBuffers(3, 16)
         store.into.clear()
@@ -188,3 +202,57 @@ def test_a_chunk_larger_than_a_buffer_still_loads(store):
         assert store.into == [False] * len(spans)
     finally:
         worker.shutdown()
+
+
+def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store, monkeypatch):
+    """A layout that disagrees with vLLM's own CPU op (here: K and V swapped on write)
+    must never write a byte: every load is a counted miss, publishes are refused, and the
+    scheduler is told to stop planning loads."""
+    from vllm_kvcdn.connector.kv_layout import CpuAttnLayout
+    from vllm_kvcdn.connector.metadata import SaveSpec
+
+    class WritesVForK(CpuAttnLayout):
+        def write(self, cache, k, v, slots):
+            super().write(cache, v, k, slots)
+
+        def engine_write_op(self):
+            return CpuAttnLayout.write.__get__(self)  # the engine's op, untouched
+
+    monkeypatch.setattr(worker_module, "layout_for",
+                        lambda cache, **_: WritesVForK(torch.bfloat16, BLOCK, DIM, "auto"))
+    tokens, kv = _document(5)
+    spans = _publish(store, tokens, kv)
+    worker = _worker(store, "cpu_attn", io_threads=1)
+    try:
+        assert "layout probe failed" in worker.refusal
+        assert worker.stats.data["layout_probe_failures"] == 1
+        spec = _spec("r1", spans, tokens, first_block=0)
+        assert _load(worker, spec) == set(spec.block_ids)
+        assert worker.stats.data["failures"] == {"layout_mismatch": 1}  # one counted miss per load
+        assert all(int(c.count_nonzero()) == 0 for c in worker.caches)
+        report = worker.build_worker_meta()
+        assert report.refusal == worker.refusal and report.failed_loads == {"r1"}
+        worker.wait_for_save(KVCDNMetadata(saves=[SaveSpec("p1", "doc", tokens[:BLOCK], [0], spans[:1])]))
+        assert worker.build_worker_meta().documents["p1"]["published"] is False
+    finally:
+        worker.shutdown()
+
+
+def test_a_chunk_goes_to_the_cache_device_in_one_copy(store):
+    """Every layer's K and V of a chunk read into a (pinned, on CUDA) read buffer leave it
+    in one copy: the tensors handed to the layout all view one new allocation. (On CPU the
+    "device" copy lands in host memory; the path is the GPU's.)"""
+    from vllm_kvcdn.connector.device_copies import CacheDevice
+    from vllm_kvcdn.documents import read_chunk
+
+    tokens, kv = _document(6)
+    spans = _publish(store, tokens, kv)
+    buffer = ReadBuffers(1, 1 << 20).acquire()
+    chunk, _ = read_chunk(store, spans[0].key, buffer)
+    device = CacheDevice(torch.device("cpu"))
+    device.moves = True
+    moved = device.upload(chunk.keys + chunk.values, buffer)
+    assert len({t.untyped_storage().data_ptr() for t in moved}) == 1
+    assert all(t.untyped_storage().data_ptr() != chunk.keys[0].untyped_storage().data_ptr() for t in moved)
+    for (k, v), k2, v2 in zip(kv, moved[:LAYERS], moved[LAYERS:]):
+        assert torch.equal(k2, k[:CHUNK]) and torch.equal(v2, v[:CHUNK])

@@ -177,7 +177,7 @@ def _install_block_spy(worker) -> None:
 
     def snapshot(of: str, block_ids: list[int]) -> None:
         ids = torch.tensor(block_ids, dtype=torch.long)
-        half.spied_blocks[of] = [cache.index_select(half.layout.block_dim, ids).clone() for cache in half.caches]
+        half.spied_blocks[of] = [half.layout.blocks(cache).index_select(0, ids) for cache in half.caches]
 
     def spy_load(spec):
         outcome = load(spec)
@@ -198,7 +198,7 @@ def _block_digests(worker, of: str, tokens: int) -> dict:
     half = get_kv_transfer_group()._worker
     bs = half.geometry.block_size
     caches = half.spied_blocks[of]  # block i of the copy is the request's i-th block
-    block_ids = list(range(caches[0].shape[half.layout.block_dim]))
+    block_ids = list(range(caches[0].shape[0]))
     whole = torch.tensor(block_ids[: tokens // bs], dtype=torch.long)
     tail = half._slots(block_ids, tokens // bs * bs, tokens)
 
@@ -210,8 +210,9 @@ def _block_digests(worker, of: str, tokens: int) -> dict:
 
     return {
         "whole_blocks": len(whole),
-        "whole": [digest([cache.index_select(half.layout.block_dim, whole)]) for cache in caches],
-        "partial": [digest(half.layout.read(cache, tail)) for cache in caches],
+        "whole": [digest([cache.index_select(0, whole)]) for cache in caches],
+        # back to the cache view's shape (kernel blocks, where they split the manager's)
+        "partial": [digest(half.layout.read(cache.flatten(0, cache.dim() - 4), tail)) for cache in caches],
     }
 
 

@@ -27,13 +27,13 @@ class KVCDNEndpointPlugin:
         from vllm_kvcdn.api.routes import KVCDNService
         from vllm_kvcdn.compat import vllm_fingerprint
         from vllm_kvcdn.config import KVCDNConfig
-        from vllm_kvcdn.connector import CONNECTOR_NAME
+        from vllm_kvcdn.connector import CONNECTOR_NAME, CONNECTOR_NAMES
 
         if engine_client is None:
             return
         vllm_config = engine_client.vllm_config
         transfer = vllm_config.kv_transfer_config
-        if transfer is None or transfer.kv_connector != CONNECTOR_NAME:
+        if transfer is None or transfer.kv_connector not in CONNECTOR_NAMES:
             logger.warning("kvcdn side API disabled: the server does not run %s", CONNECTOR_NAME)
             return
         config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)

@@ -24,13 +24,12 @@ import torch
 
 
 class PackedBlockCache:
-    def __init__(self, capacity_bytes: int, caches: list[torch.Tensor], block_dim: int, blocks_per_chunk: int):
-        layer = list(caches[0].shape)
-        layer[block_dim] = blocks_per_chunk
+    def __init__(self, capacity_bytes: int, caches: list[torch.Tensor], blocks_per_chunk: int):
+        """``caches``: each layer's cache indexed by block id on dim 0 (``PagedKVLayout.blocks``)."""
+        layer = (blocks_per_chunk, *caches[0].shape[1:])
         slot_bytes = len(caches) * torch.Size(layer).numel() * caches[0].element_size()
         self.num_slots = capacity_bytes // slot_bytes
-        self.block_dim = block_dim
-        pin = caches[0].is_cuda
+        pin = caches[0].is_cuda  # host-to-device copies from pinned memory run asynchronously, at full speed
         self.arena = torch.empty((self.num_slots, len(caches), *layer), dtype=caches[0].dtype, pin_memory=pin)
         self.arena.zero_()  # touch every page now, not on the request path
         self._slots: OrderedDict[str, tuple[int, int]] = OrderedDict()  # chunk key -> (slot, blocks held)
@@ -46,13 +45,14 @@ class PackedBlockCache:
         held = self._slots.get(chunk_key)
         return held is not None and hi <= held[1]
 
-    def get(self, chunk_key: str, lo: int, hi: int) -> list[torch.Tensor] | None:
-        """Per-layer images of the chunk's whole blocks [lo, hi); None if not held."""
+    def get(self, chunk_key: str, lo: int, hi: int) -> torch.Tensor | None:
+        """Images of the chunk's whole blocks [lo, hi), ``[layers, hi - lo, ...]`` (a view
+        of its slot); None if not held."""
         held = self._slots.get(chunk_key)
         if held is None or hi > held[1]:
             return None
         self._slots.move_to_end(chunk_key)
-        return [layer.narrow(self.block_dim, lo, hi - lo) for layer in self.arena[held[0]]]
+        return self.arena[held[0]].narrow(1, lo, hi - lo)
 
     def put(self, chunk_key: str, caches: list[torch.Tensor], block_ids: torch.Tensor) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order) out of the paged caches."""
@@ -62,11 +62,11 @@ class PackedBlockCache:
         if slot is None:
             return
         for layer, cache in zip(self.arena[slot], caches):
-            dst = layer.narrow(self.block_dim, 0, len(block_ids))
-            if dst.is_contiguous() and dst.device == cache.device:
-                torch.index_select(cache, self.block_dim, block_ids, out=dst)  # no temporary
+            dst = layer.narrow(0, 0, len(block_ids))
+            if dst.is_contiguous() and dst.device == cache.device and cache.is_contiguous():
+                torch.index_select(cache, 0, block_ids, out=dst)  # no temporary
             else:
-                dst.copy_(cache.index_select(self.block_dim, block_ids.to(cache.device)))
+                dst.copy_(cache.index_select(0, block_ids.to(cache.device)))
         self._slots[chunk_key] = (slot, len(block_ids))
 
     def reserve(self) -> int | None:

@@ -55,9 +55,11 @@ class KVCDNConnector(KVConnectorBase_V1):
             from vllm_kvcdn.connector.scheduler import KVCDNScheduler
 
             if transfer.kv_load_failure_policy != "recompute":
-                # A cache miss must never fail a request: recompute what did not load.
-                logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r)",
-                            transfer.kv_load_failure_policy)
+                # A cache miss must never fail a request: recompute what did not load. vLLM
+                # reads the policy after building the connector, from this same config,
+                # unless we are inside a MultiConnector (its top-level config decides).
+                logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r; inside a MultiConnector, "
+                            "set it in the top-level --kv-transfer-config)", transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
             self._scheduler = KVCDNScheduler(self.config, self.fingerprint, store)
             logger.info(
@@ -80,6 +82,8 @@ class KVCDNConnector(KVConnectorBase_V1):
             self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are asynchronous: the request waits outside the step until every layer is
+        # in, and other requests' steps overlap it. Nothing is left to wait for per layer.
         return
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
@@ -109,6 +113,10 @@ class KVCDNConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self):
         half = self._worker or self._scheduler
         return half.stats.take()
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        return None  # any: our layouts index vLLM's logical per-layer view (kv_layout.py)
 
     # -- scheduler side ----------------------------------------------------------
 

@@ -1,20 +1,30 @@
 """Moving K/V between the canonical ``[tokens, kv_heads, head_dim]`` form and vLLM's
-paged KV cache, slot by slot (``slot = block_id * block_size + offset``).
+paged KV cache, slot by slot (``slot = block_id * block_size + offset``, the manager's
+block size: vLLM's own slot mapping).
 
-CPU (``CPU_ATTN``): one tensor per layer ``[num_blocks, kv_heads, block_size, 2*head_dim]``
-whose block interiors are packed per ISA (K transposed for "vec", tiled for "amx").
-Writes go through the platform's own op, ``cpu_attn_reshape_and_cache``; reads use a
-gather map learnt once by writing known bit patterns through that same op, so reads
-are its exact inverse whatever the packing.
+vLLM 0.32 hands every backend the same logical per-layer view, ``[blocks, kv_heads,
+block_size, K|V]`` (``vllm/v1/worker/utils.py allocate_kv_cache``): the last dimension is
+``head_dim`` of K then ``head_dim`` of V. Where it lives in memory is the ``KVCacheLayout``'s
+stride order (NHD = ``LBNHC``, HND = ``LBHNC``, block-outermost ``BL..``); a backend that
+takes smaller blocks than the manager's gets a view in kernel blocks, kernel block ``j`` of
+block ``b`` being ``b * ratio + j``, so the manager's slot numbers hold unchanged.
 
-CUDA flash-attention style: ``[2, num_blocks, block_size, kv_heads, head_dim]``, plain
-indexing.
+- GPU backends (FlashAttention, FlashInfer, Triton): ``SplitKVLayout`` indexes the
+  logical view, right for any strides; they read it as ``cache.transpose(1, 2).split(
+  head_dim, dim=-1)``, and so do we.
+- CPU (``CPU_ATTN``): the same view, but block interiors are packed per ISA (K transposed
+  for "vec", tiled for "amx"). Writes go through the platform's own op,
+  ``cpu_attn_reshape_and_cache``; reads use a gather map learnt once by writing known
+  bit patterns through that same op, so reads are its exact inverse whatever the packing.
+
+``layout_probe`` checks either against the engine's own cache-write op at start.
 """
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -23,37 +33,94 @@ class UnsupportedLayout(Exception):
     pass
 
 
+# The engine's own cache write: (cache, k, v, slots) with k/v [n, kv_heads, head_dim].
+CacheWriteOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 class PagedKVLayout(ABC):
+    def __init__(self, block_size: int, kernel_block_size: int):
+        if block_size % kernel_block_size:
+            raise UnsupportedLayout(f"kernel blocks of {kernel_block_size} tokens do not split {block_size}-token "
+                                    "blocks; use a --block-size the attention backend supports")
+        self.block_size = block_size  # the KV cache manager's (vLLM's slot mapping uses it)
+        self.kernel_block_size = kernel_block_size  # the cache view's
+
     @abstractmethod
     def write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Write ``k``/``v`` (``[n, kv_heads, head_dim]``) into the given slots."""
 
     @abstractmethod
     def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V (``[n, kv_heads, head_dim]``) stored at the given slots."""
+        """K and V (``[n, kv_heads, head_dim]``, on the cache's device) at the given slots."""
 
-    block_dim = 0  # the dimension of the cache tensor that indexes blocks
+    def engine_write_op(self) -> CacheWriteOp | None:
+        """The op the engine itself writes this cache with, where this build has it."""
+        return None
 
     def prime_thread(self, cache: torch.Tensor) -> None:
         """Run ``write`` once on a scratch block in the calling thread, so whatever it
         sets up per thread (an OpenMP team and its binding) is done before it matters."""
 
+    def blocks(self, cache: torch.Tensor) -> torch.Tensor:
+        """The cache indexed by the manager's block ids on dim 0 (a view): a kernel-block
+        view ``[blocks * ratio, ...]`` becomes ``[blocks, ratio, ...]``."""
+        ratio = self.block_size // self.kernel_block_size
+        return cache if ratio == 1 else cache.unflatten(0, (-1, ratio))
+
     def write_blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, image: torch.Tensor) -> None:
-        """Put images of whole blocks (engine-native packing, see ``block_cache``) back at
+        """Put images of whole blocks (``blocks(cache)`` rows, see ``block_cache``) back at
         other block ids: a plain copy."""
-        cache.index_copy_(self.block_dim, block_ids.to(cache.device), image.to(cache.device, non_blocking=True))
+        self.blocks(cache).index_copy_(0, block_ids.to(cache.device), image.to(cache.device, non_blocking=True))
+
+
+class SplitKVLayout(PagedKVLayout):
+    """vLLM's logical ``[blocks, kv_heads, block_size, K|V]`` view, any physical strides."""
+
+    def __init__(self, block_size: int, kernel_block_size: int, head_dim: int):
+        super().__init__(block_size, kernel_block_size)
+        self.head_dim = head_dim
+
+    def _split(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as ``[blocks, block_size, kv_heads, head_dim]`` views: the backends' own split."""
+        return cache.transpose(1, 2).split(self.head_dim, dim=-1)
+
+    def _where(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(cache.device, non_blocking=True)
+        return slots // self.kernel_block_size, slots % self.kernel_block_size
+
+    def write(self, cache, k, v, slots):
+        where = self._where(cache, slots)
+        key_cache, value_cache = self._split(cache)
+        key_cache.index_put_(where, k.to(cache.device, non_blocking=True))
+        value_cache.index_put_(where, v.to(cache.device, non_blocking=True))
+
+    def read(self, cache, slots):
+        where = self._where(cache, slots)
+        key_cache, value_cache = self._split(cache)
+        return key_cache[where], value_cache[where]
+
+    def engine_write_op(self) -> CacheWriteOp | None:
+        if not hasattr(torch.ops._C_cache_ops, "reshape_and_cache_flash"):
+            return None  # a build without vLLM's CUDA kernels (the CPU wheel)
+        from vllm import _custom_ops as ops
+
+        def write(cache, k, v, slots):
+            key_cache, value_cache = self._split(cache)
+            scale = torch.ones((), dtype=torch.float32, device=cache.device)
+            ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", scale, scale)
+
+        return write
 
 
 class CpuAttnLayout(PagedKVLayout):
-    def __init__(self, dtype: torch.dtype, block_size: int, head_dim: int, cache_dtype: str = "auto"):
+    def __init__(self, dtype: torch.dtype, block_size: int, head_dim: int, cache_dtype: str = "auto",
+                 kernel_block_size: int | None = None):
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        if cache_dtype not in ("auto", None) and "fp8" in cache_dtype:
-            raise UnsupportedLayout("kvcdn does not yet move FP8 KV caches on CPU")
-        self.block_size = block_size
+        super().__init__(block_size, kernel_block_size or block_size)
         self.head_dim = head_dim
-        self.isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
-        self.kmap, self.vmap = _probe_plane_maps(dtype, block_size, head_dim, self.isa)
+        self.isa = _get_attn_isa(dtype, self.kernel_block_size, head_dim, cache_dtype)
+        self.kmap, self.vmap = _probe_plane_maps(dtype, self.kernel_block_size, head_dim, self.isa)
 
     def _split(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_blocks, heads, block_size, _ = cache.shape
@@ -66,6 +133,9 @@ class CpuAttnLayout(PagedKVLayout):
         cpu_attn_reshape_and_cache(
             k.contiguous(), v.contiguous(), key_cache, value_cache, slots.to(torch.long), self.isa
         )
+
+    def engine_write_op(self) -> CacheWriteOp:
+        return self.write  # what CPU_ATTN itself calls
 
     def prime_thread(self, cache):
         scratch = torch.zeros_like(cache[:1])
@@ -112,37 +182,19 @@ def _probe_plane_maps(dtype: torch.dtype, block_size: int, head_dim: int, isa: s
     return maps[0], maps[1]
 
 
-class FlashLayout(PagedKVLayout):
-    """``[2, num_blocks, block_size, kv_heads, head_dim]`` (FlashAttention and kin)."""
-
-    block_dim = 1
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
-
-    def write(self, cache, k, v, slots):
-        slots = slots.to(cache.device)
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        cache[0, blocks, offsets] = k.to(cache.device, non_blocking=True)
-        cache[1, blocks, offsets] = v.to(cache.device, non_blocking=True)
-
-    def read(self, cache, slots):
-        slots = slots.to(cache.device)
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        return cache[0, blocks, offsets].cpu(), cache[1, blocks, offsets].cpu()
-
-
 def layout_for(
     cache: torch.Tensor, *, block_size: int, num_kv_heads: int, head_dim: int, model_dtype, cache_dtype
 ) -> PagedKVLayout:
+    """The layout of one layer's view as vLLM registers it (``register_kv_caches``)."""
     shape = tuple(cache.shape)
-    if cache.device.type == "cpu" and cache.dim() == 4 and shape[1:] == (
-        num_kv_heads, block_size, 2 * head_dim
-    ):
-        return CpuAttnLayout(model_dtype, block_size, head_dim, cache_dtype)
-    if cache.dim() == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
-        return FlashLayout(block_size)
-    raise UnsupportedLayout(
-        f"kvcdn does not know the KV cache layout {shape} on {cache.device.type}; "
-        "supported: CPU_ATTN and FlashAttention-style [2, blocks, block_size, heads, dim]"
-    )
+    if cache.dim() != 4 or shape[1] != num_kv_heads or shape[3] != 2 * head_dim:
+        raise UnsupportedLayout(
+            f"kvcdn does not know the KV cache layout {shape} on {cache.device.type}: it expects vLLM's "
+            f"[blocks, kv_heads={num_kv_heads}, block_size, 2*head_dim={2 * head_dim}] per-layer view"
+        )
+    if cache_dtype not in ("auto", None) and "fp8" in cache_dtype:
+        raise UnsupportedLayout("kvcdn does not yet move FP8 KV caches (their scales are not in the artifact); "
+                                "drop --kv-cache-dtype")
+    if cache.device.type == "cpu":
+        return CpuAttnLayout(model_dtype, block_size, head_dim, cache_dtype, kernel_block_size=shape[2])
+    return SplitKVLayout(block_size, shape[2], head_dim)

@@ -104,6 +104,7 @@ class KVCDNScheduler:
         self._loads: list[LoadSpec] = []
         self._saving: dict[str, SaveSpec] = {}  # publish/verify request id -> its save, until the worker reports
         self._results: OrderedDict[str, dict] = OrderedDict()  # document id -> last publish/verify result
+        self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
 
     def shutdown(self) -> None:
         self.index.stop()
@@ -177,6 +178,8 @@ class KVCDNScheduler:
             return 0, False
         if state.hit is not None and state.hit.failed:
             return 0, False  # its load failed: recompute, never retry the same chunks
+        if self.refusal is not None:
+            return 0, False  # the worker cannot load into this engine's cache (its layout probe failed)
         match = self.index.match(prompt, request.cache_salt)
         hit = min(match.num_tokens, len(prompt) - 1)
         if hit <= num_computed_tokens:
@@ -289,6 +292,9 @@ class KVCDNScheduler:
         return saves
 
     def update_connector_output(self, report: "WorkerReport") -> None:
+        if report.refusal is not None and self.refusal is None:
+            self.refusal = report.refusal
+            logger.error("kvcdn: no more loads are planned: %s", report.refusal)
         for req_id in report.failed_loads:
             state = self._requests.get(req_id)
             if state is not None and state.hit is not None:

@@ -25,6 +25,8 @@ COUNTERS = {
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",
+    "layout_probe_failures": "Workers whose KV layout disagreed with the engine's own cache-write op at start "
+    "(they neither load nor publish)",
 }
 
 

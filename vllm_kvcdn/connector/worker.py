@@ -15,6 +15,9 @@ Nothing here holds the engine step for store I/O (``async_io``, the default):
   prefill (a memory copy: the blocks may be reused right after), then encodes, checks
   and writes it in the background. Its result (or a verify's verdict) goes back to the
   scheduler as worker metadata (``WorkerReport``), never through the store.
+- On CUDA a chunk goes to the GPU in one copy from its pinned read buffer, on the load
+  thread's side stream (``device_copies``). At start the layout is checked against the
+  engine's own cache-write op (``layout_probe``); if they differ, nothing loads or publishes.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerM
 from vllm_kvcdn import catalog
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
+from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.image_tier import BlockImageFiles, layout_id
 from vllm_kvcdn.connector.io_threads import IOThreadPlacement
 from vllm_kvcdn.connector.jobs import Outbox, pool, start_threads
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout, layout_for
+from vllm_kvcdn.connector.layout_probe import probe_layout
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.stats import KVCDNStats
@@ -60,11 +65,13 @@ class WorkerReport(KVConnectorWorkerMetadata):
 
     failed_loads: set[str] = field(default_factory=set)  # their responses must not claim a hit
     documents: dict[str, dict] = field(default_factory=dict)  # publish/verify request id -> result
+    refusal: str | None = None  # this worker will not load (its layout probe failed): stop planning loads
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorkerReport":
         if isinstance(other, WorkerReport):
             self.failed_loads |= other.failed_loads
             self.documents.update(other.documents)
+            self.refusal = self.refusal or other.refusal
         return self
 
 
@@ -120,6 +127,8 @@ class KVCDNWorker:
         self.stats = KVCDNStats()
         self.caches: list[torch.Tensor] = []
         self.layout: PagedKVLayout | None = None
+        self.device: CacheDevice | None = None
+        self.refusal: str | None = None  # why this worker neither loads nor publishes (a failed layout probe)
         self.ram: PackedBlockCache | None = None
         self.images: BlockImageFiles | None = None  # the RAM tier's slots on the node's disk
         self.buffers: ReadBuffers | None = None  # chunk reads go into these
@@ -161,16 +170,19 @@ class KVCDNWorker:
             model_dtype=g.model_dtype,
             cache_dtype=g.cache_dtype,
         )
+        self.device = CacheDevice(self.caches[0].device)
+        self._probe_layout()
+        self._blocks = [self.layout.blocks(c) for c in self.caches]  # indexed by the manager's block ids
         ram_bytes = int(self.config.ram_tier_gib * (1 << 30))
-        if ram_bytes:
-            self.ram = PackedBlockCache(ram_bytes, self.caches, self.layout.block_dim,
-                                        self.config.chunk_size // g.block_size)
+        if ram_bytes and self.refusal is None:
+            self.ram = PackedBlockCache(ram_bytes, self._blocks, self.config.chunk_size // g.block_size)
         if self.ram is not None and self.ram.num_slots and self.config.disk_cache_gib and self.config.disk_images:
             self.images = BlockImageFiles(Path(self.config.disk_cache_dir) / "images" / self._layout_id(),
                                           int(self.config.disk_cache_gib * (1 << 30)))
         # Every read thread busy, and two chunks read ahead of the ones being written.
         self.buffers = ReadBuffers(self.config.io_threads + 2, _chunk_object_bytes(
-            self.config.chunk_size, len(self.caches), g.num_kv_heads, g.head_dim, g.kv_dtype))
+            self.config.chunk_size, len(self.caches), g.num_kv_heads, g.head_dim, g.kv_dtype),
+            pin=self.device.is_cuda)
         self.placement.bind(lambda: self.layout.prime_thread(self.caches[0]))
         for name, executor in self._pools.items():
             start_threads(executor, self._pool_threads[name])  # their setup is not a request's to pay
@@ -184,6 +196,23 @@ class KVCDNWorker:
             f"background I/O ({self.config.io_threads} read threads on {where})" if self.config.async_io
             else "in-step I/O",
         )
+
+    def _probe_layout(self) -> None:
+        """Check our layout against the engine's own cache-write op (``layout_probe``)."""
+        g = self.geometry
+        try:
+            mismatch = probe_layout(self.layout, self.caches[0], num_kv_heads=g.num_kv_heads, head_dim=g.head_dim)
+        except LookupError as e:
+            logger.warning("kvcdn: KV layout %s not probed: %s", type(self.layout).__name__, e)
+            return
+        if mismatch is not None:
+            cache = self.caches[0]
+            self.refusal = (f"KV layout probe failed ({type(self.layout).__name__}, cache {tuple(cache.shape)} "
+                            f"strides {cache.stride()}): {mismatch}")
+            self.stats.add("layout_probe_failures")
+            self._report.refusal = self.refusal
+            logger.error("kvcdn: %s; this worker will not load or publish (requests are computed as usual)",
+                         self.refusal)
 
     def _layout_id(self) -> str:
         """What a block image depends on besides the chunk's tokens."""
@@ -250,7 +279,7 @@ class KVCDNWorker:
         return failed
 
     def build_worker_meta(self) -> WorkerReport | None:
-        if not self._report.failed_loads and not self._report.documents:
+        if not self._report.failed_loads and not self._report.documents and not self._report.refusal:
             return None
         report, self._report = self._report, WorkerReport()
         return report
@@ -270,6 +299,9 @@ class KVCDNWorker:
         started = time.perf_counter()
         deadline = started + self.config.load_timeout_s
         outcome = _LoadOutcome(spec.req_id)
+        if self.refusal is not None:
+            self._fail(outcome, spec, spec.chunks, "layout_mismatch", self.refusal)
+            return outcome
         # Reads run ahead, in parallel, as far as free read buffers allow; chunks are
         # written in order as their reads end, each one's buffer freed once written.
         reads: list[_Read | None] = []
@@ -277,7 +309,8 @@ class KVCDNWorker:
         for n, chunk in enumerate(spec.chunks):
             try:
                 self._read_ahead(spec.chunks, n, reads, deadline)
-                self._write_chunk(spec, n, reads, outcome.stats, deadline)
+                with self.device.side_stream():  # waits for its copies: then the buffer may go back
+                    self._write_chunk(spec, n, reads, outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
                 reason = e.reason if isinstance(e, ArtifactError) else _store_failure(e)
                 self._fail(outcome, spec, spec.chunks[n:], reason, str(e))
@@ -365,8 +398,8 @@ class KVCDNWorker:
             with self._ram_lock:  # an eviction must not reuse the slot while we copy from it
                 image = self.ram.get(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs)
                 if image is not None:
-                    ids = self._block_ids(spec, first, last)
-                    for cache, layer_image in zip(self.caches, image):
+                    ids = self.device.index(self._block_ids(spec, first, last))
+                    for cache, layer_image in zip(self.caches, self.device.upload_view(image)):
                         self.layout.write_blocks(cache, ids, layer_image)
             if image is not None:
                 todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
@@ -378,16 +411,19 @@ class KVCDNWorker:
             read = reads[n] = _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
         kv, nbytes = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
         stats.add("store_read_bytes", nbytes)
+        layers = len(kv.keys)
+        on_device = self.device.upload(kv.keys + kv.values, read.buffer)  # one copy for the chunk
         for start, end in todo:
-            slots = self._slots(spec.block_ids, start, end)
+            slots = self.device.index(self._slots(spec.block_ids, start, end))
             a, b = start - chunk.start, end - chunk.start
-            for cache, k, v in zip(self.caches, kv.keys, kv.values):
+            for cache, k, v in zip(self.caches, on_device[:layers], on_device[layers:]):
                 self.layout.write(cache, k[a:b], v[a:b], slots)
         whole_end = chunk.start + chunk.num_tokens // bs * bs
         if self.ram is not None and todo == [(chunk.write_from, chunk.write_to)] and chunk.write_from == chunk.start \
                 and whole_end > chunk.start and chunk.write_to >= whole_end:
             with self._ram_lock:
-                self.ram.put(chunk.key, self.caches, self._block_ids(spec, chunk.start, whole_end))
+                ids = self.device.index(self._block_ids(spec, chunk.start, whole_end))
+                self.ram.put(chunk.key, self._blocks, ids)
                 pinned = self.ram.pin(chunk.key) if self.images is not None else None
             if pinned is not None:
                 self._image_writes.submit(self._write_image, chunk.key, *pinned)
@@ -443,9 +479,15 @@ class KVCDNWorker:
     # -- publishing and verifying (copied out in the step, written in the background) ----
 
     def _submit_save(self, spec: SaveSpec) -> None:
+        if self.refusal is not None:
+            logger.warning("kvcdn: request %s not %s: %s", spec.req_id, "verified" if spec.verify else "published",
+                           self.refusal)
+            self._report.documents[spec.req_id] = _failed_result(spec, self.refusal)
+            return
         try:
-            slots = self._slots(spec.block_ids, 0, len(spec.token_ids))
-            kv = [self.layout.read(cache, slots) for cache in self.caches]  # a copy: blocks may be reused next
+            slots = self.device.index(self._slots(spec.block_ids, 0, len(spec.token_ids)))
+            # a copy, to the host: the blocks may be reused next step
+            kv = [tuple(t.cpu() for t in self.layout.read(cache, slots)) for cache in self.caches]
         except Exception as e:
             logger.exception("kvcdn: could not copy request %s out of the KV cache", spec.req_id)
             self.stats.fail("publish_error")
