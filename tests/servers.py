@@ -13,6 +13,7 @@ from vllm_kvcdn.serve import kv_transfer_config
 from vllm_kvcdn.server_process import Server
 
 SERVER_ENV = CPU_ENGINE_ENV
+VLLM_BATCH_SPREAD = 0.05  # |logprob| moved by batching alone (Reference.tolerance)
 COMMON_ARGS = ["--max-model-len", "4096", "--enforce-eager", "--gpu-memory-utilization", "0.3",
                "--no-enable-prefix-caching", "--max-logprobs", "5"]
 
@@ -48,8 +49,12 @@ def ask(url: str, model: str, messages: list[dict]) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    # Tokens as ids, not text: the text of a byte-level token that is part of a UTF-8
+    # character depends on how the detokenizer meets it ('' in one answer, 'it' in another for
+    # the same id, seen on AVX-512), and distinct ids with the same text would merge in `top`.
     resp = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
-                                          logprobs=True, top_logprobs=5)
+                                          logprobs=True, top_logprobs=5,
+                                          extra_body={"return_tokens_as_token_ids": True})
     choice = resp.choices[0]
     return {
         "text": choice.message.content,
@@ -95,9 +100,13 @@ class Reference:
 
     @property
     def tolerance(self) -> float:
-        """Twice vLLM's own spread (measured on an AVX2 EPYC: 0.052-0.061 over four runs);
-        a wrong load is off by 10x-100x (the exactness tests' negative control)."""
-        return max(2 * self.band, 0.01)
+        """Twice vLLM's own spread: what this run measured, and at least what batching moves
+        on these CPUs (plain vLLM, this model, 16 requests at once: 0.052-0.061 on an AVX2
+        EPYC over four runs, 0.049 on an AVX-512 one). One run's batches can show far less
+        (0.008 once on AVX-512) while a hit among 32 requests, in other batches, moved 0.05
+        (the same bits on either server: batching, not the load). A wrong load is off by
+        10x-100x (the exactness tests' negative control); bit-exactness is tested there."""
+        return 2 * max(self.band, VLLM_BATCH_SPREAD)
 
     def check(self, got: dict, i: int, what: str = "") -> None:
         """Level 3: logprobs within the band; a greedy token may differ only where vLLM itself
@@ -106,7 +115,12 @@ class Reference:
         n, diff = deviation(got, ref)
         assert diff <= self.tolerance, f"{what}: |logprob diff| {diff:.3g}"
         assert len(got["top"][0].keys() & ref["top"][0].keys()) >= 3, f"{what}: another first-token distribution"
-        assert n == len(ref["tokens"]) or near_tie(ref, n, self.tolerance), f"{what}: diverged at token {n}"
+        if n < len(ref["tokens"]):
+            best = sorted(ref["top"][n].values(), reverse=True)
+            assert near_tie(ref, n, self.tolerance), (
+                f"{what}: diverged at token {n} (|logprob diff| before it {diff:.3g}; the reference's top two "
+                f"there {best[0] - best[1]:.3g} apart; tolerance {self.tolerance:.3g}); got {got['tokens'][n]} "
+                f"({got['logprobs'][n]:.4g}), reference's top {ref['top'][n]}")
 
 
 def reference_answers(url: str, model: str, convs: list[list[dict]]) -> Reference:

@@ -76,3 +76,22 @@ def test_s3_tiers_runs_and_every_tier_is_checked(tiny_model, tmp_path):
     assert {r["variant"] for r in result["raw"]} == {"cold prefill", "hit, from S3 (cold node)", "hit, RAM tier",
                                                      "hit, disk tier: chunks", "hit, disk tier: block images"}
     assert result["throughput"]["kvcdn_gbps"] > 0
+
+
+def test_gpu_load_runs_on_the_cpu_and_loads_exactly(tmp_path):
+    """The GPU benchmark's path (vLLM 0.32-shaped caches, one upload per chunk, per-layer scatter)
+    on host memory: no GPU in CI, so only the code and the exactness are checked."""
+    run("gpu_load.py", "--device", "cpu", "--shapes", "kv-tiny", "--chunks", "2", "--rounds", "1",
+        "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "gpu_load_cpu.json").read_text())["rows"]
+    assert [r["order"] for r in rows] == ["NHD", "HND"] and all(r["exact"] is True for r in rows)
+
+
+def test_gpu_paper_table_runs_on_the_cpu(tmp_path):
+    """The GPU table's script on the tiny shape: the code path and the exactness check only."""
+    run("gpu_paper_table.py", "--device", "cpu", "--shape", "tiny", "--lengths", "255", "--reps", "1",
+        "--exactness-length", "260", "--new-tokens", "8", "--work", str(tmp_path / "work"), "--out", str(tmp_path))
+    result = json.loads((tmp_path / "gpu_paper_table_tiny_cpu.json").read_text())
+    (row,) = result["rows"]
+    assert row["prefill_s"] > 0 and row["reuse_s"] > 0 and row["hit_store_s"] > 0
+    assert result["exactness"]["loaded_tokens"] == 260 and 0 <= result["exactness"]["greedy_agree"] <= 8

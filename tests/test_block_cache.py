@@ -12,7 +12,7 @@ def caches(layers=2, blocks=8):
 def test_put_get_round_trip_and_lru():
     cs = caches()
     slot_bytes = 2 * 2 * 4 * 6 * 4  # 2 layers x 2 blocks per chunk
-    ram = PackedBlockCache(2 * slot_bytes, cs, block_dim=0, blocks_per_chunk=2)
+    ram = PackedBlockCache(2 * slot_bytes, cs, blocks_per_chunk=2)
     assert ram.num_slots == 2 and ram.capacity_bytes == 2 * slot_bytes
     ram.put("a", cs, torch.tensor([3, 5]))
     got = ram.get("a", 0, 2)
@@ -27,7 +27,7 @@ def test_put_get_round_trip_and_lru():
 
 def test_too_small_capacity_holds_nothing():
     cs = caches()
-    ram = PackedBlockCache(10, cs, block_dim=0, blocks_per_chunk=2)
+    ram = PackedBlockCache(10, cs, blocks_per_chunk=2)
     ram.put("a", cs, torch.tensor([0, 1]))
     assert ram.num_slots == 0 and ram.get("a", 0, 1) is None
 
@@ -35,7 +35,7 @@ def test_too_small_capacity_holds_nothing():
 def test_pinned_and_reserved_slots_are_not_evicted():
     cs = caches()
     slot_bytes = 2 * 2 * 4 * 6 * 4
-    ram = PackedBlockCache(2 * slot_bytes, cs, block_dim=0, blocks_per_chunk=2)
+    ram = PackedBlockCache(2 * slot_bytes, cs, blocks_per_chunk=2)
     ram.put("a", cs, torch.tensor([0, 1]))
     image, blocks = ram.pin("a")  # being written to disk
     assert blocks == 2 and torch.equal(image[1], cs[1][[0, 1]])
@@ -53,7 +53,7 @@ def test_pinned_and_reserved_slots_are_not_evicted():
 
 def test_a_second_commit_of_one_chunk_gives_its_slot_back():
     cs = caches()
-    ram = PackedBlockCache(2 * 2 * 2 * 4 * 6 * 4, cs, block_dim=0, blocks_per_chunk=2)
+    ram = PackedBlockCache(2 * 2 * 2 * 4 * 6 * 4, cs, blocks_per_chunk=2)
     first, second = ram.reserve(), ram.reserve()
     assert ram.reserve() is None  # both slots out, none held to evict
     ram.commit("a", first, 2)

@@ -100,7 +100,7 @@ class HFKVCDN:
         if not tokens:
             raise ValueError("nothing to publish: the document has no tokens")
         ids = torch.tensor([tokens], device=self.device)
-        cache = self.model(ids, use_cache=True).past_key_values
+        cache = self.model(ids, use_cache=True, logits_to_keep=1).past_key_values  # no [tokens, vocab] logits
         layers = [(layer.keys[0].transpose(0, 1).cpu(), layer.values[0].transpose(0, 1).cpu())
                   for layer in cache.layers]
         import transformers
@@ -175,7 +175,7 @@ class HFKVCDN:
                              f"(they differ at token {first} of {len(doc_tokens)})")
         cached = min(len(doc_tokens), len(prompt) - 1)  # the model needs one token to compute
         if cached < len(doc_tokens):
-            cache.crop(cached)
+            cache.crop(cached - len(doc_tokens))  # drop the document's last token(s): it must be computed
         return cache, cached, doc_id
 
     @torch.inference_mode()
