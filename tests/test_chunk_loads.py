@@ -5,7 +5,7 @@ CPU caches written with vLLM's own CPU op, and over the GPU backends' layout on 
 tensors with the device path on (a chunk's K/V "uploaded" in one copy, slots moved once
 per chunk: the copies land in host memory here, on the GPU in production).
 
-A small geometry (64-token chunks of 2 layers) makes a document of many chunks, more than
+A small geometry (128-token chunks of 2 layers) makes a document of many chunks, more than
 the worker has read buffers (``io_threads`` + 2)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vllm_kvcdn.store.file import FileStore
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.store.latency import LatencyStore
 
-BLOCK, HEADS, DIM, LAYERS, CHUNK = 32, 2, 64, 2, 64
+BLOCK, HEADS, DIM, LAYERS, CHUNK = 128, 2, 64, 2, 128  # vLLM's CPU block size: its op runs on every ISA
 DOC_TOKENS = 10 * CHUNK + 8  # ten whole chunks and a tail
 FINGERPRINT = Fingerprint("f" * 64, {"test": "chunk loads"})
 
