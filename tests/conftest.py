@@ -10,6 +10,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ledger_outside_home(tmp_path_factory):
+    """Engines started by the tests (and their subprocesses) meter reads into a ledger of
+    the session's own, never ~/.cache/kvcdn; tests that count rows give theirs a file."""
+    from vllm_kvcdn.defaults import LEDGER_ENV
+
+    saved = os.environ.get(LEDGER_ENV)
+    os.environ[LEDGER_ENV] = str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite3")
+    yield
+    if saved is None:
+        os.environ.pop(LEDGER_ENV, None)
+    else:
+        os.environ[LEDGER_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from vllm_kvcdn.tiny_model import make_model

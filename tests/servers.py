@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_kvcdn.defaults import CPU_ENGINE_ENV
+from vllm_kvcdn.defaults import CPU_ENGINE_ENV, LEDGER_ENV
+from vllm_kvcdn.ledger import FLUSH_S
 from vllm_kvcdn.serve import kv_transfer_config
 from vllm_kvcdn.server_process import Server
 
@@ -26,7 +28,8 @@ def vllm_server(model: Path, log: Path) -> Server:
 
 def kvcdn_server(model: Path, store: Path | str, key: str, log: Path, **extra_config) -> Server:
     """`kvcdn serve` on ``store`` (a directory, or a store URL); ``extra_config``: more
-    connector settings (kv_connector_extra_config)."""
+    connector settings (kv_connector_extra_config). Its ledger is a file of its own, beside
+    its log (kept across its restarts)."""
     kvcdn = Path(sys.executable).with_name("kvcdn")
     url = f"file://{store}" if isinstance(store, Path) else store
     config = []
@@ -35,7 +38,7 @@ def kvcdn_server(model: Path, store: Path | str, key: str, log: Path, **extra_co
         transfer["kv_connector_extra_config"].update(extra_config)
         config = ["--kv-transfer-config", json.dumps(transfer)]
     return Server([str(kvcdn), "serve", str(model), "--kvcdn-store", url, *config, *COMMON_ARGS], log,
-                  env={**SERVER_ENV, "KVCDN_PUBLISHER_KEY": key})
+                  env={**SERVER_ENV, "KVCDN_PUBLISHER_KEY": key, LEDGER_ENV: str(log.with_suffix(".ledger.sqlite3"))})
 
 
 def start_all(*servers: Server) -> None:
@@ -44,7 +47,7 @@ def start_all(*servers: Server) -> None:
         list(pool.map(lambda s: s.start(), servers))
 
 
-def ask(url: str, model: str, messages: list[dict]) -> dict:
+def ask(url: str, model: str, messages: list[dict], cache_salt: str | None = None) -> dict:
     """A greedy chat completion through the official client, with what it says of the cache."""
     import openai
 
@@ -54,7 +57,8 @@ def ask(url: str, model: str, messages: list[dict]) -> dict:
     # the same id, seen on AVX-512), and distinct ids with the same text would merge in `top`.
     resp = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
                                           logprobs=True, top_logprobs=5,
-                                          extra_body={"return_tokens_as_token_ids": True})
+                                          extra_body={"return_tokens_as_token_ids": True,
+                                                      **({"cache_salt": cache_salt} if cache_salt else {})})
     choice = resp.choices[0]
     return {
         "text": choice.message.content,
@@ -65,6 +69,17 @@ def ask(url: str, model: str, messages: list[dict]) -> dict:
         "prompt_tokens": resp.usage.prompt_tokens,
         "kvcdn": (resp.model_extra.get("kv_transfer_params") or {}).get("kvcdn", {}),
     }
+
+
+def metered_reads(api, n: int, timeout: float = 15.0, **filters) -> list[dict]:
+    """The ledger's reads matching ``filters`` once ``n`` are there (or ``timeout``), and a
+    flush period later: rows reach the file within ``ledger.FLUSH_S``, and a count checked
+    at once could miss rows still queued."""
+    deadline = time.monotonic() + timeout
+    while len(api.usage(detail=True, **filters)["reads"]) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2 * FLUSH_S)
+    return api.usage(detail=True, **filters)["reads"]
 
 
 def ask_all_at_once(url: str, model: str, convs: list[list[dict]]) -> list[dict]:

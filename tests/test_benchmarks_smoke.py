@@ -95,3 +95,18 @@ def test_gpu_paper_table_runs_on_the_cpu(tmp_path):
     (row,) = result["rows"]
     assert row["prefill_s"] > 0 and row["reuse_s"] > 0 and row["hit_store_s"] > 0
     assert result["exactness"]["loaded_tokens"] == 260 and 0 <= result["exactness"]["greedy_agree"] <= 8
+    # `kvcdn economics` takes this result as its measurements
+    out = subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli", "economics", "--json", "--tokens", "255",
+                          "--measured", str(tmp_path / "gpu_paper_table_tiny_cpu.json")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert json.loads(out)["ratio"] == pytest.approx(row["reuse_s"] / row["prefill_s"])
+
+
+def test_compression_runs_and_every_codec_is_exact(tmp_path):
+    from vllm_kvcdn.codec import DEFAULT
+
+    run("compression.py", "--models", "tiny", "--tokens", "512", "--reps", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "compression.json").read_text())["rows"]
+    assert rows[0]["codec"] == "none (v1)" and DEFAULT in {r["codec"] for r in rows}
+    assert all(r["exact"] is True and r["ratio"] > 0 and r["decode_gbps"] > 0 for r in rows)
+    assert (tmp_path / "compression.png").stat().st_size > 0

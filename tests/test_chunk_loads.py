@@ -65,10 +65,10 @@ def _document(seed: int) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tens
     return tokens, kv
 
 
-def _publish(store, tokens, kv):
+def _publish(store, tokens, kv, codec=None):
     spans = document_chunks(tokens, FINGERPRINT.digest, None, CHUNK)
     write_document(store, spans=spans, tokens=tokens, kv=kv, fingerprint=FINGERPRINT.digest, profile={},
-                   chunk_size=CHUNK, producer={})
+                   chunk_size=CHUNK, producer={}, codec=codec)
     return spans
 
 
@@ -126,9 +126,10 @@ def store(tmp_path):
     return _Recording(FileStore(tmp_path / "store", durable=False))
 
 
-def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(store, layout):
+@pytest.mark.parametrize("codec", [None, "zstd:3"])  # format v1, and v2 (compressed: decoded into the buffer)
+def test_a_document_longer_than_the_read_buffers_loads_exactly_through_them(store, layout, codec):
     tokens, kv = _document(0)
-    spans = _publish(store, tokens, kv)
+    spans = _publish(store, tokens, kv, codec)
     worker = _worker(store, layout, io_threads=1)
     try:
         assert worker.buffers.count == 3 < len(spans)
@@ -162,9 +163,10 @@ def test_concurrent_loads_over_a_slow_store_share_few_buffers_without_deadlock(t
         worker.shutdown()
 
 
-def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buffer(store, layout):
+@pytest.mark.parametrize("codec", [None, "zstd:3"])  # a flipped byte of raw data, or of a compressed stream
+def test_a_chunk_failing_mid_document_fails_it_and_the_rest_and_frees_every_buffer(store, layout, codec):
     tokens, kv = _document(3)
-    spans = _publish(store, tokens, kv)
+    spans = _publish(store, tokens, kv, codec)
     bad = 4
     path = store.inner.root / chunk_object_key(spans[bad].key)
     data = bytearray(path.read_bytes())
@@ -238,17 +240,20 @@ def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store
         worker.shutdown()
 
 
-def test_a_chunk_goes_to_the_cache_device_in_one_copy(store):
+@pytest.mark.parametrize("codec", [None, "zstd:3"])
+def test_a_chunk_goes_to_the_cache_device_in_one_copy(store, codec):
     """Every layer's K and V of a chunk read into a (pinned, on CUDA) read buffer leave it
     in one copy: the tensors handed to the layout all view one new allocation. (On CPU the
-    "device" copy lands in host memory; the path is the GPU's.)"""
-    from vllm_kvcdn.connector.device_copies import CacheDevice
+    "device" copy lands in host memory; the path is the GPU's.) A compressed chunk is
+    decoded into the same buffer, so it leaves the same way."""
+    from vllm_kvcdn.connector.device_copies import CacheDevice, _span_in
     from vllm_kvcdn.documents import read_chunk
 
     tokens, kv = _document(6)
-    spans = _publish(store, tokens, kv)
+    spans = _publish(store, tokens, kv, codec)
     buffer = ReadBuffers(1, 1 << 20).acquire()
     chunk, _ = read_chunk(store, spans[0].key, buffer)
+    assert _span_in(chunk.keys + chunk.values, buffer) is not None
     device = CacheDevice(torch.device("cpu"))
     device.moves = True
     moved = device.upload(chunk.keys + chunk.values, buffer)

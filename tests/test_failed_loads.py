@@ -58,6 +58,8 @@ def prompts(tokenizer) -> dict[str, list[int]]:
         out[f"doc_{kind}"] = doc
         out[f"{kind}_aborted"] = doc + tokenizer(" Question: who kept the ledger? Answer:").input_ids
         out[f"{kind}_later"] = doc + tokenizer(" Q: where does the road end? A:").input_ids
+    out["doc_intact"] = tokenizer(" ".join(lines[3600:3800])).input_ids[:DOC_TOKENS]
+    out["intact_query"] = out["doc_intact"] + tokenizer(" Q: who pays? A:").input_ids
     return out
 
 
@@ -70,7 +72,8 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
     store = tmp_path_factory.mktemp("damaged-store")
     model = str(tiny_model)
     published = run_engine({"model": model, "store_url": f"file://{store}", "engine_args": ENGINE_ARGS,
-                            "ops": [{"name": k, "op": "publish", "ids": prompts[f"doc_{k}"]} for k in DAMAGE]})
+                            "ops": [{"name": k, "op": "publish", "ids": prompts[f"doc_{k}"]}
+                                    for k in [*DAMAGE, "intact"]]})
     for kind in DAMAGE:
         report = published[kind]["answer"]["kvcdn"]
         assert report["published"], report
@@ -86,8 +89,11 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
                     {"name": f"{kind}_abort_{k}", "op": "abort", "ids": prompts[f"{kind}_aborted"],
                      "max_tokens": NEW_TOKENS, "after_steps": k, "pause_s": 0.2},
                     _query(f"{kind}_later_{k}", prompts[f"{kind}_later"])]
-    kvcdn = run_engine({"model": model, "store_url": f"file://{store}", "inproc": True,
-                        "engine_args": ENGINE_ARGS, "ops": ops})
+    ops += [{"name": "reset_intact", "op": "reset"}, _query("intact", prompts["intact_query"])]  # billed
+    ledger_path = tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"
+    kvcdn = run_engine({"model": model, "store_url": f"file://{store}", "inproc": True, "engine_args": ENGINE_ARGS,
+                        "extra_config": {"ledger_path": str(ledger_path)}, "ops": ops})
+    kvcdn["ledger"] = ledger_path
     ref_ops = []
     for kind in DAMAGE:
         ref_ops += [{"name": f"reset_{kind}", "op": "reset"},
@@ -109,6 +115,16 @@ def test_failed_load_is_recomputed_and_never_claimed(runs, kind):
     # Recomputed from position 0: bit-equal to plain vLLM computing the prompt cold.
     cold_same_prompt = runs["plain"][f"{kind}_first"]["answer"]
     assert identical(done["answer"], cold_same_prompt)
+
+
+def test_failed_loads_are_not_billed(runs):
+    """Of every load in the run, only the one that succeeded is in the ledger."""
+    from vllm_kvcdn import ledger
+
+    intact = runs["kvcdn"]["intact"]["answer"]["kvcdn"]
+    assert intact["hit"] is True and intact["loaded_tokens"] == DOC_TOKENS, intact
+    reads = ledger.reads(runs["kvcdn"]["ledger"])
+    assert [(r.document, r.loaded_tokens) for r in reads] == [(intact["document"], DOC_TOKENS)], reads
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))

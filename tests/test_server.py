@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,9 +33,11 @@ from tests.servers import (
     ask_all_at_once,
     deviation,
     kvcdn_server,
+    metered_reads,
     reference_answers,
     vllm_server,
 )
+from vllm_kvcdn import ledger
 from vllm_kvcdn.client import APIError, SideAPIClient
 from vllm_kvcdn.store.keys import chunk_object_key
 
@@ -102,10 +105,13 @@ def test_chat_hit_is_exact_and_cached_tokens_are_the_loaded_ones(kvcdn, api, pub
     reference.check(got, 0)
     assert got["kvcdn"]["hit"] is True and got["kvcdn"]["document"] == published[0]["id"]
     assert got["cached"] == got["kvcdn"]["loaded_tokens"] == published[0]["num_tokens"]
+    assert len(metered_reads(api, 1, document=published[0]["id"])) >= 1
     assert api.get(published[0]["id"][:12])["reads"] >= 1
 
 
-def test_sixteen_concurrent_requests_over_four_documents(kvcdn, published, reference, tiny_model, texts, capsys):
+def test_sixteen_concurrent_requests_over_four_documents(kvcdn, api, published, reference, tiny_model, texts,
+                                                         capsys):
+    since = time.time()
     answers = ask_all_at_once(kvcdn.url, str(tiny_model), conversations(texts))
     ours = [deviation(got, ref) for got, ref in zip(answers, reference.answers)]
     with capsys.disabled():
@@ -115,11 +121,44 @@ def test_sixteen_concurrent_requests_over_four_documents(kvcdn, published, refer
         doc = published[i // len(QUESTIONS)]
         assert got["kvcdn"]["hit"] is True and got["cached"] == doc["num_tokens"], f"request {i}"
         reference.check(got, i, f"request {i}")
+    # Metered: one row per request, with the tokens its response reported.
+    reads = metered_reads(api, 16, since=since)
+    assert len(reads) == 16 and len({r["request_id"] for r in reads}) == 16, reads
+    expected = sorted((a["kvcdn"]["document"], a["cached"], a["prompt_tokens"] - a["cached"]) for a in answers)
+    assert sorted((r["document"], r["loaded_tokens"], r["computed_tokens"]) for r in reads) == expected
+    assert all(r["tenant"] == "public" and r["cached_tokens"] == 0 and r["kv_bytes"] > 0 for r in reads)
+    report = api.usage(since=since)
+    assert {row["document"]: row["reads"] for row in report["rows"]} == {p["id"]: 4 for p in published}
+    assert report["total"]["billed_usd"] == pytest.approx(report["total"]["loaded_tokens"] * 5.0 / 1e6 * 0.1)
+
+
+def test_tenants_see_their_own_reads_only(kvcdn, api, tiny_model, texts):
+    """A document published with a cache_salt hits only requests with that salt; the
+    ledger bills that tenant, and the tenant's report (by its salt, no key) holds only
+    its own reads."""
+    conv = documents(texts)[2][:1] + [{"role": "user", "content": " ".join(texts["other"])}]
+    doc = api.publish(messages=conv, title="alice's", cache_salt="alice-salt")
+    since = time.time()
+    question = conv + [{"role": "user", "content": QUESTIONS[0]}]
+    assert ask(kvcdn.url, str(tiny_model), question, cache_salt="alice-salt")["kvcdn"]["hit"] is True
+    assert ask(kvcdn.url, str(tiny_model), question, cache_salt="bob-salt")["kvcdn"]["hit"] is False
+    assert ask(kvcdn.url, str(tiny_model), question)["kvcdn"]["hit"] is False
+    tenant = SideAPIClient(kvcdn.url)
+    tenant.key = None  # no publisher key
+    alice = metered_reads(tenant, 1, cache_salt="alice-salt", since=since)
+    assert [(r["document"], r["tenant"]) for r in alice] == [(doc["id"], ledger.tenant_of("alice-salt"))]
+    assert tenant.usage(cache_salt="bob-salt", detail=True, since=since)["reads"] == []
+    with pytest.raises(APIError, match="HTTP 403"):  # another tenant's id, asked with one's own salt
+        tenant.usage(cache_salt="bob-salt", tenant=ledger.tenant_of("alice-salt"))
+    with pytest.raises(APIError, match="HTTP 401"):
+        tenant.usage()
+    assert [r["document"] for r in api.usage(detail=True, since=since)["reads"]] == [doc["id"]]
 
 
 def test_stats_count_what_happened(api, published):
     stats = api.stats()
     assert stats["loaded_tokens"] >= sum(p["num_tokens"] for p in published)
+    assert stats["reads"] >= 17 and stats["matched_requests"] >= stats["reads"]
     assert stats["published_documents"] >= 4 and stats["failures"] == {}
 
 
@@ -293,11 +332,14 @@ def test_delete_then_no_hit_and_still_right(kvcdn, api, published, reference, ti
     assert doc["id"] not in {d["id"] for d in api.list()["documents"]}
 
 
-def test_restart_keeps_published_documents(kvcdn, api, published, reference, tiny_model, texts):
+def test_restart_keeps_published_documents_and_metered_reads(kvcdn, api, published, reference, tiny_model, texts):
     before = {d["id"] for d in api.list()["documents"]}
+    time.sleep(2 * ledger.FLUSH_S)
+    reads = api.usage(detail=True, limit=100_000)["reads"]
     kvcdn.stop()
     kvcdn.start()
     assert {d["id"] for d in api.list()["documents"]} == before
+    assert api.usage(detail=True, limit=100_000)["reads"] == reads and len(reads) >= 17
     got = ask(kvcdn.url, str(tiny_model), conversations(texts)[5])
     assert got["kvcdn"]["hit"] is True and got["cached"] == published[1]["num_tokens"]
     reference.check(got, 5)

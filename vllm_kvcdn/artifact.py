@@ -1,4 +1,4 @@
-"""Artifact format v1: one safetensors file per chunk (the document's JSON manifest: ``manifest``).
+"""Artifact format: one safetensors file per chunk (the document's JSON manifest: ``manifest``).
 
 A chunk file is a standard safetensors file (readable by ``safetensors.safe_open``)
 holding the chunk's token ids (``tokens``, int32) and, per layer ``i``,
@@ -10,6 +10,11 @@ Everything in the header is checked before a single value is used.
 
 We write the file ourselves (the format is an 8-byte header length, a JSON header and
 the raw data) so the bytes are canonical: the same KV always gives the same file.
+
+Format v2 (``kvcdn.chunk/2``) is v1 with a compressed data section: the same header,
+plus ``codec`` (e.g. ``zstd:1``), ``planes`` (the element width split into byte planes)
+and ``raw_bytes``; the checksum is still over the uncompressed data, so a v2 chunk
+decodes to exactly the bytes of its v1 twin (``codec.py``). Readers take both.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 import xxhash
 
+from vllm_kvcdn import codec as codecs
 from vllm_kvcdn.manifest import ArtifactError
 
 CHUNK_FORMAT = "kvcdn.chunk/1"
+COMPRESSED_FORMAT = "kvcdn.chunk/2"
 CHECKSUM_ALGO = "xxh3_128"
 
 _ST_DTYPES = {
@@ -48,7 +55,9 @@ class ChunkHeader:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    checksum: str = ""  # "xxh3_128:<hex>" of the data section
+    checksum: str = ""  # "xxh3_128:<hex>" of the (uncompressed) data section
+    codec: str = ""  # v2: how the data section is compressed ("zstd:1"); "": stored raw (v1)
+    raw_bytes: int = 0  # v2: the data section's uncompressed length
 
 
 @dataclass
@@ -81,8 +90,10 @@ def encode_chunk(
     tokens: Sequence[int],
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
+    codec: str | None = None,
 ) -> tuple[bytes, ChunkHeader]:
-    """Serialize one chunk: its token ids and per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``)."""
+    """Serialize one chunk: its token ids and per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``);
+    with ``codec`` (e.g. ``"zstd:1"``), in format v2."""
     if len(keys) != len(values) or not keys:
         raise ValueError("need the same, non-zero number of K and V layers")
     shape = tuple(keys[0].shape)
@@ -119,7 +130,13 @@ def encode_chunk(
         head_dim=shape[2],
         checksum=checksum(data),
     )
-    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items()}}
+    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items() if k not in ("codec", "raw_bytes")}}
+    if codec:
+        c = codecs.parse(codec)
+        header = ChunkHeader(**{**asdict(header), "codec": c.spec, "raw_bytes": len(data)})
+        data = codecs.encode(data, dtype.itemsize, c)
+        meta.update(format=COMPRESSED_FORMAT, codec=c.spec, planes=str(dtype.itemsize),
+                    raw_bytes=str(header.raw_bytes))
     head = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), sort_keys=True)
     head_bytes = head.encode()
     head_bytes += b" " * (-len(head_bytes) % 8)
@@ -137,10 +154,12 @@ def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
     try:
         head = json.loads(bytes(view[8 : 8 + head_len]))
         meta = head.pop("__metadata__")
-        if meta.get("format") != CHUNK_FORMAT:
+        if meta.get("format") not in (CHUNK_FORMAT, COMPRESSED_FORMAT):
             raise ArtifactError(
-                "format", f"chunk format {meta.get('format')!r}, this reader knows {CHUNK_FORMAT!r}"
+                "format",
+                f"chunk format {meta.get('format')!r}, this reader knows {CHUNK_FORMAT!r} and {COMPRESSED_FORMAT!r}",
             )
+        compressed = meta["format"] == COMPRESSED_FORMAT
         header = ChunkHeader(
             key=meta["key"],
             parent=meta["parent"],
@@ -151,6 +170,8 @@ def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
             num_kv_heads=int(meta["num_kv_heads"]),
             head_dim=int(meta["head_dim"]),
             checksum=meta["checksum"],
+            codec=meta["codec"] if compressed else "",
+            raw_bytes=int(meta["raw_bytes"]) if compressed else 0,
         )
     except ArtifactError:
         raise
@@ -170,8 +191,11 @@ def decode_chunk(
     head_dim: int | None = None,
     tokens: Sequence[int] | None = None,
     verify: bool = True,
+    out: memoryview | None = None,
 ) -> ChunkKV:
-    """Decode a chunk, checking every expectation given. Tensors view ``data``."""
+    """Decode a chunk, checking every expectation given. Tensors view ``data`` (a v1
+    chunk) or the decompressed data section (v2: written into ``out`` when it is a
+    writable buffer large enough, which may be the one ``data`` views)."""
     header, entries, offset = read_chunk_header(data)
     expected = {
         "key": key,
@@ -194,6 +218,8 @@ def decode_chunk(
     body = memoryview(data)[offset:]
     numel = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
     expected_bytes = 4 * header.num_tokens + numel * torch_dtype.itemsize
+    if header.codec:
+        body = _decompress(header, body, expected_bytes, torch_dtype.itemsize, out)
     if len(body) != expected_bytes:
         raise ArtifactError(
             "truncated", f"chunk {header.key[:16]}: data is {len(body)} bytes, header says {expected_bytes}"
@@ -215,3 +241,25 @@ def decode_chunk(
     keys = [tensor(f"layers.{i}.k", torch_dtype, shape) for i in range(header.num_layers)]
     values = [tensor(f"layers.{i}.v", torch_dtype, shape) for i in range(header.num_layers)]
     return ChunkKV(header=header, tokens=chunk_tokens, keys=keys, values=values)
+
+
+def as_v1(data) -> bytes:
+    """The chunk's format v1 bytes: itself, or what a v2 (compressed) chunk decodes to."""
+    header, _, _ = read_chunk_header(data)
+    if not header.codec:
+        return bytes(data)
+    kv = decode_chunk(data)
+    return encode_chunk(header.key, header.parent, header.fingerprint, kv.tokens.tolist(), kv.keys, kv.values)[0]
+
+
+def _decompress(header: ChunkHeader, body: memoryview, expected_bytes: int, width: int,
+                out: memoryview | None) -> memoryview:
+    if header.raw_bytes != expected_bytes:
+        raise ArtifactError("truncated", f"chunk {header.key[:16]}: raw_bytes {header.raw_bytes}, "
+                                         f"the header's shape says {expected_bytes}")
+    try:
+        return codecs.decode(body, width, codecs.parse(header.codec), expected_bytes, out)
+    except codecs.CorruptStream as e:
+        raise ArtifactError("checksum", f"chunk {header.key[:16]}: {e}") from e
+    except codecs.CodecError as e:  # a codec this reader lacks
+        raise ArtifactError("format", f"chunk {header.key[:16]}: {e}") from e

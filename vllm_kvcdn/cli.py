@@ -105,8 +105,9 @@ def cmd_ls(args) -> None:
             if "damaged" in d:
                 print(f"{d['id'][:16]}  DAMAGED manifest: {d['damaged']}")
                 continue
+            reads = "-" if d["reads"] is None else d["reads"]  # "-": the server keeps no ledger
             print(f"{d['id'][:16]}  {d['num_tokens']:>7} tok  {d['num_chunks']:>4} chunks  {d['bytes'] / 1e6:>9.2f} MB"
-                  f"  reads={d['reads']:<6} {'servable' if d['servable'] else 'other model'}  {d['title']}")
+                  f"  reads={reads:<6} {'servable' if d['servable'] else 'other model'}  {d['title']}")
         return
     store = open_store(args.store)
     rows = list(catalog.entries(store))
@@ -321,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest (default 3600)")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     p.set_defaults(func=cmd_gc)
+
+    from vllm_kvcdn.cli_market import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from vllm_kvcdn.defaults import PUBLISHER_KEY_ENV
@@ -20,12 +21,14 @@ class SideAPIClient:
         self.key = key or os.environ.get(PUBLISHER_KEY_ENV)
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read() or b"{}")
@@ -55,3 +58,11 @@ class SideAPIClient:
 
     def stats(self) -> dict:
         return self._call("GET", "/stats")
+
+    def usage(self, *, cache_salt: str | None = None, **filters) -> dict:
+        """The usage report (``document``, ``tenant``, ``since``, ``until``, ``detail``,
+        ``limit``); with ``cache_salt`` (and no key) a tenant's own reads."""
+        query = urllib.parse.urlencode({k: str(v).lower() if isinstance(v, bool) else v
+                                        for k, v in filters.items() if v is not None})
+        headers = {"X-KVCDN-Cache-Salt": cache_salt} if cache_salt is not None else None
+        return self._call("GET", "/usage" + (f"?{query}" if query else ""), headers=headers)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, PUBLISHER_KEY_ENV, default_store_url, disk_tier_dir
+from vllm_kvcdn.defaults import (
+    DEFAULT_CHUNK_SIZE,
+    PUBLISHER_KEY_ENV,
+    default_ledger_path,
+    default_store_url,
+    disk_tier_dir,
+)
+from vllm_kvcdn.economics import Tariff
 
 PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
@@ -63,6 +70,21 @@ class KVCDNConfig:
     # has not written (they are recomputed, counted as reason "timeout"): a slow or hung
     # store delays a request by at most this much.
     load_timeout_s: float = 10.0
+    # The metering ledger (ledger.py): one row per successful cache read, in this SQLite
+    # file ($KVCDN_LEDGER, else ~/.cache/kvcdn/ledger.sqlite3). "": no ledger.
+    ledger_path: str = field(default_factory=default_ledger_path)
+    # Prices for the usage report (economics.Tariff): input_usd_per_mtok,
+    # cache_read_multiplier, storage_usd_per_gb_month, egress_usd_per_gb.
+    tariff: dict = field(default_factory=dict)
+    # A benchmark result (benchmarks/gpu_paper_table.py or paper_table.py JSON) whose
+    # read/prefill ratios estimate the provider's compute cost in the usage report;
+    # "": the paper's Table 1.
+    measured_ratios: str = ""
+    # How published chunks are stored (codec.py): "auto" compresses for a remote store
+    # (s3://: zstd:1 over byte planes, artifact format v2) and not for a local one (file://:
+    # decoding costs more than the read it saves; benchmarks/compression.py measures both);
+    # "none", or a codec: "zstd[:level]", "lz4", "zlib[:level]". Readers take every format.
+    codec: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -81,6 +103,32 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: load_timeout_s must be > 0, got {self.load_timeout_s!r}")
         if self.publish_isolation_s < 0:
             raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
+        if not isinstance(self.ledger_path, str):
+            raise ValueError(f"kvcdn: ledger_path must be a path (or \"\" for none), got {self.ledger_path!r}")
+        if not isinstance(self.tariff, dict):
+            raise ValueError(f"kvcdn: tariff must be an object of prices, got {self.tariff!r}")
+        Tariff.from_dict(self.tariff)  # names the bad key or price
+        if self.chunk_codec:
+            from vllm_kvcdn.codec import parse
+
+            parse(self.chunk_codec)  # names the codec, or the library that is missing
+
+    @property
+    def chunk_codec(self) -> str | None:
+        """The codec publishes use (None: stored raw, format v1)."""
+        from vllm_kvcdn.codec import for_store
+
+        return for_store(self.store_url, self.codec)
+
+    @property
+    def prices(self) -> Tariff:
+        return Tariff.from_dict(self.tariff)
+
+    def compute_ratios(self):
+        """The read/prefill ratios the usage report prices the provider's compute with."""
+        from vllm_kvcdn.economics import PAPER_RATIOS, load_measured
+
+        return load_measured(self.measured_ratios) if self.measured_ratios else PAPER_RATIOS
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":

@@ -14,6 +14,7 @@ from pathlib import Path
 STORE_ENV = "KVCDN_STORE"  # the store URL when none is given
 PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
 DIGEST_CACHE_ENV = "KVCDN_DIGEST_CACHE"  # where weight digests are cached (fingerprint.py)
+LEDGER_ENV = "KVCDN_LEDGER"  # the metering ledger's file when none is configured ("" or "off": none)
 DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: a multiple of the engine's KV block size
 
 # A small vLLM CPU engine (tests, examples, the demo, benchmarks), with the same thread
@@ -35,6 +36,15 @@ def default_store_url() -> str:
 def disk_tier_dir() -> Path:
     """Where a node keeps its disk tier of a shared store's chunks."""
     return cache_root() / "disk-tier"
+
+
+def default_ledger_path() -> str:
+    """``$KVCDN_LEDGER`` ("off": no ledger), else ``ledger.sqlite3`` in the cache root: a
+    server's own file, not the shared store (each node meters the reads it served)."""
+    value = os.environ.get(LEDGER_ENV)
+    if value is not None:
+        return "" if value.strip().lower() in ("", "off") else value
+    return str(cache_root() / "ledger.sqlite3")
 
 
 def digest_cache_path() -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vllm_kvcdn.artifact import ChunkKV, decode_chunk, encode_chunk
+from vllm_kvcdn.artifact import ChunkKV, as_v1, decode_chunk, encode_chunk
 from vllm_kvcdn.chain import ChunkSpan
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.manifest import ArtifactError, Manifest, ManifestChunk
@@ -40,7 +40,7 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, **expect)
         if data is None:
             raise ArtifactError("missing", f"chunk {key[:16]} is missing from {store.url}")
         try:
-            return decode_chunk(data, key=key, **expect), len(data)
+            return decode_chunk(data, key=key, out=into, **expect), len(data)
         except ArtifactError as e:
             if attempt or e.reason not in ("checksum", "truncated", "format") or not store.drop_cached(object_key):
                 raise
@@ -49,11 +49,12 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, **expect)
     raise AssertionError("unreachable")
 
 
-def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: DocumentKV):
-    """(bytes, header) of the chunk ``span`` of a document whose KV is ``kv``."""
+def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: DocumentKV, codec: str | None = None):
+    """(bytes, header) of the chunk ``span`` of a document whose KV is ``kv`` (compressed
+    with ``codec``: format v2)."""
     s, e = span.start, span.end
     return encode_chunk(span.key, span.parent, fingerprint, tokens[s:e],
-                        [k[s:e].contiguous() for k, _ in kv], [v[s:e].contiguous() for _, v in kv])
+                        [k[s:e].contiguous() for k, _ in kv], [v[s:e].contiguous() for _, v in kv], codec=codec)
 
 
 def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
@@ -88,12 +89,13 @@ class Written:
 
 def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV,
                    fingerprint: str, profile: dict, chunk_size: int, producer: dict, salted: bool = False,
-                   title: str = "", metadata: dict | None = None) -> Written:
-    """Store a document's chunks, then its manifest (its id is the last chunk's key)."""
+                   title: str = "", metadata: dict | None = None, codec: str | None = None) -> Written:
+    """Store a document's chunks (compressed with ``codec``, if given), then its manifest
+    (its id is the last chunk's key)."""
     started = time.perf_counter()
     entries, new_chunks, new_bytes = [], 0, 0
     for span in spans:
-        data, header = encode_span(span, fingerprint, tokens, kv)
+        data, header = encode_span(span, fingerprint, tokens, kv, codec)
         entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
         entry, written = keep_or_put_chunk(store, entry, data, fingerprint, tokens[span.start : span.end])
         entries.append(entry)
@@ -117,12 +119,17 @@ def manifest_spans(manifest: Manifest) -> list[ChunkSpan]:
 
 
 def compare_document(store: Store, manifest: Manifest, tokens: Sequence[int], kv: DocumentKV) -> dict:
-    """A recomputed document against its stored chunks, byte for byte: the verify verdict."""
+    """A recomputed document against its stored chunks, byte for byte (a compressed chunk
+    as the uncompressed chunk it decodes to): the verify verdict."""
     results = []
     for span in manifest_spans(manifest):
         data, _ = encode_span(span, manifest.fingerprint, tokens, kv)
         stored = store.get(chunk_object_key(span.key))
-        status = "missing" if stored is None else "identical" if bytes(stored) == data else "differs"
+        try:
+            same = stored is not None and as_v1(stored) == data
+        except ArtifactError:
+            same = False
+        status = "missing" if stored is None else "identical" if same else "differs"
         results.append({"key": span.key, "num_tokens": span.num_tokens, "status": status})
     return {"document": manifest.doc_id, "identical": all(r["status"] == "identical" for r in results),
             "chunks": results, "checked_at": time.time(), "fingerprint": manifest.fingerprint}

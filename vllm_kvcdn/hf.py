@@ -18,6 +18,7 @@ import torch
 
 from vllm_kvcdn import catalog
 from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.codec import for_store as codec_for_store
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE
 from vllm_kvcdn.documents import read_chunk, write_document
 from vllm_kvcdn.fingerprint import PROFILE_FIELDS, cpu_kernels, cuda_kernels, fingerprint_diff, model_fingerprint
@@ -61,7 +62,7 @@ class Generation:
 class HFKVCDN:
     def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
                  device: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, allow_cross_profile: bool = False,
-                 attn_implementation: str = "eager"):
+                 attn_implementation: str = "eager", codec: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
@@ -75,6 +76,7 @@ class HFKVCDN:
         ).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.store = open_store(store_url)
+        self.codec = codec_for_store(self.store.url, codec)  # how published chunks are stored (codec.py)
         self.chunk_size = chunk_size
         self.allow_cross_profile = allow_cross_profile
         self.fingerprint = model_fingerprint(
@@ -111,7 +113,7 @@ class HFKVCDN:
         manifest = write_document(
             self.store, spans=spans, tokens=tokens, kv=layers, fingerprint=self.fingerprint.digest,
             profile=self.fingerprint.fields, chunk_size=self.chunk_size, producer=producer,
-            salted=bool(cache_salt), title=title,
+            salted=bool(cache_salt), title=title, codec=self.codec,
         ).manifest
         return manifest
 

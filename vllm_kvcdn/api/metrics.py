@@ -29,15 +29,6 @@ def kvcdn_counters() -> dict:
         elif name == "load_failures":
             reason = sample.labels.get("reason", "?")
             out["failures"][reason] = out["failures"].get(reason, 0) + sample.value
-        elif name != "document_reads":
+        else:
             out[name] = out.get(name, 0) + sample.value
     return out
-
-
-def document_reads() -> dict[str, float]:
-    reads: dict[str, float] = {}
-    for name, sample in _samples():
-        if name == "document_reads":
-            doc = sample.labels.get("document", "")
-            reads[doc] = reads.get(doc, 0) + sample.value
-    return reads

@@ -46,10 +46,13 @@ class KVCDNEndpointPlugin:
             max_model_len=vllm_config.model_config.max_model_len,
             vocab_size=vllm_config.model_config.get_vocab_size(),
             publisher_key=key,
+            ledger_path=config.ledger_path,
+            tariff=config.prices,
+            ratios=config.compute_ratios(),
         )
         logger.info(
-            "kvcdn side API on /kvcdn/v1 (store %s, publishing %s)",
-            config.store_url, "enabled" if key else "disabled: no publisher key",
+            "kvcdn side API on /kvcdn/v1 (store %s, publishing %s, ledger %s)",
+            config.store_url, "enabled" if key else "disabled: no publisher key", config.ledger_path or "off",
         )
 
 

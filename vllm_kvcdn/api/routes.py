@@ -1,7 +1,8 @@
 """The publishing side API, ``/kvcdn/v1/...``, mounted on vLLM's own server.
 
 Writes (publish, delete) need the publisher key (``Authorization: Bearer KEY``); reads
-are open. Publishing prefills through the serving engine itself, so an artifact holds
+are open, except usage: the publisher key sees every tenant's, a tenant its own (by its
+``cache_salt``). Publishing prefills through the serving engine itself, so an artifact holds
 exactly what this server computes.
 """
 
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from vllm_kvcdn import catalog
-from vllm_kvcdn.api.metrics import document_reads, kvcdn_counters
+from vllm_kvcdn import catalog, ledger, usage
+from vllm_kvcdn.api.metrics import kvcdn_counters
 from vllm_kvcdn.api.publisher import (
     PublishError,
     chat_tokens,
@@ -28,6 +30,7 @@ from vllm_kvcdn.api.publisher import (
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.params import metadata_problem
+from vllm_kvcdn.economics import ComputeRatios, Tariff
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.manifest import ArtifactError, Manifest
@@ -51,10 +54,27 @@ class KVCDNService:
     max_model_len: int
     vocab_size: int
     publisher_key: str | None
+    ledger_path: str  # "": no ledger
+    tariff: Tariff
+    ratios: ComputeRatios
 
     @property
     def tokenizer(self):
         return self.engine_client.renderer.get_tokenizer()
+
+    def reads(self) -> dict[str, int] | None:
+        """Successful reads per document, all tenants, from the ledger (None: no ledger)."""
+        if not self.ledger_path:
+            return None
+        try:
+            totals = ledger.totals(self.ledger_path)
+        except (OSError, sqlite3.Error) as e:
+            logger.error("kvcdn: cannot read the ledger %s: %s", self.ledger_path, e)
+            return None
+        counts: dict[str, int] = {}
+        for t in totals:
+            counts[t.document] = counts.get(t.document, 0) + t.reads
+        return counts
 
 
 class PublishRequest(BaseModel):
@@ -74,17 +94,22 @@ def service(request: Request) -> KVCDNService:
     return svc
 
 
+def _is_publisher(svc: KVCDNService, authorization: str | None) -> bool:
+    scheme, _, given = (authorization or "").partition(" ")
+    return bool(svc.publisher_key) and scheme == "Bearer" and hmac.compare_digest(
+        given.strip().encode(), svc.publisher_key.encode())
+
+
 def require_publisher(request: Request, authorization: str | None = Header(None)) -> None:
     svc = service(request)
     if not svc.publisher_key:
         raise HTTPException(403, f"publishing is disabled: set {PUBLISHER_KEY_ENV} (or `kvcdn serve --publisher-key`)")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme != "Bearer" or not hmac.compare_digest(given.strip().encode(), svc.publisher_key.encode()):
+    if not _is_publisher(svc, authorization):
         raise HTTPException(401, "missing or wrong publisher key: send 'Authorization: Bearer <publisher key>'",
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def _document_view(svc: KVCDNService, m, reads: dict[str, float]) -> dict:
+def _document_view(svc: KVCDNService, m, reads: dict[str, int] | None) -> dict:
     return {
         "id": m.doc_id,
         "title": m.title,
@@ -95,7 +120,7 @@ def _document_view(svc: KVCDNService, m, reads: dict[str, float]) -> dict:
         "fingerprint": m.fingerprint,
         "servable": m.fingerprint == svc.fingerprint.digest and m.chunk_size == svc.chunk_size,
         "salted": m.salted,
-        "reads": int(reads.get(m.doc_id, 0)),
+        "reads": None if reads is None else reads.get(m.doc_id, 0),  # from the ledger, all tenants
         "metadata": m.metadata,
     }
 
@@ -162,7 +187,7 @@ def _publish_view(m, *, seconds: float, created: bool) -> dict:
 @router.get("/documents")
 async def list_documents(request: Request) -> dict:
     svc = service(request)
-    reads = document_reads()
+    reads = svc.reads()
     docs = [_document_view(svc, e, reads) if isinstance(e, Manifest) else {"id": e.doc_id, "damaged": e.error}
             for e in catalog.entries(svc.store)]
     return {"documents": docs, "count": len(docs)}
@@ -188,7 +213,7 @@ async def get_document(doc_id: str, request: Request, verify: bool = False) -> d
     (what `kvcdn inspect --verify` reports)."""
     svc = service(request)
     m = _one(svc, doc_id)
-    view = _document_view(svc, m, document_reads())
+    view = _document_view(svc, m, svc.reads())
     view["manifest"] = asdict(m)
     if verify:
         checked = await asyncio.to_thread(catalog.verify_chunks, svc.store, m)
@@ -237,6 +262,41 @@ async def stats(request: Request) -> dict:
         "chunk_size": svc.chunk_size,
         **counters,
     }
+
+
+@router.get("/usage")
+async def get_usage(request: Request, document: str | None = None, tenant: str | None = None,
+                    since: float | None = None, until: float | None = None, detail: bool = False,
+                    limit: int = 1000, authorization: str | None = Header(None),
+                    x_kvcdn_cache_salt: str | None = Header(None)) -> dict:
+    """Metered cache reads per document and tenant, priced at this server's tariff
+    (``since``/``until``: unix seconds; ``detail=true``: the reads themselves, newest
+    ``limit``). The publisher key sees every tenant; a tenant sends its ``cache_salt`` in
+    ``X-KVCDN-Cache-Salt`` and sees its own reads only."""
+    svc = service(request)
+    if not svc.ledger_path:
+        raise HTTPException(404, "this server keeps no ledger: set kv_connector_extra_config.ledger_path "
+                                 "(or $KVCDN_LEDGER) to meter cache reads")
+    if not _is_publisher(svc, authorization):
+        if x_kvcdn_cache_salt is None:
+            raise HTTPException(401, "send 'Authorization: Bearer <publisher key>' (every tenant), or your "
+                                     "cache_salt in 'X-KVCDN-Cache-Salt' (your own reads)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        own = ledger.tenant_of(x_kvcdn_cache_salt)
+        if tenant not in (None, own):
+            raise HTTPException(403, "a tenant sees its own reads only: leave 'tenant' out")
+        tenant = own
+    if not 1 <= limit <= 100_000:
+        raise HTTPException(400, "'limit' must be in [1, 100000]")
+    filters = ledger.Filters(document=document, tenant=tenant, since=since, until=until)
+    try:
+        rep = await asyncio.to_thread(usage.report, svc.ledger_path, filters, svc.tariff, svc.ratios)
+        if detail:
+            rows = await asyncio.to_thread(ledger.reads, svc.ledger_path, filters, limit)
+            rep["reads"] = [asdict(r) for r in rows]
+    except (OSError, sqlite3.Error) as e:
+        raise HTTPException(503, f"cannot read the ledger {svc.ledger_path}: {e}") from e
+    return rep
 
 
 def store_errors_as_503(app) -> None:

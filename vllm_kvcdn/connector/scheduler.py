@@ -14,6 +14,7 @@ The side API and the offline helpers do that second request for their callers.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.index import ChunkIndex, Match
+from vllm_kvcdn.ledger import LedgerWriter, Read, tenant_of
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 
@@ -73,8 +75,10 @@ class _Publishing:
 @dataclass
 class _Hit:
     doc_id: str | None
-    matched_tokens: int
-    loaded_tokens: int
+    matched_tokens: int  # from vLLM's prefix cache and the store
+    loaded_tokens: int  # from the store
+    prompt_tokens: int
+    tenant: str  # ledger.tenant_of(cache_salt)
     failed: bool = False
 
 
@@ -105,9 +109,25 @@ class KVCDNScheduler:
         self._saving: dict[str, SaveSpec] = {}  # publish/verify request id -> its save, until the worker reports
         self._results: OrderedDict[str, dict] = OrderedDict()  # document id -> last publish/verify result
         self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
+        self.ledger = self._open_ledger(config.ledger_path)
+
+    @staticmethod
+    def _open_ledger(path: str) -> LedgerWriter | None:
+        if not path:
+            return None
+        try:
+            writer = LedgerWriter(path)
+        except (OSError, sqlite3.Error) as e:  # serving goes on; the operator must see it
+            logger.error("kvcdn: cache reads are NOT metered: cannot open the ledger %s (%s); set "
+                         "kv_connector_extra_config.ledger_path or $KVCDN_LEDGER to a writable file", path, e)
+            return None
+        logger.info("kvcdn: metering cache reads in %s", writer.path)
+        return writer
 
     def shutdown(self) -> None:
         self.index.stop()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def _state(self, req_id: str) -> _RequestState:
         return self._requests.setdefault(req_id, _RequestState())
@@ -217,11 +237,10 @@ class KVCDNScheduler:
         ]
         block_ids = list(blocks.get_block_ids()[0])
         self._loads.append(LoadSpec(req_id=req_id, block_ids=block_ids, chunks=chunks))
-        state.hit = _Hit(match.doc_id, hit, num_external_tokens)
+        state.hit = _Hit(match.doc_id, hit, num_external_tokens, len(request.prompt_token_ids),
+                         tenant_of(request.cache_salt))
         self.stats.add("matched_requests")
         self.stats.add("matched_tokens", num_external_tokens)
-        if match.doc_id:
-            self.stats.add_labelled("document_reads", match.doc_id)
         logger.info(
             "kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
             req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start,
@@ -299,6 +318,10 @@ class KVCDNScheduler:
             state = self._requests.get(req_id)
             if state is not None and state.hit is not None:
                 state.hit.failed = True
+        for req_id, receipt in report.loads.items():
+            state = self._requests.get(req_id)
+            if state is not None and state.hit is not None:  # gone: aborted while loading, not served
+                self._meter(req_id, state.hit, receipt)
         for req_id, result in report.documents.items():
             save = self._saving.pop(req_id, None)
             if save is None:
@@ -308,6 +331,20 @@ class KVCDNScheduler:
             self._results[save.doc_id] = result
             while len(self._results) > MAX_RESULTS:
                 self._results.popitem(last=False)
+
+    def _meter(self, req_id: str, hit: _Hit, receipt: dict) -> None:
+        """A read that succeeded: counted, and one row in the ledger."""
+        self.stats.add("reads")
+        if self.ledger is None:
+            return
+        self.ledger.record(Read(
+            time=time.time(), request_id=req_id, document=hit.doc_id or "", tenant=hit.tenant,
+            prompt_tokens=hit.prompt_tokens, loaded_tokens=hit.loaded_tokens,
+            cached_tokens=hit.matched_tokens - hit.loaded_tokens,
+            computed_tokens=hit.prompt_tokens - hit.matched_tokens,
+            kv_bytes=int(receipt.get("kv_bytes", 0)), store_bytes=int(receipt.get("store_bytes", 0)),
+            load_seconds=float(receipt.get("load_seconds", 0.0)),
+        ))
 
     # -- finish -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ COUNTERS = {
     "lookups": "Requests the connector looked up in the published index",
     "matched_requests": "Requests whose prompt matched published chunks (see loaded_tokens for what loaded)",
     "matched_tokens": "Prompt tokens planned for loading from published chunks",
+    "reads": "Requests whose load succeeded: cache reads, metered one row each in the ledger",
     "loaded_tokens": "Tokens whose KV was copied from the store into the KV cache",
     "loaded_bytes": "KV bytes written into the KV cache by loads",
     "store_read_bytes": "Artifact bytes read from the store and verified",
@@ -31,7 +32,8 @@ COUNTERS = {
 
 
 # Labelled counters: data[name] = {label value: count}.
-LABELLED = {"failures": "reason", "document_reads": "document", "rejected_params": "reason"}
+# Labels stay bounded (reasons); per-document and per-tenant reads are in the ledger.
+LABELLED = {"failures": "reason", "rejected_params": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background (read, verify, copy)",
@@ -41,7 +43,7 @@ LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 
 class KVCDNStats(KVConnectorStats):
-    """``data = {"<counter>": number, "failures": {reason: n}, "document_reads": {doc_id: n}}``."""
+    """``data = {"<counter>": number, "failures": {reason: n}, "rejected_params": {reason: n}}``."""
 
     def add(self, name: str, value: float = 1) -> None:
         self.data[name] = self.data.get(name, 0) + value
@@ -115,11 +117,6 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
                 name="vllm:kvcdn_rejected_params",
                 documentation="Requests whose kvcdn params were ignored, by reason (malformed, unauthorized)",
                 labelnames=[*labelnames, "reason"],
-            ),
-            "document_reads": self._counter_cls(
-                name="vllm:kvcdn_document_reads",
-                documentation="Requests that loaded a published document, by document id",
-                labelnames=[*labelnames, "document"],
             ),
         }
 

@@ -64,12 +64,16 @@ class WorkerReport(KVConnectorWorkerMetadata):
     """What the worker tells the scheduler after a step."""
 
     failed_loads: set[str] = field(default_factory=set)  # their responses must not claim a hit
+    # Loads that ended with every chunk written: request id -> {"loaded_tokens", "kv_bytes",
+    # "store_bytes", "load_seconds"} (the scheduler meters them: ledger.py).
+    loads: dict[str, dict] = field(default_factory=dict)
     documents: dict[str, dict] = field(default_factory=dict)  # publish/verify request id -> result
     refusal: str | None = None  # this worker will not load (its layout probe failed): stop planning loads
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorkerReport":
         if isinstance(other, WorkerReport):
             self.failed_loads |= other.failed_loads
+            self.loads.update(other.loads)
             self.documents.update(other.documents)
             self.refusal = self.refusal or other.refusal
         return self
@@ -80,6 +84,7 @@ class _LoadOutcome:
     req_id: str
     failed_blocks: set[int] = field(default_factory=set)
     stats: KVCDNStats = field(default_factory=KVCDNStats)
+    receipt: dict | None = None  # WorkerReport.loads' entry, when every chunk was written
 
 
 @dataclass
@@ -264,6 +269,8 @@ class KVCDNWorker:
                 if outcome.failed_blocks:
                     self._failed_blocks |= outcome.failed_blocks
                     self._report.failed_loads.add(outcome.req_id)
+                elif outcome.receipt is not None:
+                    self._report.loads[outcome.req_id] = outcome.receipt
             else:
                 self._report.documents[outcome.req_id] = outcome.result
 
@@ -279,7 +286,8 @@ class KVCDNWorker:
         return failed
 
     def build_worker_meta(self) -> WorkerReport | None:
-        if not self._report.failed_loads and not self._report.documents and not self._report.refusal:
+        r = self._report
+        if not r.failed_loads and not r.loads and not r.documents and not r.refusal:
             return None
         report, self._report = self._report, WorkerReport()
         return report
@@ -330,9 +338,13 @@ class KVCDNWorker:
             loaded_tokens += chunk.write_to - chunk.write_from
         for read in reads:
             self._let_go(read)  # those read ahead of a failed chunk
+        seconds = time.perf_counter() - started
         outcome.stats.add("loaded_tokens", loaded_tokens)
         outcome.stats.add("loaded_bytes", loaded_tokens * self.bytes_per_token)
-        outcome.stats.observe("load_duration_seconds", time.perf_counter() - started)
+        outcome.stats.observe("load_duration_seconds", seconds)
+        if not outcome.failed_blocks:
+            outcome.receipt = {"loaded_tokens": loaded_tokens, "kv_bytes": loaded_tokens * self.bytes_per_token,
+                               "store_bytes": outcome.stats.data.get("store_read_bytes", 0), "load_seconds": seconds}
         return outcome
 
     def _whole_blocks(self, chunk: ChunkLoad) -> tuple[int, int]:
@@ -509,7 +521,7 @@ class KVCDNWorker:
             self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv, fingerprint=self.fingerprint.digest,
             profile=self.fingerprint.fields, chunk_size=self.config.chunk_size,
             producer={**_producer(), "prefill": spec.prefill}, salted=spec.salted, title=spec.title,
-            metadata=spec.metadata,
+            metadata=spec.metadata, codec=self.config.chunk_codec,
         )
         m = written.manifest
         outcome = _DocumentOutcome(spec.req_id, {

@@ -1,0 +1,213 @@
+"""The metering ledger: one row per cache read that succeeded, in SQLite, across restarts.
+
+The engine's scheduler records a read when the worker reports its load finished without a
+failed chunk (a failed or aborted load is not billed); ``LedgerWriter`` inserts rows in
+batches from a thread of its own, never on the engine step. The side API
+(``GET /kvcdn/v1/usage``) and ``kvcdn usage`` read the same file (WAL mode: readers never
+block the writer). Prometheus keeps bounded labels; the detail per document and tenant is here.
+
+Imports nothing heavy (the CLI reads it without torch or vLLM).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import sqlite3
+import threading
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from vllm_kvcdn.log import get_logger
+
+logger = get_logger(__name__)
+
+FLUSH_S = 1.0  # rows reach the file at most this long after their load finished
+MAX_PENDING = 100_000  # rows kept in memory while the file cannot be written (oldest dropped beyond)
+PUBLIC_TENANT = "public"  # requests without a cache_salt
+
+
+def tenant_of(cache_salt: str | None) -> str:
+    """A request's tenant: a hash of its ``cache_salt`` (the salt itself is a secret that
+    grants hits on the tenant's documents, so it is never stored)."""
+    if not cache_salt:
+        return PUBLIC_TENANT
+    return "salt-" + hashlib.sha256(b"kvcdn-tenant\0" + cache_salt.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Read:
+    """One successful cache read (a request whose prompt loaded a published document)."""
+
+    time: float  # unix seconds when the load finished
+    request_id: str
+    document: str  # the document id matched (its last chunk's key)
+    tenant: str  # tenant_of(cache_salt)
+    prompt_tokens: int
+    loaded_tokens: int  # served from the store (or this node's tiers of it)
+    cached_tokens: int  # already in vLLM's own prefix cache
+    computed_tokens: int  # prefilled by the engine
+    kv_bytes: int  # KV bytes written into the cache
+    store_bytes: int  # artifact bytes read from the store or the disk tier (0: the RAM tier had them)
+    load_seconds: float
+
+
+_COLUMNS = [f.name for f in fields(Read)]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reads (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL, request_id TEXT NOT NULL, document TEXT NOT NULL, tenant TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, loaded_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+    computed_tokens INTEGER NOT NULL, kv_bytes INTEGER NOT NULL, store_bytes INTEGER NOT NULL,
+    load_seconds REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reads_by_time ON reads (time);
+CREATE INDEX IF NOT EXISTS reads_by_document ON reads (document, time);
+CREATE INDEX IF NOT EXISTS reads_by_tenant ON reads (tenant, time);
+"""
+_INSERT = f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
+    path = Path(path).expanduser()
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise FileNotFoundError(f"no ledger at {path}: reads are recorded by a server with ledger_path there")
+    db = sqlite3.connect(str(path), timeout=10.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    if create:
+        db.executescript(_SCHEMA)
+    return db
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which reads a query covers; None: any."""
+
+    document: str | None = None  # a document id, or a prefix of one (8+ characters)
+    tenant: str | None = None
+    since: float | None = None  # unix seconds, inclusive
+    until: float | None = None  # exclusive
+
+    def where(self) -> tuple[str, list]:
+        terms, args = [], []
+        if self.document:
+            terms.append("document LIKE ? ESCAPE '\\'")
+            args.append(self.document.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        for column, op, value in (("tenant", "=", self.tenant), ("time", ">=", self.since),
+                                  ("time", "<", self.until)):
+            if value is not None:
+                terms.append(f"{column} {op} ?")
+                args.append(value)
+        return (" WHERE " + " AND ".join(terms)) if terms else "", args
+
+
+def reads(path: str | Path, filters: Filters = Filters(), limit: int = 1000) -> list[Read]:
+    """The newest ``limit`` reads matching ``filters``, oldest first."""
+    where, args = filters.where()
+    with _reader(path) as db:
+        rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM reads{where} ORDER BY time DESC, id DESC LIMIT ?",
+                          [*args, limit]).fetchall()
+    return [Read(*row) for row in reversed(rows)]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Reads of one document by one tenant, summed."""
+
+    document: str
+    tenant: str
+    reads: int
+    loaded_tokens: int
+    cached_tokens: int
+    computed_tokens: int
+    kv_bytes: int
+    store_bytes: int
+    load_seconds: float
+    first: float
+    last: float
+
+
+def totals(path: str | Path, filters: Filters = Filters()) -> list[Totals]:
+    """Per (document, tenant): what was read, most read first."""
+    where, args = filters.where()
+    sql = (f"SELECT document, tenant, COUNT(*), SUM(loaded_tokens), SUM(cached_tokens), SUM(computed_tokens), "
+           f"SUM(kv_bytes), SUM(store_bytes), SUM(load_seconds), MIN(time), MAX(time) FROM reads{where} "
+           f"GROUP BY document, tenant ORDER BY COUNT(*) DESC, document, tenant")
+    with _reader(path) as db:
+        return [Totals(*row) for row in db.execute(sql, args).fetchall()]
+
+
+class _reader:
+    """A connection for one query; a ledger not written yet reads as empty."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db = connect(self.path, create=True)
+        return self.db
+
+    def __exit__(self, *exc) -> None:
+        self.db.close()
+
+
+class LedgerWriter:
+    """Queues rows and inserts them in batches from a background thread."""
+
+    def __init__(self, path: str | Path, flush_s: float = FLUSH_S):
+        self.path = Path(path).expanduser()
+        connect(self.path).close()  # a bad path fails at start, not at the first read
+        self.flush_s = flush_s
+        self._pending: list[Read] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dropped = 0  # rows lost because the file could not be written for too long
+        self.failed_writes = 0  # batches that could not be written (kept for the next try)
+        self._thread = threading.Thread(target=self._run, name="kvcdn-ledger", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a clean exit writes what is queued, shutdown or not
+
+    def record(self, read: Read) -> None:
+        """Queue one row (never blocks on I/O)."""
+        with self._lock:
+            self._pending.append(read)
+            if len(self._pending) > MAX_PENDING:
+                del self._pending[0]
+                self.dropped += 1
+
+    def close(self) -> None:
+        """Write what is queued and stop (again: nothing)."""
+        if not self._thread.is_alive():
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        db = None
+        while True:
+            self._wake.wait(self.flush_s)
+            stopping = self._stopping
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    db = db or connect(self.path)
+                    with db:
+                        db.executemany(_INSERT, [astuple(r) for r in batch])
+                except sqlite3.Error as e:
+                    self.failed_writes += 1
+                    logger.error("kvcdn: could not write %d reads to the ledger %s (kept for the next try): %s",
+                                 len(batch), self.path, e)
+                    with self._lock:
+                        self._pending[:0] = batch
+                    if db is not None:
+                        db.close()
+                        db = None
+            if stopping:
+                break
+        if db is not None:
+            db.close()
