@@ -12,9 +12,10 @@ We write the file ourselves (the format is an 8-byte header length, a JSON heade
 the raw data) so the bytes are canonical: the same KV always gives the same file.
 
 Format v2 (``kvcdn.chunk/2``) is v1 with a compressed data section: the same header,
-plus ``codec`` (e.g. ``zstd:1``), ``planes`` (the element width split into byte planes)
-and ``raw_bytes``; the checksum is still over the uncompressed data, so a v2 chunk
-decodes to exactly the bytes of its v1 twin (``codec.py``). Readers take both.
+plus ``codec`` (e.g. ``zstd:1``), ``planes`` (the element width split into byte planes),
+``raw_bytes`` and ``stored_bytes`` (a cut object is "truncated", as in v1); the checksum is
+still over the uncompressed data, so a v2 chunk decodes to exactly the bytes of its v1 twin
+(``codec.py``). Readers take both.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from vllm_kvcdn.manifest import ArtifactError
 
 CHUNK_FORMAT = "kvcdn.chunk/1"
 COMPRESSED_FORMAT = "kvcdn.chunk/2"
+V2_FIELDS = ("codec", "raw_bytes", "stored_bytes")
 CHECKSUM_ALGO = "xxh3_128"
 
 _ST_DTYPES = {
@@ -58,6 +60,7 @@ class ChunkHeader:
     checksum: str = ""  # "xxh3_128:<hex>" of the (uncompressed) data section
     codec: str = ""  # v2: how the data section is compressed ("zstd:1"); "": stored raw (v1)
     raw_bytes: int = 0  # v2: the data section's uncompressed length
+    stored_bytes: int = 0  # v2: its compressed length
 
 
 @dataclass
@@ -130,13 +133,13 @@ def encode_chunk(
         head_dim=shape[2],
         checksum=checksum(data),
     )
-    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items() if k not in ("codec", "raw_bytes")}}
+    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items() if k not in V2_FIELDS}}
     if codec:
         c = codecs.parse(codec)
-        header = ChunkHeader(**{**asdict(header), "codec": c.spec, "raw_bytes": len(data)})
-        data = codecs.encode(data, dtype.itemsize, c)
-        meta.update(format=COMPRESSED_FORMAT, codec=c.spec, planes=str(dtype.itemsize),
-                    raw_bytes=str(header.raw_bytes))
+        raw_bytes, data = len(data), codecs.encode(data, dtype.itemsize, c)
+        header = ChunkHeader(**{**asdict(header), "codec": c.spec, "raw_bytes": raw_bytes, "stored_bytes": len(data)})
+        meta.update(format=COMPRESSED_FORMAT, codec=c.spec, planes=str(dtype.itemsize), raw_bytes=str(raw_bytes),
+                    stored_bytes=str(len(data)))
     head = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), sort_keys=True)
     head_bytes = head.encode()
     head_bytes += b" " * (-len(head_bytes) % 8)
@@ -172,6 +175,7 @@ def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
             checksum=meta["checksum"],
             codec=meta["codec"] if compressed else "",
             raw_bytes=int(meta["raw_bytes"]) if compressed else 0,
+            stored_bytes=int(meta["stored_bytes"]) if compressed else 0,
         )
     except ArtifactError:
         raise
@@ -255,8 +259,11 @@ def as_v1(data) -> bytes:
 def _decompress(header: ChunkHeader, body: memoryview, expected_bytes: int, width: int,
                 out: memoryview | None) -> memoryview:
     if header.raw_bytes != expected_bytes:
-        raise ArtifactError("truncated", f"chunk {header.key[:16]}: raw_bytes {header.raw_bytes}, "
-                                         f"the header's shape says {expected_bytes}")
+        raise ArtifactError("format", f"chunk {header.key[:16]}: raw_bytes {header.raw_bytes}, "
+                                      f"the header's shape says {expected_bytes}")
+    if len(body) != header.stored_bytes:
+        raise ArtifactError("truncated", f"chunk {header.key[:16]}: compressed data is {len(body)} bytes, "
+                                         f"header says {header.stored_bytes}")
     try:
         return codecs.decode(body, width, codecs.parse(header.codec), expected_bytes, out)
     except codecs.CorruptStream as e:
