@@ -15,6 +15,7 @@ import atexit
 import hashlib
 import sqlite3
 import threading
+from contextlib import closing
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -139,18 +140,9 @@ def totals(path: str | Path, filters: Filters = Filters()) -> list[Totals]:
         return [Totals(*row) for row in db.execute(sql, args).fetchall()]
 
 
-class _reader:
+def _reader(path: str | Path) -> closing[sqlite3.Connection]:
     """A connection for one query; a ledger not written yet reads as empty."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db = connect(self.path, create=True)
-        return self.db
-
-    def __exit__(self, *exc) -> None:
-        self.db.close()
+    return closing(connect(path, create=True))
 
 
 class LedgerWriter:
