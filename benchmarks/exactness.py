@@ -42,6 +42,10 @@ def kernel_rows(lengths: list[int]) -> list[dict]:
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    # Linux lets a process run AMX tile instructions only after it asks (vLLM's CPU worker
+    # does); the op picks the "amx" ISA where the CPU has it, and faults (SIGILL) without.
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
     rows = []
     for shape, (heads, kv_heads, dim) in HEAD_SHAPES.items():
         torch.manual_seed(0)
