@@ -49,6 +49,26 @@ def tiny_variant(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hybrid_model(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 text model: sliding-window and full-attention layers."""
+    from vllm_kvcdn.tiny_model import make_hybrid_model
+
+    return make_hybrid_model(tmp_path_factory.mktemp("models") / "hybrid")
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """LoRA adapters of the tiny model: ``a`` and ``b`` (other weights), and ``a-copy``
+    (a's files at another path: the same adapter under another name)."""
+    from vllm_kvcdn.tiny_model import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {"a": make_lora_adapter(root / "a", seed=1), "b": make_lora_adapter(root / "b", seed=2)}
+    out["a-copy"] = Path(shutil.copytree(out["a"], root / "a-copy"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

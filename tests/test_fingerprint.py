@@ -62,3 +62,15 @@ def test_cpu_kernels_name_what_moves_the_bits():
                 compile_mode="eager")
     two, four = (Fingerprint.build(**base, kernels=cpu_kernels(threads=n, attn_isa="vec")) for n in (2, 4))
     assert fingerprint_diff(two.fields, four.fields) == ["kernels.threads: 2 vs 4"]
+
+
+def test_architecture_fields_keep_every_field_that_may_shape_kv():
+    """Every config field counts unless it is known not to change a KV byte, in nested
+    model configs too; other nested values (a quantization config) are kept whole."""
+    config = {"num_hidden_layers": 4, "some_new_field": 1.5, "eos_token_id": 2, "transformers_version": "x",
+              "quantization_config": {"quant_method": "fp8", "dtype": "float8"},
+              "text_config": {"model_type": "qwen3", "head_dim": 64, "dtype": "bfloat16", "bos_token_id": 1}}
+    assert architecture_fields(config) == {
+        "num_hidden_layers": 4, "some_new_field": 1.5,
+        "quantization_config": {"quant_method": "fp8", "dtype": "float8"},
+        "text_config": {"model_type": "qwen3", "head_dim": 64}}

@@ -44,7 +44,7 @@ def test_a_damaged_image_is_dropped_and_reads_as_none(tmp_path):
 
 
 def test_the_tier_stays_within_its_bound_least_recently_used_out(tmp_path):
-    one = slot(0).numel() * 2 + 64
+    one = slot(0).numel() * 2 + 128  # payload + header
     images = BlockImageFiles(tmp_path, 2 * one)
     images.write("a" * 32, slot(1), 4)
     images.write("b" * 32, slot(2), 4)
@@ -106,3 +106,20 @@ def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, t
     for run in (restarted, damaged):
         assert run["kv"] == first["kv"]  # digests of the bytes in the KV cache
         assert identical(run["q"]["answer"], first["q"]["answer"])
+
+
+def test_an_image_of_another_chunk_under_this_name_is_refused(tmp_path):
+    """A file name is no proof: a valid image of chunk B renamed to chunk A's name (a
+    swap on the node's disk) fails the key check and is dropped, never loaded as A."""
+    images = BlockImageFiles(tmp_path, 1 << 20)
+    a, b = "a1" * 32, "b2" * 32
+    images.write(a, slot(1), blocks=4)
+    images.write(b, slot(2), blocks=4)
+    path_a, path_b = (next(tmp_path.glob(f"*/{k}.4.img")) for k in (a, b))
+    path_a.write_bytes(path_b.read_bytes())  # B's bytes, A's name
+    restarted = BlockImageFiles(tmp_path, 1 << 20)
+    assert restarted.blocks(a) == 4  # listed by its name...
+    dst = torch.zeros_like(slot(0))
+    assert restarted.read_into(a, dst) == 0  # ...but not loaded
+    assert restarted.damaged == 1 and restarted.blocks(a) == 0 and not path_a.exists()
+    assert restarted.read_into(b, dst) == 4 and torch.equal(dst.view(torch.int16), slot(2).view(torch.int16))

@@ -152,6 +152,8 @@ def test_tenants_see_their_own_reads_only(kvcdn, api, tiny_model, texts):
         tenant.usage(cache_salt="bob-salt", tenant=ledger.tenant_of("alice-salt"))
     with pytest.raises(APIError, match="HTTP 401"):
         tenant.usage()
+    with pytest.raises(APIError, match="HTTP 401"):  # an empty salt is no salt: the public reads stay hidden
+        tenant.usage(cache_salt="", detail=True)
     assert [r["document"] for r in api.usage(detail=True, since=since)["reads"]] == [doc["id"]]
 
 
@@ -317,6 +319,19 @@ def test_a_long_document_is_tokenized_off_the_event_loop(kvcdn):
     assert answered >= 3, answered  # on the event loop, /health would wait for the tokenizer
 
 
+def test_concurrent_publishes_of_a_long_document(kvcdn, api):
+    """Four publishes of one document longer than a prefill step (2,048 tokens here) at
+    once: each is answered, with the one document, each computed alone."""
+    from vllm_kvcdn.tiny_model import corpus
+
+    text = " ".join(corpus()[:220])  # ~2,560 tokens: two prefill steps
+    with futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: api.publish(text=text, title=f"copy {i}"), range(4)))
+    assert len({r["id"] for r in results}) == 1 and results[0]["num_tokens"] > 2048
+    prefill = api.get(results[0]["id"])["manifest"]["producer"]["prefill"]
+    assert prefill["alone"] is True and len(prefill["steps"]) == 2, prefill
+
+
 def test_verify_recomputes_and_matches_bit_for_bit(api, published):
     report = api.verify(published[2]["id"][:16])
     assert report["identical"] is True
@@ -332,14 +347,21 @@ def test_delete_then_no_hit_and_still_right(kvcdn, api, published, reference, ti
     assert doc["id"] not in {d["id"] for d in api.list()["documents"]}
 
 
-def test_restart_keeps_published_documents_and_metered_reads(kvcdn, api, published, reference, tiny_model, texts):
+def test_a_crash_keeps_published_documents_and_every_answered_read(kvcdn, api, published, reference, tiny_model,
+                                                                     texts):
+    """SIGKILL right after eight hits were answered: after the restart the documents are
+    there, and the ledger holds every read, those eight included, each once."""
     before = {d["id"] for d in api.list()["documents"]}
     time.sleep(2 * ledger.FLUSH_S)
     reads = api.usage(detail=True, limit=100_000)["reads"]
-    kvcdn.stop()
+    answered = ask_all_at_once(kvcdn.url, str(tiny_model), conversations(texts)[:8])
+    assert all(a["kvcdn"]["hit"] for a in answered)
+    kvcdn.kill()
     kvcdn.start()
     assert {d["id"] for d in api.list()["documents"]} == before
-    assert api.usage(detail=True, limit=100_000)["reads"] == reads and len(reads) >= 17
+    after = api.usage(detail=True, limit=100_000)["reads"]
+    assert after[: len(reads)] == reads and len(reads) >= 17
+    assert len(after) == len(reads) + 8 and len({r["request_id"] for r in after[len(reads):]}) == 8
     got = ask(kvcdn.url, str(tiny_model), conversations(texts)[5])
     assert got["kvcdn"]["hit"] is True and got["cached"] == published[1]["num_tokens"]
     reference.check(got, 5)

@@ -1,8 +1,9 @@
 """Chunk keys: a hash chain over token ids.
 
-``h_0 = H("kvcdn/1", fingerprint, salt)`` and ``h_i = H(h_{i-1}, tokens of chunk i)``.
-A key therefore names one exact token prefix under one model fingerprint and one
-``cache_salt``: another model, dtype or tenant can never produce the same key.
+``h_0 = H("kvcdn/1", fingerprint, salt[, adapter])`` and ``h_i = H(h_{i-1}, tokens of chunk i)``.
+A key therefore names one exact token prefix under one model fingerprint, one
+``cache_salt`` and one LoRA adapter (by a digest of its files, ``adapters``): another
+model, dtype, tenant or adapter can never produce the same key.
 A document's last chunk may be shorter than the chunk size; it is keyed the same
 way by its exact tokens, so a hit can cover the whole document.
 """
@@ -38,11 +39,14 @@ class ChunkSpan:
         return self.start + self.num_tokens
 
 
-def chain_seed(fingerprint: str, cache_salt: str | None) -> str:
-    """The parent key of a sequence's first chunk."""
+def chain_seed(fingerprint: str, cache_salt: str | None, adapter: str | None = None) -> str:
+    """The parent key of a sequence's first chunk (``adapter``: the LoRA adapter's digest,
+    None for the base model)."""
     h = hashlib.sha256(CHAIN_VERSION)
     h.update(b"\0fp\0" + fingerprint.encode())
     h.update(b"\0salt\0" + (cache_salt or "").encode())
+    if adapter:
+        h.update(b"\0adapter\0" + adapter.encode())
     return h.hexdigest()
 
 
@@ -70,7 +74,7 @@ def iter_chunks(
 
 
 def document_chunks(
-    tokens: Sequence[int], fingerprint: str, cache_salt: str | None, chunk_size: int
+    tokens: Sequence[int], fingerprint: str, cache_salt: str | None, chunk_size: int, adapter: str | None = None
 ) -> list[ChunkSpan]:
     """All chunks of a document, the partial tail included."""
-    return list(iter_chunks(tokens, chain_seed(fingerprint, cache_salt), chunk_size))
+    return list(iter_chunks(tokens, chain_seed(fingerprint, cache_salt, adapter), chunk_size))

@@ -87,9 +87,10 @@ def cmd_publish(args) -> None:
                 messages = None
             if not isinstance(messages, list):  # plain text: one message
                 messages = [{"role": args.role, "content": text}]
-            result = _api(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt))
+            result = _api(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt,
+                                                 adapter=args.adapter))
         else:
-            result = _api(lambda: client.publish(text=text, title=title, cache_salt=args.salt))
+            result = _api(lambda: client.publish(text=text, title=title, cache_salt=args.salt, adapter=args.adapter))
         print(f"{result['id']}  {result['num_tokens']} tokens  {result['num_chunks']} chunks  "
               f"{(result.get('bytes') or 0) / 1e6:.2f} MB  {result['seconds']:.2f}s  {title}")
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default="user", help="role of the message with --chat and plain text (default user)")
     p.add_argument("--title", default=None, help="title (default: the file name)")
     p.add_argument("--salt", default=None, help="cache_salt: only requests with this salt will hit")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter the server serves (--lora-modules NAME=PATH): the document is computed "
+                        "with it, and only requests for that adapter hit it")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("ls", help="list published documents (on a server, or in a store)")

@@ -39,9 +39,10 @@ class SideAPIClient:
             raise APIError(f"cannot reach {self.base}: {e.reason}") from None
 
     def publish(self, *, text: str | None = None, messages: list | None = None, tokens: list | None = None,
-                title: str = "", cache_salt: str | None = None, metadata: dict | None = None) -> dict:
+                title: str = "", cache_salt: str | None = None, metadata: dict | None = None,
+                adapter: str | None = None) -> dict:
         body = {"text": text, "messages": messages, "tokens": tokens, "title": title, "cache_salt": cache_salt,
-                "metadata": metadata or {}}
+                "metadata": metadata or {}, "adapter": adapter}
         return self._call("POST", "/documents", {k: v for k, v in body.items() if v is not None})
 
     def list(self) -> dict:

@@ -1,14 +1,30 @@
-"""Everything we read from vLLM's config objects, in one place (pinned: vLLM 0.32)."""
+"""Everything we read from vLLM's config objects, in one place (vLLM 0.32 and 0.33: the CPU
+build and the current CUDA release; tests/test_vllm_contract.py checks both)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 from vllm_kvcdn.connector.worker import KVGeometry
 from vllm_kvcdn.fingerprint import Fingerprint, cpu_kernels, cuda_kernels, model_fingerprint
 
-SUPPORTED_VLLM = ">=0.32,<0.33"
+SUPPORTED_VLLM = (0, 32), (0, 34)  # [from, to): the releases the connector is checked against
+
+
+def unchecked_release() -> str | None:
+    """What the connector warns at start when vLLM is outside ``SUPPORTED_VLLM``, or None."""
+    import vllm
+
+    low, high = SUPPORTED_VLLM
+    try:
+        if low <= tuple(int(part) for part in vllm.__version__.split(".")[:2]) < high:
+            return None
+    except ValueError:
+        pass
+    return (f"vLLM {vllm.__version__} is outside the releases this connector is checked against "
+            f"(>={low[0]}.{low[1]}, <{high[0]}.{high[1]}); the start-up layout probe still guards every load")
 
 
 def compile_mode(vllm_config) -> str:
@@ -123,6 +139,65 @@ def _omp_bound_cpus(env) -> frozenset[int] | None:
         return None
 
 
+def extra_key_kinds(request) -> set[str]:
+    """What vLLM's own prefix cache would add to this request's block hashes besides its
+    tokens, over its whole prompt (``kv_cache_utils.generate_block_hash_extra_keys``, the
+    same in 0.32 and 0.33: ``lora``, ``mm``, ``cache_salt``, ``prompt_embeds``), by kind. A
+    key of a shape it does not know is named by its type: counted as unknown, never ignored."""
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+    keys, _ = generate_block_hash_extra_keys(request, 0, request.num_prompt_tokens, 0)
+    return {key[0] if isinstance(key, tuple) and key and isinstance(key[0], str) else type(key).__name__
+            for key in keys or ()}
+
+
+def model_settings(vllm_config) -> dict:
+    """How the weights are run: the dtype (``--dtype``) and on-the-fly or checkpoint
+    quantization (``--quantization``; a checkpoint's own ``quantization_config`` is also in
+    the model config)."""
+    model_config = vllm_config.model_config
+    return {"dtype": str(model_config.dtype).removeprefix("torch."), "quantization": model_config.quantization}
+
+
+def prefill_steps(scheduler_config) -> dict | str:
+    """Where vLLM splits a long prompt computed alone into steps (chunked prefill): a
+    document computed in other steps differs in the last bits past the first split."""
+    if not scheduler_config.enable_chunked_prefill:
+        return "whole"
+    return {"max_num_batched_tokens": scheduler_config.max_num_batched_tokens,
+            "long_prefill_token_threshold": scheduler_config.long_prefill_token_threshold,
+            "adaptive": bool(getattr(scheduler_config, "long_prefill_token_threshold_adaptive", False))}
+
+
+def runtime_settings(vllm_config) -> dict:
+    """Engine settings outside the model config that move the last bits of a KV cache
+    (``connector/kv_settings.py`` lists each, and those left out)."""
+    import torch
+    import vllm
+
+    model_config = vllm_config.model_config
+    out = {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "model_impl": str(getattr(model_config, "model_impl", "auto")),
+        "prefill_steps": prefill_steps(vllm_config.scheduler_config),
+        "max_model_len": model_config.max_model_len,
+    }
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if backend is not None:
+        out["attention_backend"] = getattr(backend, "name", str(backend))
+    lora = vllm_config.lora_config
+    if lora is not None:  # every layer then runs through LoRA's wrappers, base requests too
+        out["lora"] = {"max_lora_rank": lora.max_lora_rank, "lora_dtype": str(lora.lora_dtype),
+                       "fully_sharded_loras": lora.fully_sharded_loras,
+                       "target_modules": sorted(lora.target_modules or [])}
+    if compile_mode(vllm_config) != "eager":  # which fusions the compiled graph runs
+        compilation = vllm_config.compilation_config
+        out["compile_passes"] = {"custom_ops": list(compilation.custom_ops),
+                                 "pass_config": dataclasses.asdict(compilation.pass_config)}
+    return out
+
+
 def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
     from vllm.platforms import current_platform
 
@@ -136,6 +211,8 @@ def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
         device=current_platform.device_type,
         compile_mode=compile_mode(vllm_config),
         kernels=kernel_profile(vllm_config, in_worker=in_worker),
+        model_settings=model_settings(vllm_config),
+        runtime=runtime_settings(vllm_config),
     )
 
 

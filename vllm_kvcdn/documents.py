@@ -89,7 +89,8 @@ class Written:
 
 def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV,
                    fingerprint: str, profile: dict, chunk_size: int, producer: dict, salted: bool = False,
-                   title: str = "", metadata: dict | None = None, codec: str | None = None) -> Written:
+                   adapter: str = "", title: str = "", metadata: dict | None = None,
+                   codec: str | None = None) -> Written:
     """Store a document's chunks (compressed with ``codec``, if given), then its manifest
     (its id is the last chunk's key)."""
     started = time.perf_counter()
@@ -103,7 +104,7 @@ def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int
         new_bytes += len(data) if written else 0
     manifest = Manifest(
         doc_id=spans[-1].key, fingerprint=fingerprint, num_tokens=len(tokens), chunk_size=chunk_size,
-        chunks=entries, profile=profile, salted=salted, created=time.time(), producer=producer,
+        chunks=entries, profile=profile, salted=salted, adapter=adapter, created=time.time(), producer=producer,
         title=title, metadata=dict(metadata or {}),
     )
     store.put(manifest_object_key(manifest.doc_id), manifest.to_json())  # last: never dangling

@@ -9,13 +9,15 @@ not what the connector claims.
 
 SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_size",
 "extra_config", "engine_args" (more ``vllm.LLM`` arguments), "env" (more environment, e.g.
-test faults), "ops": [...]}``. Each op has a
-``name`` and an ``op``:
+test faults), "loras" ({name: adapter path}: LoRA adapters requests may name), "ops": [...]}``.
+Each op has a ``name`` and an ``op``:
 
 - ``query`` / ``publish`` / ``verify``: one request alone (``ids``, ``salt``, ``max_tokens``,
   a publish's ``title``, the publisher ``key`` to send: this process's own unless given;
   ``verify`` names the document to recompute ``ids`` against in ``doc``, or ``@OP`` for the
-  document an earlier publish op reported);
+  document an earlier publish op reported; ``lora``: the name of an adapter of ``loras``;
+  ``embeds``: ``{"seed", "scale"}``, random prompt embeddings for ``ids``, which stay as
+  vLLM's mixed-mode placeholder ids);
 - ``batch``: ``requests`` (ops of the three kinds above) submitted together;
 - ``abort``: one query (``ids``) aborted after ``after_steps`` engine steps, ``pause_s``
   apart (time for background loads; needs ``"inproc": true`` in the spec: the engine core
@@ -73,7 +75,9 @@ def run(spec: dict) -> dict:
         doc = doc_of(op) if op["op"] == "verify" else None
         return request(op["ids"], max_tokens=op.get("max_tokens", 12), publish=op["op"] == "publish",
                        verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""),
-                       key=op.get("key", PUBLISH_KEY))
+                       key=op.get("key", PUBLISH_KEY), embeds=_embeds(llm, op))
+
+    loras = _lora_requests(spec.get("loras", {}))
 
     results = {}
     for op in spec["ops"]:
@@ -96,13 +100,34 @@ def run(spec: dict) -> dict:
             answers = [asdict(_delete_during(llm.llm_engine, to_request(op), spec["store_url"], doc_of(op),
                                              op["after_steps"]))]
         else:
-            answers = [asdict(a) for a in generate_many(llm, [to_request(r) for r in batch])]
+            lora_list = [loras[r["lora"]] if r.get("lora") else None for r in batch]
+            answers = [asdict(a) for a in generate_many(llm, [to_request(r) for r in batch],
+                                                        lora_list if any(lora_list) else None)]
         seconds = time.perf_counter() - started
         after = engine_counters(llm)
         delta = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
         result = {"answers": answers} if op["op"] == "batch" else {"answer": answers[0]}
         results[op["name"]] = {**result, "counters": delta, "seconds": seconds, "started": started_at}
     return results
+
+
+def _lora_requests(paths: dict[str, str]) -> dict:
+    """One ``LoRARequest`` per adapter name (ids 1, 2, ... in name order)."""
+    from vllm.lora.request import LoRARequest
+
+    return {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(sorted(paths.items()), start=1)}
+
+
+def _embeds(llm, op: dict):
+    """Seeded random prompt embeddings for the op's ids (``op["embeds"]``), or None."""
+    if not op.get("embeds"):
+        return None
+    import torch
+
+    model_config = llm.llm_engine.model_config
+    gen = torch.Generator().manual_seed(op["embeds"]["seed"])
+    rows = torch.randn(len(op["ids"]), model_config.get_hidden_size(), generator=gen) * op["embeds"]["scale"]
+    return rows.to(model_config.dtype)
 
 
 def _abort_after(engine, request: tuple, steps: int, pause_s: float) -> dict:

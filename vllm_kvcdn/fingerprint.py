@@ -1,11 +1,13 @@
 """Model fingerprint: everything that decides the exact bits of a KV cache.
 
-It covers the architecture fields that shape KV, a digest of the weight files, the KV
-dtype and the compute profile: engine, device kind, eager vs compiled, and the kernel
-facts that move the last bits (``kernels``; see ``cpu_kernels`` and ``cuda_kernels``).
-Exactness is promised within one profile. The digest of the canonical JSON of those
-fields seeds every chunk key, so an artifact made under another fingerprint can never
-match.
+It covers the model config (every field but those listed as unable to change a KV byte),
+a digest of the weight files, the KV dtype, how the weights are run (dtype,
+quantization) and the compute profile: engine and its version, device kind, eager vs
+compiled, the kernel facts that move the last bits (``kernels``; see ``cpu_kernels`` and
+``cuda_kernels``) and the engine settings that do (``runtime``). Exactness is promised
+within one profile. The digest of the canonical JSON of those fields seeds every chunk
+key, so an artifact made under another fingerprint can never match. Which vLLM setting
+lands where is the table in ``connector/kv_settings.py``.
 """
 
 from __future__ import annotations
@@ -22,26 +24,17 @@ from vllm_kvcdn.log import get_logger
 
 logger = get_logger(__name__)
 
-# Config fields that change K/V values or shapes (weights are covered by the digest).
-KV_SHAPING_FIELDS = (
-    "model_type",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_size",
-    "vocab_size",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "partial_rotary_factor",
-    "rms_norm_eps",
-    "attention_bias",
-    "sliding_window",
-    "use_sliding_window",
-    "max_window_layers",
-    "layer_types",
-)
+# Model config fields that cannot change a KV byte: token ids, bookkeeping, HF runtime
+# switches, training-only values. Every other field is in the fingerprint (an unknown
+# field counts: a field we have not read is never assumed harmless). The weights
+# (digest), the dtype (``model``) and the KV dtype are recorded on their own.
+IGNORED_CONFIG_FIELDS = frozenset({
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
+    "initializer_range", "attention_dropout", "tie_word_embeddings",
+})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -62,22 +55,27 @@ class Fingerprint:
         device: str,
         compile_mode: str,
         kernels: dict | None = None,
+        model: dict | None = None,
+        runtime: dict | None = None,
     ) -> "Fingerprint":
         fields = {
             "architecture": architecture,
             "weights": weights_digest,
             "kv_dtype": kv_dtype,
+            "model": model or {},  # how the weights are run: dtype, quantization
             "engine": engine,
             "device": device,
             "compile": compile_mode,
             "kernels": kernels or {},
+            "runtime": runtime or {},  # engine version and settings that move the last bits
         }
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
         return cls(digest=hashlib.sha256(canonical.encode()).hexdigest()[:32], fields=fields)
 
 
 def model_fingerprint(*, hf_config: dict, model: str, revision: str | None = None, kv_dtype: str, engine: str,
-                      device: str, compile_mode: str, kernels: dict) -> Fingerprint:
+                      device: str, compile_mode: str, kernels: dict, model_settings: dict,
+                      runtime: dict) -> Fingerprint:
     """The one way an engine fingerprints its model (vLLM: ``compat``; transformers:
     ``hf``): architecture from the HF config, weights by digest (hub snapshots too)."""
     return Fingerprint.build(
@@ -88,11 +86,13 @@ def model_fingerprint(*, hf_config: dict, model: str, revision: str | None = Non
         device=device,
         compile_mode=compile_mode,
         kernels=kernels,
+        model=model_settings,
+        runtime=runtime,
     )
 
 
 # Fields of the compute profile: they change the last bits, not the model.
-PROFILE_FIELDS = ("engine", "device", "compile", "kernels")
+PROFILE_FIELDS = ("engine", "device", "compile", "kernels", "runtime")
 
 
 def cpu_kernels(*, threads: int | str, attn_isa: str | None = None, **extra) -> dict:
@@ -136,9 +136,11 @@ def _l2_cache_kib() -> int | None:
 
 
 def architecture_fields(config: dict) -> dict:
-    """The KV-shaping subset of a model config (e.g. ``hf_config.to_dict()``)."""
-    text = config.get("text_config") or config
-    return {k: text[k] for k in KV_SHAPING_FIELDS if text.get(k) is not None}
+    """A model config (``hf_config.to_dict()``, after vLLM's ``--hf-overrides``) less the
+    fields that cannot change a KV byte (``IGNORED_CONFIG_FIELDS``), in nested model configs
+    too (``text_config``...: a dict with a ``model_type``); any other value is kept whole."""
+    return {k: architecture_fields(v) if isinstance(v, dict) and "model_type" in v else v
+            for k, v in config.items() if k not in IGNORED_CONFIG_FIELDS and v is not None}
 
 
 def fingerprint_diff(ours: dict, theirs: dict) -> list[str]:
@@ -146,7 +148,7 @@ def fingerprint_diff(ours: dict, theirs: dict) -> list[str]:
     out = []
     for name in sorted(set(ours) | set(theirs)):
         a, b = ours.get(name), theirs.get(name)
-        if name in ("architecture", "kernels") and isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict):
             out += [
                 f"{name}.{k}: {a.get(k)!r} vs {b.get(k)!r}"
                 for k in sorted(set(a) | set(b))

@@ -47,6 +47,13 @@ def _kernels(device: torch.device) -> dict:
     return {}
 
 
+def _runtime() -> dict:
+    """The library versions that compute the KV (``fingerprint`` "runtime")."""
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
 class FingerprintMismatch(ValueError):
     pass
 
@@ -87,6 +94,8 @@ class HFKVCDN:
             device=self.device.type,
             compile_mode=f"eager:attn={attn_implementation}",
             kernels=_kernels(self.device),
+            model_settings={"dtype": dtype, "quantization": None},
+            runtime=_runtime(),
         )
 
     def encode(self, text: str) -> list[int]:

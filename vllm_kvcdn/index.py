@@ -180,14 +180,15 @@ class ChunkIndex:
 
     # -- matching ---------------------------------------------------------------------
 
-    def match(self, tokens: Sequence[int], cache_salt: str | None) -> Match:
-        """The longest run of published chunks that prefixes ``tokens``: whole chunks
-        while they match, then the longest published tail hanging off the last one."""
+    def match(self, tokens: Sequence[int], cache_salt: str | None, adapter: str | None = None) -> Match:
+        """The longest run of published chunks that prefixes ``tokens`` (under this salt
+        and LoRA adapter digest): whole chunks while they match, then the longest
+        published tail hanging off the last one."""
         result = Match()
         view = self._view
         if not view.chunks:
             return result
-        parent, pos = chain_seed(self.fingerprint, cache_salt), 0
+        parent, pos = chain_seed(self.fingerprint, cache_salt, adapter), 0
         while self._extend(view, result, tokens, parent, pos, self.chunk_size):
             parent, pos = result.spans[-1].key, result.spans[-1].end
         for n in sorted(view.tails.get(parent, ()), reverse=True):

@@ -40,6 +40,7 @@ class Manifest:
     chunks: list[ManifestChunk]
     profile: dict = field(default_factory=dict)  # the fingerprint's fields, for humans
     salted: bool = False
+    adapter: str = ""  # digest of the LoRA adapter's files it was computed with ("": the base model)
     created: float = 0.0
     producer: dict = field(default_factory=dict)
     title: str = ""

@@ -68,13 +68,15 @@ class Answer:
 
 def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False, verify: str | None = None,
             wait_for: str | None = None, cache_salt: str | None = None, title: str = "",
-            metadata: dict | None = None, key: str | None = PUBLISH_KEY):
+            metadata: dict | None = None, key: str | None = PUBLISH_KEY, embeds=None):
     """(prompt, sampling params) of one greedy request: a query, a publish, a verify of
     the document ``verify`` (recompute ``prompt_ids`` and compare with the store), or a
     wait for the result of the last publish or verify of ``wait_for``; all but a query
-    carry the publisher ``key`` (None: none)."""
+    carry the publisher ``key`` (None: none). ``embeds``: prompt embeddings (one row per
+    token of ``prompt_ids``) that replace every token's input, the ids kept as vLLM's
+    mixed-mode placeholders (``EmbedsPrompt.prompt_is_token_ids`` all false)."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
 
     extra = {}
     if publish or verify or wait_for:
@@ -89,16 +91,21 @@ def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = Fals
         extra["kv_transfer_params"] = {PUBLISH_PARAM: kvcdn}
         max_tokens = 1
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)
-    prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+    if embeds is not None:
+        prompt = EmbedsPrompt(prompt_embeds=embeds, prompt_token_ids=list(prompt_ids),
+                              prompt_is_token_ids=[False] * len(prompt_ids))
+    else:
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
     if cache_salt:
         prompt["cache_salt"] = cache_salt
     return prompt, params
 
 
-def generate_many(llm, requests: list[tuple]) -> list[Answer]:
-    """Submit ``request(...)`` results together (they may share engine steps). A publish
-    or verify answers once its result is back (the worker writes in the background)."""
-    outputs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+def generate_many(llm, requests: list[tuple], loras: list | None = None) -> list[Answer]:
+    """Submit ``request(...)`` results together (they may share engine steps), each with
+    its ``loras`` entry (a ``LoRARequest`` or None), if given. A publish or verify answers
+    once its result is back (the worker writes in the background)."""
+    outputs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False, lora_request=loras)
     answers = [_answer(out) for out in outputs]
     pending = [i for i, a in enumerate(answers) if a.kvcdn.get("pending") and a.kvcdn.get("document")]
     if pending:
@@ -116,9 +123,10 @@ def _publish_key(params) -> str | None:
     return kvcdn.get("key")
 
 
-def generate(llm, prompt_ids: list[int], **kw) -> Answer:
-    """One request alone (see ``request`` for the keywords)."""
-    return generate_many(llm, [request(prompt_ids, **kw)])[0]
+def generate(llm, prompt_ids: list[int], lora=None, **kw) -> Answer:
+    """One request alone, with the LoRA adapter ``lora`` if given (see ``request`` for
+    the other keywords)."""
+    return generate_many(llm, [request(prompt_ids, **kw)], [lora] if lora is not None else None)[0]
 
 
 def _answer(out) -> Answer:

@@ -53,6 +53,13 @@ class Server:
         self.stop()
         raise TimeoutError(f"server did not come up in {timeout}s; log: {self.log_path}")
 
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started: a crash, nothing flushed."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stop()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)

@@ -95,8 +95,6 @@ def build_tokenizer(out: Path, vocab_size: int = 2048) -> int:
 
 def make_model(out_dir: str | os.PathLike, shape: str = "tiny", seed: int = 0, dtype: str = "bfloat16") -> Path:
     """Write config, seeded weights (safetensors) and tokenizer into ``out_dir``."""
-    import torch
-    from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if shape not in SHAPES:
@@ -104,18 +102,46 @@ def make_model(out_dir: str | os.PathLike, shape: str = "tiny", seed: int = 0, d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
-    dims = SHAPES[shape]
     vocab_size = vocab if shape in ("tiny", "kv-0.6b") else 151936  # real embedding size for the big shapes
     config = Qwen3Config(
         vocab_size=vocab_size, rms_norm_eps=1e-6, rope_theta=1_000_000.0, eos_token_id=2,
-        bos_token_id=None, pad_token_id=0, dtype=dtype, **dims,
+        bos_token_id=None, pad_token_id=0, dtype=dtype, **SHAPES[shape],
     )
     config.architectures = ["Qwen3ForCausalLM"]
-    config.save_pretrained(out)
-
-    with torch.device("meta"):
-        skeleton = Qwen3ForCausalLM(config)
     std = TINY_INIT_STD if shape in ("tiny", "kv-0.6b") else 0.02
+    _write_weights(out, Qwen3ForCausalLM, config, std=std, seed=seed, dtype=dtype, norm=1.0)
+    return out
+
+
+def make_hybrid_model(out_dir: str | os.PathLike, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """A tiny Gemma 3 text model whose layers alternate sliding-window (128 tokens) and
+    full attention: the hybrid KV-cache case (gpt-oss, Gemma 3) on this CPU."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out)
+    dims = {k: v for k, v in SHAPES["tiny"].items() if k != "tie_word_embeddings"}
+    config = Gemma3TextConfig(
+        vocab_size=vocab, sliding_window=128, eos_token_id=2, bos_token_id=None, pad_token_id=0, dtype=dtype,
+        layer_types=["sliding_attention", "full_attention"] * (dims["num_hidden_layers"] // 2), **dims,
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    # Gemma scales embeddings by sqrt(hidden) and norms by (1 + w): smaller weights than
+    # the Qwen3 model's keep its output spread over many tokens.
+    _write_weights(out, Gemma3ForCausalLM, config, std=0.1, seed=seed, dtype=dtype, norm=0.0)
+    return out
+
+
+def _write_weights(out: Path, model_class, config, *, std: float, seed: int, dtype: str, norm: float) -> None:
+    """Save ``config`` and seeded normal weights (norms set to ``norm``), in shards of
+    at most 2 GiB."""
+    import torch
+    from safetensors.torch import save_file
+
+    config.save_pretrained(out)
+    with torch.device("meta"):
+        skeleton = model_class(config)
     gen = torch.Generator().manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     shard: dict[str, torch.Tensor] = {}
@@ -123,7 +149,7 @@ def make_model(out_dir: str | os.PathLike, shape: str = "tiny", seed: int = 0, d
     names = [n for n, _ in skeleton.named_parameters()]
     for name, param in skeleton.named_parameters():
         if name.endswith("norm.weight"):
-            t = torch.ones(param.shape)
+            t = torch.full(param.shape, norm)
         else:
             t = torch.randn(param.shape, generator=gen) * std
         shard[name] = t.to(torch_dtype)
@@ -142,4 +168,31 @@ def make_model(out_dir: str | os.PathLike, shape: str = "tiny", seed: int = 0, d
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
         )
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": False}))
+
+
+def make_lora_adapter(out_dir: str | os.PathLike, seed: int, rank: int = 8, scale: float = 0.05) -> Path:
+    """A PEFT-format LoRA adapter for the ``tiny`` model with seeded random A and B on
+    every attention projection (q, k, v, o), so it changes the KV of every layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = SHAPES["tiny"]
+    hidden, q_out = dims["hidden_size"], dims["num_attention_heads"] * dims["head_dim"]
+    kv_out = dims["num_key_value_heads"] * dims["head_dim"]
+    shapes = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+              "o_proj": (q_out, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(dims["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            weights[f"{name}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) * scale).to(torch.bfloat16)
+            weights[f"{name}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * scale).to(torch.bfloat16)
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": sorted(shapes), "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": "tiny",
+    }, indent=1))
     return out

@@ -20,15 +20,17 @@ def _samples(suffixes=("_total",)):
 
 
 def kvcdn_counters() -> dict:
-    """``{counter: total, "failures": {reason: n}, "<histogram>_sum"/"_count": ...}`` over engines."""
+    """``{counter: total, "failures": {reason: n}, "<labelled counter>": {reason: n},
+    "<histogram>_sum"/"_count": ...}`` over engines."""
     out: dict = {"failures": {}}
     for name, sample in _samples(("_total", "_sum", "_count")):
         if sample.name.endswith(("_sum", "_count")):
             key = name + sample.name[sample.name.rindex("_"):]
             out[key] = out.get(key, 0) + sample.value
-        elif name == "load_failures":
-            reason = sample.labels.get("reason", "?")
-            out["failures"][reason] = out["failures"].get(reason, 0) + sample.value
+        elif "reason" in sample.labels:  # {reason: n}: load_failures as "failures"
+            counts = out.setdefault("failures" if name == "load_failures" else name, {})
+            reason = sample.labels["reason"]
+            counts[reason] = counts.get(reason, 0) + sample.value
         else:
             out[name] = out.get(name, 0) + sample.value
     return out

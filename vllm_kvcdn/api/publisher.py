@@ -61,7 +61,7 @@ class Published:
 
 
 async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None,
-               skip_prefix_cache: bool) -> dict:
+               skip_prefix_cache: bool, lora_request=None) -> dict:
     """One flagged request through the serving engine; returns the connector's report."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -72,7 +72,7 @@ async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt:
     if cache_salt:
         prompt["cache_salt"] = cache_salt
     final = None
-    async for output in engine_client.generate(prompt, params, f"kvcdn-{uuid.uuid4().hex}"):
+    async for output in engine_client.generate(prompt, params, f"kvcdn-{uuid.uuid4().hex}", lora_request=lora_request):
         final = output
     report = ((final.kv_transfer_params if final else None) or {}).get(PUBLISH_PARAM) or {}
     if not report:
@@ -82,12 +82,15 @@ async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt:
     return report
 
 
-async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None) -> dict:
-    """One flagged prefill through the serving engine, then (the worker writes in the
-    background) a wait for its result; returns the two reports merged."""
+async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None,
+                   lora_request=None) -> dict:
+    """One flagged prefill through the serving engine (with the LoRA adapter
+    ``lora_request``, if any), then (the worker writes in the background) a wait for its
+    result; returns the two reports merged."""
     # The whole document is computed, never read from vLLM's prefix cache (the connector
     # also insists): cached blocks were computed in other requests' steps.
-    report = await _run(engine_client, tokens, kvcdn_params, cache_salt, skip_prefix_cache=True)
+    report = await _run(engine_client, tokens, kvcdn_params, cache_salt, skip_prefix_cache=True,
+                        lora_request=lora_request)
     if report.pop("pending", False) and report.get("document"):
         wait = {"wait_for": report["document"], "key": kvcdn_params["key"]}
         report.update(await _run(engine_client, WAIT_PROMPT, wait, None, skip_prefix_cache=False))
@@ -100,19 +103,22 @@ async def sync_index(engine_client, *, key: str) -> dict:
     return await _run(engine_client, WAIT_PROMPT, {"sync_index": True, "key": key}, None, skip_prefix_cache=False)
 
 
-async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: str) -> dict:
+async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: str, lora_request=None) -> dict:
     """Recompute a published document from scratch, as a publish does, and have the worker
     compare it with the stored chunks byte for byte."""
-    return await _prefill(engine_client, tokens, {"verify": doc_id, "key": key}, cache_salt=None)
+    return await _prefill(engine_client, tokens, {"verify": doc_id, "key": key}, cache_salt=None,
+                          lora_request=lora_request)
 
 
 async def publish_tokens(engine_client, tokens: list[int], *, key: str, cache_salt: str | None, title: str,
-                         metadata: dict) -> Published:
-    """Prefill ``tokens`` once through the serving engine, flagged (with the publisher key,
-    which never leaves this process) so the connector saves it."""
+                         metadata: dict, lora_request=None) -> Published:
+    """Prefill ``tokens`` once through the serving engine (with a LoRA adapter:
+    ``lora_request``), flagged (with the publisher key, which never leaves this process)
+    so the connector saves it."""
     started = time.perf_counter()
     report = await _prefill(engine_client, tokens,
-                            {"publish": True, "key": key, "title": title, "metadata": metadata}, cache_salt)
+                            {"publish": True, "key": key, "title": title, "metadata": metadata}, cache_salt,
+                            lora_request=lora_request)
     return Published(
         doc_id=report.get("document"),
         num_tokens=report.get("num_tokens", len(tokens)),

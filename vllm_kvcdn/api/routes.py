@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
@@ -30,6 +30,7 @@ from vllm_kvcdn.api.publisher import (
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.params import metadata_problem
+from vllm_kvcdn.connector.request_profile import AdapterDigests
 from vllm_kvcdn.economics import ComputeRatios, Tariff
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
@@ -57,6 +58,7 @@ class KVCDNService:
     ledger_path: str  # "": no ledger
     tariff: Tariff
     ratios: ComputeRatios
+    adapters: AdapterDigests = field(default_factory=AdapterDigests)
 
     @property
     def tokenizer(self):
@@ -82,6 +84,8 @@ class PublishRequest(BaseModel):
     messages: list[dict[str, Any]] | None = Field(None, description="chat prefix: the conversation so far")
     tokens: list[int] | None = Field(None, description="token ids, for clients that tokenize themselves")
     cache_salt: str | None = Field(None, description="tenant salt; only requests with the same salt hit")
+    adapter: str | None = Field(None, description="a LoRA adapter this server serves (--lora-modules NAME=PATH): "
+                                                  "the document is computed with it; only its requests hit")
     title: str = Field("", max_length=512)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -120,6 +124,7 @@ def _document_view(svc: KVCDNService, m, reads: dict[str, int] | None) -> dict:
         "fingerprint": m.fingerprint,
         "servable": m.fingerprint == svc.fingerprint.digest and m.chunk_size == svc.chunk_size,
         "salted": m.salted,
+        "adapter": m.adapter or None,
         "reads": None if reads is None else reads.get(m.doc_id, 0),  # from the ledger, all tenants
         "metadata": m.metadata,
     }
@@ -151,14 +156,15 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
         if len(tokens) >= svc.max_model_len:
             raise PublishError(413, f"the document is {len(tokens)} tokens; this server's context is "
                                     f"{svc.max_model_len} (--max-model-len), and a question must still fit")
-        doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size)[-1].key
+        lora, adapter = await _adapter(svc, request, body.adapter) if body.adapter else (None, None)
+        doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size, adapter)[-1].key
         existing = catalog.get_manifest(svc.store, doc_id)  # None too when damaged: replaced below
         if existing is not None and await asyncio.to_thread(catalog.intact, svc.store, existing):
             # Content-addressed: the same document is already there, every chunk checked.
             response.status_code = 200
             return _publish_view(existing, seconds=0.0, created=False)
         result = await publish_tokens(svc.engine_client, tokens, key=svc.publisher_key, cache_salt=body.cache_salt,
-                                      title=body.title, metadata=body.metadata)
+                                      title=body.title, metadata=body.metadata, lora_request=lora)
     except PublishError as e:
         raise HTTPException(e.status, str(e)) from e
     except ValueError as e:  # the engine refused the prompt (e.g. a token id out of vocabulary)
@@ -170,6 +176,34 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
     if manifest is None:
         raise HTTPException(503, "the document's manifest is not in the store after publishing; see the server log")
     return _publish_view(manifest, seconds=result.seconds, created=True)
+
+
+def _served_adapters(request: Request) -> dict:
+    """The LoRA adapters vLLM's OpenAI routes serve: name -> LoRARequest."""
+    models = getattr(request.app.state, "openai_serving_models", None)
+    return dict(getattr(models, "lora_requests", None) or {})
+
+
+async def _adapter(svc: KVCDNService, request: Request, name: str):
+    """(LoRARequest, digest of its files) of the adapter this server serves as ``name``."""
+    lora = _served_adapters(request).get(name)
+    if lora is None:
+        served = ", ".join(sorted(_served_adapters(request))) or "none"
+        raise PublishError(400, f"this server serves no LoRA adapter {name!r} (serving: {served}); start it with "
+                                f"--enable-lora --lora-modules {name}=PATH")
+    digest = await asyncio.to_thread(svc.adapters.digest, lora.lora_path)
+    if digest is None:
+        raise PublishError(409, f"LoRA adapter {name!r}: no adapter files under {lora.lora_path!r} on this machine; "
+                                "kvcdn keys a document by its adapter's files")
+    return lora, digest
+
+
+async def _adapter_by_digest(svc: KVCDNService, request: Request, digest: str):
+    """The LoRARequest of a served adapter whose files have ``digest``, or None."""
+    for lora in _served_adapters(request).values():
+        if await asyncio.to_thread(svc.adapters.digest, lora.lora_path) == digest:
+            return lora
+    return None
 
 
 def _publish_view(m, *, seconds: float, created: bool) -> dict:
@@ -241,11 +275,17 @@ async def verify_document(doc_id: str, request: Request) -> dict:
     m = _one(svc, doc_id)
     if m.fingerprint != svc.fingerprint.digest:
         raise HTTPException(409, "this document was made under another fingerprint; this server cannot recompute it")
+    lora = None
+    if m.adapter:
+        lora = await _adapter_by_digest(svc, request, m.adapter)
+        if lora is None:
+            raise HTTPException(409, f"this document was computed with LoRA adapter {m.adapter}, which this server "
+                                     "does not serve; serve it (--lora-modules NAME=PATH) to verify the document")
     try:
         tokens = catalog.document_tokens(svc.store, m)
     except ArtifactError as e:
         return {"document": m.doc_id, "identical": False, "error": str(e)}
-    report = await verify_tokens(svc.engine_client, tokens, m.doc_id, key=svc.publisher_key)
+    report = await verify_tokens(svc.engine_client, tokens, m.doc_id, key=svc.publisher_key, lora_request=lora)
     if not report.get("verified"):
         raise HTTPException(503, f"the engine could not verify it: {report.get('error', 'see the server log')}")
     return report
@@ -278,7 +318,7 @@ async def get_usage(request: Request, document: str | None = None, tenant: str |
         raise HTTPException(404, "this server keeps no ledger: set kv_connector_extra_config.ledger_path "
                                  "(or $KVCDN_LEDGER) to meter cache reads")
     if not _is_publisher(svc, authorization):
-        if x_kvcdn_cache_salt is None:
+        if not x_kvcdn_cache_salt:  # an empty salt is no salt: the unsalted (public) reads are the publisher's
             raise HTTPException(401, "send 'Authorization: Bearer <publisher key>' (every tenant), or your "
                                      "cache_salt in 'X-KVCDN-Cache-Salt' (your own reads)",
                                 headers={"WWW-Authenticate": "Bearer"})

@@ -11,8 +11,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from vllm_kvcdn.compat import io_cpus, kv_geometry, vllm_fingerprint
+from vllm_kvcdn.compat import io_cpus, kv_geometry, unchecked_release, vllm_fingerprint
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
+from vllm_kvcdn.connector.kv_settings import engine_refusal
 from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
 from vllm_kvcdn.connector.worker import KVCDNWorker, WorkerReport
@@ -39,12 +40,12 @@ class KVCDNConnector(KVConnectorBase_V1):
         transfer = self._kv_transfer_config
         self.config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)
         self.config.check_block_size(vllm_config.cache_config.block_size)
-        parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError(
-                "kvcdn: tensor/pipeline parallelism is not supported yet; run with "
-                "--tensor-parallel-size 1 --pipeline-parallel-size 1"
-            )
+        warning = unchecked_release()
+        if warning:
+            logger.warning("kvcdn: %s", warning)
+        refusal = engine_refusal(vllm_config, kv_cache_config)  # what cannot work at all (kv_settings.py)
+        if refusal is not None:
+            raise ValueError(f"kvcdn: {refusal}")
         self.fingerprint = vllm_fingerprint(vllm_config, in_worker=role == KVConnectorRole.WORKER)
         store = self.config.open_store(tiers=role == KVConnectorRole.WORKER)
         delay = injected_faults().get("chunk_get_delay_s")
@@ -117,6 +118,14 @@ class KVCDNConnector(KVConnectorBase_V1):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
         return None  # any: our layouts index vLLM's logical per-layer view (kv_layout.py)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache, not a hand-off: a save that does not happen is a later miss
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        return False  # vLLM 0.33: the worker holds the cache tensors it registered (and a RAM tier of them)
 
     # -- scheduler side ----------------------------------------------------------
 

@@ -8,10 +8,12 @@ shared store keeps the portable canonical format; images are only valid for the 
 layout that made them, so each layout (model, dtype, packing, block size, rank) has a
 directory of its own.
 
-A file is a fixed header (magic, blocks held, payload bytes, xxh3-64 of the payload)
-and the slot's bytes; the checksum is verified on every read, and a file that fails it is
-deleted. Bounded in bytes, least recently used first out, the order rebuilt from mtimes
-on restart (every hit refreshes the file's mtime).
+A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3-64 of
+the key and the payload) and the slot's bytes. Every read checks the header's key against
+the chunk the load asked for and the checksum against both: a file name is no proof (a
+valid image of another chunk renamed to this one is caught), and a file that fails is
+deleted. Bounded in bytes, least recently used first out, the order rebuilt from mtimes on
+restart (every hit refreshes the file's mtime).
 """
 
 from __future__ import annotations
@@ -32,14 +34,20 @@ from vllm_kvcdn.log import get_logger
 
 logger = get_logger(__name__)
 
-_MAGIC = b"KVCDNIMG"
-_HEADER = struct.Struct("<8sIQQ")  # magic, blocks held, payload bytes, xxh3-64 of the payload
+_MAGIC = b"KVCDNIM2"  # KVCDNIMG files (no key in the header) fail the check and are replaced
+_HEADER = struct.Struct("<8sIQ64sQ")  # magic, blocks held, payload bytes, chunk key, xxh3-64 of key + payload
 _SUFFIX = ".img"
 
 
 def _bytes_of(slot: torch.Tensor) -> memoryview:
     """The slot's memory as one flat byte view (no copy; the slot is contiguous)."""
     return memoryview(slot.view(torch.uint8).view(-1).numpy())  # raises if not contiguous
+
+
+def _checksum(key: bytes, payload: memoryview) -> int:
+    h = xxhash.xxh3_64(key)
+    h.update(payload)
+    return h.intdigest()
 
 
 def layout_id(**fields) -> str:
@@ -91,8 +99,13 @@ class BlockImageFiles:
         payload = _bytes_of(slot)
         try:
             with open(path, "rb", buffering=0) as f:
-                magic, held, size, digest = _HEADER.unpack(f.read(_HEADER.size))
-                if magic != _MAGIC or held != blocks or size != len(payload):
+                magic, held, size, named, digest = _HEADER.unpack(f.read(_HEADER.size))
+                if magic != _MAGIC:
+                    raise ValueError(f"not a block image of this format ({magic!r})")
+                named = named.rstrip(b"\0")
+                if named != key.encode():
+                    raise ValueError(f"the file holds chunk {named[:16].decode(errors='replace')}, not {key[:16]}")
+                if held != blocks or size != len(payload):
                     raise ValueError(f"header says {held} blocks / {size} bytes, slot is {len(payload)} bytes")
                 got = 0
                 while got < size:
@@ -100,7 +113,7 @@ class BlockImageFiles:
                     if not n:
                         raise ValueError(f"truncated at byte {got} of {size}")
                     got += n
-            if xxhash.xxh3_64_intdigest(payload) != digest:
+            if _checksum(named, payload) != digest:
                 raise ValueError("checksum mismatch")
         except FileNotFoundError:
             self._forget(key)
@@ -133,7 +146,8 @@ class BlockImageFiles:
         try:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb", buffering=0) as f:
-                f.write(_HEADER.pack(_MAGIC, blocks, len(payload), xxhash.xxh3_64_intdigest(payload)))
+                named = key.encode()
+                f.write(_HEADER.pack(_MAGIC, blocks, len(payload), named, _checksum(named, payload)))
                 f.write(payload)
             os.replace(tmp, path)  # readers see the whole file or none
         except OSError as e:  # a full or broken disk costs speed, never a load

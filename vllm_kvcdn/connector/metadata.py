@@ -37,6 +37,8 @@ class SaveSpec:
     title: str = ""
     metadata: dict = field(default_factory=dict)
     salted: bool = False
+    adapter: str = ""  # digest of the LoRA adapter it was computed with ("": the base model)
+    adapter_name: str = ""  # this server's name for the adapter
     verify: bool = False  # compare with the stored chunks instead of publishing
     prefill: dict = field(default_factory=dict)  # how the document was computed (scheduler's _Publishing.prefill)
 

@@ -25,6 +25,7 @@ from vllm_kvcdn.config import PUBLISH_PARAM, KVCDNConfig
 from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec, SaveSpec
 from vllm_kvcdn.connector.params import PublishAsk, parse_params
 from vllm_kvcdn.connector.publish_gate import PublishGate
+from vllm_kvcdn.connector.request_profile import AdapterDigests, RequestProfile, request_profile
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.index import ChunkIndex, Match
@@ -53,7 +54,7 @@ class _Publishing:
     prompt: list[int]
     doc_id: str | None  # the document written (its last chunk's key) or verified
     spans: list[ChunkSpan]  # the chunks to write (a verify compares the manifest's)
-    salted: bool = False
+    profile: RequestProfile
     block_ids: list[int] = field(default_factory=list)
     planned: bool = False
     # Per prefill step: [first position, tokens computed, requests in the step].
@@ -87,8 +88,10 @@ class _RequestState:
     """Everything the scheduler half knows about one request."""
 
     rejected: str | None = None  # why its kvcdn params were ignored
+    profile: RequestProfile | None = None  # what its chunk keys carry besides tokens (request_profile)
     publishing: _Publishing | None = None
     wait_for: str | None = None  # the document whose publish/verify result it waits for
+    waited: dict | None = None  # that result, taken when its wait ended (later publishes start meanwhile)
     sync_index: bool = False  # waits for an index refresh begun after it arrived
     arrived: float = field(default_factory=time.monotonic)
     planned: tuple[Match, int] | None = None  # (match, tokens to hit) until its blocks are allocated
@@ -109,6 +112,8 @@ class KVCDNScheduler:
         self._saving: dict[str, SaveSpec] = {}  # publish/verify request id -> its save, until the worker reports
         self._results: OrderedDict[str, dict] = OrderedDict()  # document id -> last publish/verify result
         self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
+        self.adapters = AdapterDigests()
+        self._unsupported_logged: set[str] = set()  # reasons logged once each
         self.ledger = self._open_ledger(config.ledger_path)
 
     @staticmethod
@@ -134,6 +139,20 @@ class KVCDNScheduler:
 
     # -- matching -------------------------------------------------------------
 
+    def _profile(self, request: "Request", state: _RequestState) -> RequestProfile:
+        """The request's profile, worked out once; an unsupported one is counted and its
+        reason logged the first time it is seen."""
+        if state.profile is None:
+            state.profile = profile = request_profile(request, self.adapters)
+            if profile.unsupported:
+                self.stats.add_labelled("unsupported_requests", profile.unsupported)
+                if profile.unsupported not in self._unsupported_logged:
+                    self._unsupported_logged.add(profile.unsupported)
+                    logger.warning("kvcdn: request %s is served without kvcdn (no load, no publish): %s; "
+                                   "further requests like it are only counted in vllm:kvcdn_unsupported_requests"
+                                   "{reason=%r}", request.request_id, profile.detail, profile.unsupported)
+        return state.profile
+
     def on_new_request(self, request: "Request") -> None:
         state = self._state(request.request_id)
         parsed = parse_params(request.kv_transfer_params, self.config.publish_key)
@@ -144,6 +163,7 @@ class KVCDNScheduler:
         ask = parsed.ask
         if ask is None:
             self.stats.add("lookups")
+            self._profile(request, state)
             return
         if ask.wait_for:
             state.wait_for = ask.wait_for
@@ -152,6 +172,10 @@ class KVCDNScheduler:
             state.sync_index = True
             self.index.request_refresh()
             return
+        profile = self._profile(request, state)
+        if profile.unsupported:
+            state.rejected = f"not {'verified' if ask.verify else 'published'}: {profile.detail}"
+            return
         # A publish computes the whole document itself: blocks vLLM's prefix cache holds
         # were computed in other requests' steps and may differ in the last bits.
         request.skip_reading_prefix_cache = True
@@ -159,11 +183,10 @@ class KVCDNScheduler:
         if ask.verify:
             doc_id, spans = ask.verify, []  # the worker compares with the manifest's chunks
         else:
-            seed = chain_seed(self.fingerprint.digest, request.cache_salt)
+            seed = chain_seed(self.fingerprint.digest, profile.cache_salt, profile.adapter)
             spans = list(iter_chunks(prompt, seed, self.config.chunk_size))
             doc_id = spans[-1].key if spans else None
-        state.publishing = _Publishing(ask=ask, prompt=prompt, doc_id=doc_id, spans=spans,
-                                       salted=bool(request.cache_salt))
+        state.publishing = _Publishing(ask=ask, prompt=prompt, doc_id=doc_id, spans=spans, profile=profile)
 
     def _in_flight(self, doc_id: str) -> bool:
         return any(save.doc_id == doc_id for save in self._saving.values())
@@ -191,7 +214,13 @@ class KVCDNScheduler:
             self._held_publishes.append(request)
             return None, False
         if state.sync_index or state.wait_for is not None:
-            return (None, False) if self._still_waiting(state) else (0, False)  # None: ask again next step
+            # None: ask again next step. Once done waiting it still waits for the gate: a
+            # publish running alone is joined by nobody, not even a one-token wait.
+            if self._still_waiting(state) or not self.gate.may_admit(req_id):
+                return None, False
+            if state.wait_for is not None:  # another publish of it may start before this one finishes
+                state.waited = self._wait_report(state.wait_for)
+            return 0, False
         if not self.gate.may_admit(req_id):
             return None, False  # a publish runs alone right now: ask again next step
         if len(prompt) < 2:  # vLLM needs the last prompt token computed
@@ -200,7 +229,10 @@ class KVCDNScheduler:
             return 0, False  # its load failed: recompute, never retry the same chunks
         if self.refusal is not None:
             return 0, False  # the worker cannot load into this engine's cache (its layout probe failed)
-        match = self.index.match(prompt, request.cache_salt)
+        profile = self._profile(request, state)
+        if profile.unsupported:
+            return 0, False  # its KV depends on inputs its tokens do not name: computed as usual
+        match = self.index.match(prompt, profile.cache_salt, profile.adapter)
         hit = min(match.num_tokens, len(prompt) - 1)
         if hit <= num_computed_tokens:
             state.planned = None
@@ -301,7 +333,9 @@ class KVCDNScheduler:
                 spans=pub.spans,
                 title=pub.ask.title,
                 metadata=dict(pub.ask.metadata),
-                salted=pub.salted,
+                salted=bool(pub.profile.cache_salt),
+                adapter=pub.profile.adapter or "",
+                adapter_name=pub.profile.adapter_name or "",
                 verify=pub.verify,
                 prefill=pub.prefill,
             )
@@ -356,7 +390,7 @@ class KVCDNScheduler:
         if state.publishing is not None:
             report = self._publish_report(req_id, state.publishing)
         elif state.wait_for is not None:
-            report = self._wait_report(state.wait_for)
+            report = state.waited or self._wait_report(state.wait_for)
         elif state.sync_index:
             report = {"index_synced": self.index.refreshed_at >= state.arrived, "documents": self.index.num_documents}
         elif hit is None:

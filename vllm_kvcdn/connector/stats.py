@@ -33,7 +33,7 @@ COUNTERS = {
 
 # Labelled counters: data[name] = {label value: count}.
 # Labels stay bounded (reasons); per-document and per-tenant reads are in the ledger.
-LABELLED = {"failures": "reason", "rejected_params": "reason"}
+LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background (read, verify, copy)",
@@ -78,6 +78,8 @@ class KVCDNStats(KVConnectorStats):
             out[f"failed_{reason}"] = n
         for reason, n in self.data.get("rejected_params", {}).items():
             out[f"rejected_{reason}"] = n
+        for reason, n in self.data.get("unsupported_requests", {}).items():
+            out[f"unsupported_{reason}"] = n
         loads = self.data.get("load_duration_seconds", [])
         if loads:
             out["load_seconds_total"] = round(sum(loads), 4)
@@ -116,6 +118,13 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
             "rejected_params": self._counter_cls(
                 name="vllm:kvcdn_rejected_params",
                 documentation="Requests whose kvcdn params were ignored, by reason (malformed, unauthorized)",
+                labelnames=[*labelnames, "reason"],
+            ),
+            "unsupported_requests": self._counter_cls(
+                name="vllm:kvcdn_unsupported_requests",
+                documentation="Requests served without kvcdn (no load, no publish) because their KV depends on "
+                "inputs a chunk key does not carry, by reason (multimodal, prompt_embeds, adapter_unresolved, "
+                "pooling)",
                 labelnames=[*labelnames, "reason"],
             ),
         }

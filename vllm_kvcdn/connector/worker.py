@@ -157,14 +157,7 @@ class KVCDNWorker:
         self._skip_partial_tail = "skip_partial_tail" in injected_faults()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        def layer_index(name: str) -> int:
-            found = _LAYER_INDEX.search(name)
-            if found is None:
-                raise ValueError(f"kvcdn: cannot tell the layer index of KV cache {name!r}")
-            return int(found.group(1))
-
-        names = sorted(kv_caches, key=layer_index)
-        self.caches = [kv_caches[n] for n in names]
+        self.caches = [kv_caches[name] for name in layers_in_order(kv_caches)]
         g = self.geometry
         self.bytes_per_token = len(self.caches) * 2 * g.num_kv_heads * g.head_dim * g.kv_dtype.itemsize
         self.layout = layout_for(
@@ -520,8 +513,9 @@ class KVCDNWorker:
         written = write_document(
             self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv, fingerprint=self.fingerprint.digest,
             profile=self.fingerprint.fields, chunk_size=self.config.chunk_size,
-            producer={**_producer(), "prefill": spec.prefill}, salted=spec.salted, title=spec.title,
-            metadata=spec.metadata, codec=self.config.chunk_codec,
+            producer={**_producer(), "prefill": spec.prefill, "adapter": spec.adapter_name or None},
+            salted=spec.salted, adapter=spec.adapter, title=spec.title, metadata=spec.metadata,
+            codec=self.config.chunk_codec,
         )
         m = written.manifest
         outcome = _DocumentOutcome(spec.req_id, {
@@ -543,12 +537,31 @@ class KVCDNWorker:
         """Compare a fresh prefill with the stored chunks, byte for byte."""
         manifest = catalog.get_manifest(self.store, spec.doc_id)
         if manifest is None or manifest.num_tokens != len(spec.token_ids) \
-                or manifest.fingerprint != self.fingerprint.digest:
-            why = "not published for this model, or published from other tokens"
+                or manifest.fingerprint != self.fingerprint.digest or manifest.adapter != spec.adapter:
+            why = "not published for this model and adapter, or published from other tokens"
             return _DocumentOutcome(spec.req_id, _failed_result(spec, f"cannot verify {spec.doc_id[:16]}: {why}"))
         verdict = compare_document(self.store, manifest, spec.token_ids, kv)
         logger.info("kvcdn: verified %s: %s", spec.doc_id[:16], "identical" if verdict["identical"] else "DIFFERS")
         return _DocumentOutcome(spec.req_id, {"verified": True, **verdict, "prefill": spec.prefill})
+
+
+def layers_in_order(kv_caches: dict) -> list[str]:
+    """The caches' layer names by layer index: an artifact's layer i is the model's layer
+    i. Two caches with one index (a draft model's layer 0 beside the target's) or a gap
+    would put KV in the wrong layer: refused."""
+    by_index: dict[int, str] = {}
+    for name in kv_caches:
+        found = _LAYER_INDEX.search(name)
+        if found is None:
+            raise ValueError(f"kvcdn: cannot tell the layer index of KV cache {name!r}")
+        index = int(found.group(1))
+        if index in by_index:
+            raise ValueError(f"kvcdn: KV caches {by_index[index]!r} and {name!r} are both layer {index} "
+                             "(a draft model's layers?); kvcdn loads one model's layers")
+        by_index[index] = name
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"kvcdn: KV cache layers {sorted(by_index)} are not 0..{len(by_index) - 1}")
+    return [by_index[i] for i in range(len(by_index))]
 
 
 def _chunk_object_bytes(chunk_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
