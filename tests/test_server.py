@@ -329,7 +329,7 @@ def test_concurrent_publishes_of_a_long_document(kvcdn, api):
         results = list(pool.map(lambda i: api.publish(text=text, title=f"copy {i}"), range(4)))
     assert len({r["id"] for r in results}) == 1 and results[0]["num_tokens"] > 2048
     prefill = api.get(results[0]["id"])["manifest"]["producer"]["prefill"]
-    assert prefill["alone"] is True and len(prefill["steps"]) == 2, prefill
+    assert prefill["alone"] is True and len(prefill["steps"]) >= 2, prefill  # a document of several steps
 
 
 def test_verify_recomputes_and_matches_bit_for_bit(api, published):
