@@ -159,16 +159,19 @@ def fingerprint_diff(ours: dict, theirs: dict) -> list[str]:
     return out
 
 
-def _file_sha256(path: Path, cache: dict) -> str:
-    st = path.stat()
-    cache_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if cache_key in cache:
-        return cache[cache_key]
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(16 << 20):
             h.update(block)
-    cache[cache_key] = h.hexdigest()
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path, cache: dict) -> str:
+    st = path.stat()
+    cache_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if cache_key not in cache:
+        cache[cache_key] = file_sha256(path)
     return cache[cache_key]
 
 

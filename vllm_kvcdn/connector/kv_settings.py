@@ -1,7 +1,7 @@
 """Every vLLM setting that can change a KV byte, and what the connector does with it.
 
 A loaded KV must be exactly what this engine computes for those tokens (README
-"Exactness"), so each setting that moves a KV byte is in one of three places:
+"Exactness"), so each setting that moves a KV byte is in one of these places:
 
 - the **fingerprint** (``fingerprint.py``, filled in by ``compat.vllm_fingerprint``): seeds
   every chunk key, so artifacts made under another value never match;
@@ -10,10 +10,11 @@ A loaded KV must be exactly what this engine computes for those tokens (README
   (``engine_refusal``), or **served without kvcdn** per request: as an ordinary request,
   no load and no publish, counted (``vllm:kvcdn_unsupported_requests{reason}``).
 
-``KV_SETTINGS`` is that list (the README's table is made from it, and the tests check its
-fingerprint rows against ``compat``). Read from vLLM 0.32's code: where vLLM's own prefix
-cache keys a block (``kv_cache_utils.generate_block_hash_extra_keys``), which config
-fields the model and attention code read, and which settings change the kernels.
+``KV_SETTINGS`` is that list, with the settings that change no KV byte (the README's table
+is made from it, and the tests check its rows against vLLM's configs). Read from vLLM
+0.32's code: where vLLM's own prefix cache keys a block
+(``kv_cache_utils.generate_block_hash_extra_keys``), which config fields the model and
+attention code read, and which settings change the kernels.
 """
 
 from __future__ import annotations

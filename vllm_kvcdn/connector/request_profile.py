@@ -29,11 +29,10 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vllm_kvcdn.compat import extra_key_kinds
-from vllm_kvcdn.fingerprint import WEIGHT_SUFFIXES, resolve_model_dir
+from vllm_kvcdn.fingerprint import WEIGHT_SUFFIXES, file_sha256, resolve_model_dir
 
 ADAPTER_FILES = ("adapter_config.json",)  # besides weight files: rank, alpha, target modules
 KEYED = {"cache_salt", "lora"}  # vLLM's extra-key kinds our chunk keys carry (chain seed)
@@ -76,18 +75,10 @@ class AdapterDigests:
             return known[1]
         h = hashlib.sha256()
         for (name, _, _), f in zip(stamp, files):
-            h.update(name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+            h.update(name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
         digest = "sha256:" + h.hexdigest()
         self._known[str(directory)] = (stamp, digest)
         return digest
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def request_profile(request: Any, adapters: AdapterDigests) -> RequestProfile:
