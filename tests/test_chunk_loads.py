@@ -18,11 +18,11 @@ import torch
 
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import KVCDNConfig
-from vllm_kvcdn.connector import worker as worker_module
-from vllm_kvcdn.connector.kv_layout import SplitKVLayout
-from vllm_kvcdn.connector.metadata import ChunkLoad, KVCDNMetadata, LoadSpec
+from vllm_kvcdn.connector.geometry import KVGeometry
+from vllm_kvcdn.connector.kv_layout import SplitKVLayout, layout_for
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
-from vllm_kvcdn.connector.worker import KVCDNWorker, KVGeometry
+from vllm_kvcdn.connector.wire import ChunkLoad, KVCDNMetadata, LoadSpec
+from vllm_kvcdn.connector.worker import KVCDNWorker
 from vllm_kvcdn.documents import write_document
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.store.base import StoreWrapper
@@ -73,18 +73,20 @@ def _publish(store, tokens, kv, codec=None):
 
 
 @pytest.fixture(params=["cpu_attn", "split"])
-def layout(request, monkeypatch) -> str:
-    if request.param == "split":  # the GPU backends' layout, HND strides
-        monkeypatch.setattr(worker_module, "layout_for",
-                            lambda cache, **_: SplitKVLayout(BLOCK, cache.shape[2], DIM))
+def layout(request) -> str:
     return request.param
 
 
-def _worker(store, layout: str, io_threads: int = 1, blocks: int = 64) -> KVCDNWorker:
+def _split_layout(cache, **_):
+    return SplitKVLayout(BLOCK, cache.shape[2], DIM)  # the GPU backends' layout, HND strides
+
+
+def _worker(store, layout: str, io_threads: int = 1, blocks: int = 64, layout_factory=None) -> KVCDNWorker:
     config = KVCDNConfig(store_url=store.url, chunk_size=CHUNK, io_threads=io_threads, ram_tier_gib=0,
                          load_timeout_s=30)
     geometry = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
-    worker = KVCDNWorker(config, FINGERPRINT, store, geometry)
+    factory = layout_factory or (_split_layout if layout == "split" else layout_for)
+    worker = KVCDNWorker(config, FINGERPRINT, store, geometry, layout_factory=factory)
     worker.register_kv_caches({f"model.layers.{i}.attn": torch.zeros(blocks, HEADS, BLOCK, 2 * DIM,
                                                                       dtype=torch.bfloat16)
                                for i in range(LAYERS)})
@@ -110,7 +112,7 @@ def _load(worker, *specs, timeout_s: float = 30.0) -> set[int]:
 
 
 def _cached(worker, spec: LoadSpec, layer: int, end: int = DOC_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    slots = worker._slots(spec.block_ids, 0, end)
+    slots = worker.geometry.slots(spec.block_ids, 0, end)
     return worker.layout.read(worker.caches[layer], slots)
 
 
@@ -195,7 +197,7 @@ def test_a_chunk_larger_than_a_buffer_still_loads(store, layout):
     spans = _publish(store, tokens, kv)
     worker = _worker(store, layout, io_threads=1)
     try:
-        worker.buffers = ReadBuffers(3, 16)
+        worker.buffers = worker.loader.buffers = ReadBuffers(3, 16)
         store.into.clear()
         spec = _spec("r1", spans, tokens, first_block=0)
         assert _load(worker, spec) == set()
@@ -206,12 +208,12 @@ def test_a_chunk_larger_than_a_buffer_still_loads(store, layout):
         worker.shutdown()
 
 
-def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store, monkeypatch):
+def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store):
     """A layout that disagrees with vLLM's own CPU op (here: K and V swapped on write)
     must never write a byte: every load is a counted miss, publishes are refused, and the
     scheduler is told to stop planning loads."""
     from vllm_kvcdn.connector.kv_layout import CpuAttnLayout
-    from vllm_kvcdn.connector.metadata import SaveSpec
+    from vllm_kvcdn.connector.wire import SaveSpec
 
     class WritesVForK(CpuAttnLayout):
         def write(self, cache, k, v, slots):
@@ -220,11 +222,10 @@ def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store
         def engine_write_op(self):
             return CpuAttnLayout.write.__get__(self)  # the engine's op, untouched
 
-    monkeypatch.setattr(worker_module, "layout_for",
-                        lambda cache, **_: WritesVForK(torch.bfloat16, BLOCK, DIM, "auto"))
     tokens, kv = _document(5)
     spans = _publish(store, tokens, kv)
-    worker = _worker(store, "cpu_attn", io_threads=1)
+    worker = _worker(store, "cpu_attn", io_threads=1,
+                     layout_factory=lambda cache, **_: WritesVForK(torch.bfloat16, BLOCK, DIM, "auto"))
     try:
         assert "layout probe failed" in worker.refusal
         assert worker.stats.data["layout_probe_failures"] == 1
@@ -235,7 +236,8 @@ def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store
         report = worker.build_worker_meta()
         assert report.refusal == worker.refusal and report.failed_loads == {"r1"}
         worker.wait_for_save(KVCDNMetadata(saves=[SaveSpec("p1", "doc", tokens[:BLOCK], [0], spans[:1])]))
-        assert worker.build_worker_meta().documents["p1"]["published"] is False
+        result = worker.build_worker_meta().documents["p1"]
+        assert not result.ok and result.as_report()["published"] is False
     finally:
         worker.shutdown()
 

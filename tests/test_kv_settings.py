@@ -170,7 +170,7 @@ def test_kv_cache_groups_are_checked():
 
 
 def test_layers_are_ordered_by_index_and_a_second_layer_0_is_refused():
-    from vllm_kvcdn.connector.worker import layers_in_order
+    from vllm_kvcdn.connector.geometry import layers_in_order
 
     names = {f"model.layers.{i}.self_attn.attn": None for i in (2, 0, 1)}
     assert layers_in_order(names) == [f"model.layers.{i}.self_attn.attn" for i in range(3)]

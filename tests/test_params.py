@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvcdn.config import KVCDNConfig
-from vllm_kvcdn.connector.params import MAX_METADATA_BYTES, parse_params
+from vllm_kvcdn.connector.wire import MAX_METADATA_BYTES, parse_params
 
 KEY = "s3cret"
 DOC = "ab" * 32

@@ -95,9 +95,9 @@ def test_a_publish_through_an_adapter_is_keyed_by_it(rig, adapters):
     request = vllm_request(PROMPT, lora=lora("a", adapters["a"]), kvcdn={"publish": True, "key": PUBLISH_KEY})
     half.on_new_request(request)
     digest = AdapterDigests().digest(str(adapters["a"]))
-    publishing = half._requests[request.request_id].publishing
-    assert publishing.doc_id == document_chunks(PROMPT, half.fingerprint.digest, None, 256, digest)[-1].key
-    assert publishing.doc_id != document_chunks(PROMPT, half.fingerprint.digest, None, 256)[-1].key
+    doc_id = half.request_finished(request)[1]["kvcdn"]["document"]  # the document it would have written
+    assert doc_id == document_chunks(PROMPT, half.fingerprint.digest, None, 256, digest)[-1].key
+    assert doc_id != document_chunks(PROMPT, half.fingerprint.digest, None, 256)[-1].key
 
 
 def test_the_profile_reads_vllm_requests(adapters):

@@ -14,7 +14,6 @@ from vllm_kvcdn.defaults import (
 )
 from vllm_kvcdn.economics import Tariff
 
-PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
 
 
@@ -70,6 +69,17 @@ class KVCDNConfig:
     # has not written (they are recomputed, counted as reason "timeout"): a slow or hung
     # store delays a request by at most this much.
     load_timeout_s: float = 10.0
+    # Background load jobs per worker: requests whose chunks load at once (each runs its
+    # chunk reads on the io_threads).
+    load_jobs: int = 2
+    # How long a worker step that computes nothing waits for a background job to end
+    # before vLLM steps again (longer: fewer idle steps, later reports).
+    idle_wait_s: float = 0.005
+    # How long a wait_for or sync_index request (the side API's second request of a
+    # publish, verify or delete) may wait in vLLM's queue before it answers "pending".
+    wait_limit_s: float = 600.0
+    # Publish/verify results the scheduler keeps for wait_for requests (oldest dropped).
+    max_results: int = 4096
     # The metering ledger (ledger.py): one row per successful cache read, in this SQLite
     # file ($KVCDN_LEDGER, else ~/.cache/kvcdn/ledger.sqlite3). "": no ledger.
     ledger_path: str = field(default_factory=default_ledger_path)
@@ -101,6 +111,12 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: io_threads must be a positive integer, got {self.io_threads!r}")
         if not self.load_timeout_s > 0:
             raise ValueError(f"kvcdn: load_timeout_s must be > 0, got {self.load_timeout_s!r}")
+        for name in ("load_jobs", "max_results"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"kvcdn: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("idle_wait_s", "wait_limit_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"kvcdn: {name} must be >= 0, got {getattr(self, name)!r}")
         if self.publish_isolation_s < 0:
             raise ValueError(f"kvcdn: publish_isolation_s must be >= 0, got {self.publish_isolation_s!r}")
         if not isinstance(self.ledger_path, str):

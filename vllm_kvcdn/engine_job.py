@@ -133,7 +133,7 @@ def _embeds(llm, op: dict):
 def _abort_after(engine, request: tuple, steps: int, pause_s: float) -> dict:
     """Submit one request, take ``steps`` engine steps (``pause_s`` apart), abort it, run
     until idle."""
-    from vllm_kvcdn.config import PUBLISH_PARAM
+    from vllm_kvcdn.connector.wire import report_of
 
     reports, finished = [], False
 
@@ -142,7 +142,7 @@ def _abort_after(engine, request: tuple, steps: int, pause_s: float) -> dict:
         for out in outputs:
             finished |= out.finished
             if out.kv_transfer_params:
-                reports.append(out.kv_transfer_params.get(PUBLISH_PARAM))
+                reports.append(report_of(out.kv_transfer_params) or None)
 
     req_id = engine.add_request(f"abort-{time.monotonic_ns()}", *request)
     for _ in range(steps):

@@ -11,8 +11,16 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_kvcdn.config import PUBLISH_PARAM
-from vllm_kvcdn.connector.params import WAIT_PROMPT
+from vllm_kvcdn.connector.wire import (
+    WAIT_PROMPT,
+    as_transfer_params,
+    merge_waited,
+    pending_wait,
+    publish_params,
+    report_of,
+    verify_params,
+    wait_params,
+)
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, set_cpu_env
 
 # Offline engines publish through their own requests: each process is its own publisher.
@@ -81,14 +89,12 @@ def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = Fals
     extra = {}
     if publish or verify or wait_for:
         if wait_for:
-            kvcdn = {"wait_for": wait_for}
+            kvcdn = wait_params(wait_for, key)
         elif verify:
-            kvcdn = {"verify": verify}
+            kvcdn = verify_params(verify, key)
         else:
-            kvcdn = {"publish": True, "title": title, "metadata": metadata or {}}
-        if key is not None:
-            kvcdn["key"] = key
-        extra["kv_transfer_params"] = {PUBLISH_PARAM: kvcdn}
+            kvcdn = publish_params(key, title, metadata)
+        extra["kv_transfer_params"] = as_transfer_params(kvcdn)
         max_tokens = 1
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)
     if embeds is not None:
@@ -107,20 +113,22 @@ def generate_many(llm, requests: list[tuple], loras: list | None = None) -> list
     once its result is back (the worker writes in the background)."""
     outputs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False, lora_request=loras)
     answers = [_answer(out) for out in outputs]
-    pending = [i for i, a in enumerate(answers) if a.kvcdn.get("pending") and a.kvcdn.get("document")]
-    if pending:
-        waits = [request(WAIT_PROMPT, max_tokens=1, wait_for=answers[i].kvcdn["document"],
-                         key=_publish_key(requests[i][1])) for i in pending]
-        results = llm.generate([p for p, _ in waits], [s for _, s in waits], use_tqdm=False)
-        for i, out in zip(pending, results):
-            published = {k: v for k, v in answers[i].kvcdn.items() if k != "pending"}
-            answers[i].kvcdn = {**published, **_answer(out).kvcdn}
+    waits = {i: pending_wait(a.kvcdn, _publish_key(requests[i][1])) for i, a in enumerate(answers)}
+    waits = {i: wait for i, wait in waits.items() if wait is not None}
+    if waits:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        results = llm.generate([TokensPrompt(prompt_token_ids=WAIT_PROMPT)] * len(waits),
+                               [SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": as_transfer_params(w)})
+                                for w in waits.values()], use_tqdm=False)
+        for i, out in zip(waits, results):
+            answers[i].kvcdn = merge_waited(answers[i].kvcdn, _answer(out).kvcdn)
     return answers
 
 
 def _publish_key(params) -> str | None:
-    kvcdn = ((params.extra_args or {}).get("kv_transfer_params") or {}).get(PUBLISH_PARAM) or {}
-    return kvcdn.get("key")
+    return report_of((params.extra_args or {}).get("kv_transfer_params")).get("key")
 
 
 def generate(llm, prompt_ids: list[int], lora=None, **kw) -> Answer:
@@ -136,7 +144,7 @@ def _answer(out) -> Answer:
         token_ids=list(comp.token_ids),
         text=comp.text,
         logprobs=logprobs,
-        kvcdn=(out.kv_transfer_params or {}).get(PUBLISH_PARAM, {}),
+        kvcdn=report_of(out.kv_transfer_params),
         num_cached_tokens=out.num_cached_tokens or 0,
     )
 

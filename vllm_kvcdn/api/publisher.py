@@ -6,8 +6,16 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from vllm_kvcdn.config import PUBLISH_PARAM
-from vllm_kvcdn.connector.params import WAIT_PROMPT
+from vllm_kvcdn.connector.wire import (
+    WAIT_PROMPT,
+    as_transfer_params,
+    merge_waited,
+    pending_wait,
+    publish_params,
+    report_of,
+    sync_params,
+    verify_params,
+)
 
 
 class PublishError(Exception):
@@ -67,14 +75,14 @@ async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt:
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=skip_prefix_cache,
-                            extra_args={"kv_transfer_params": {PUBLISH_PARAM: kvcdn_params}})
+                            extra_args={"kv_transfer_params": as_transfer_params(kvcdn_params)})
     prompt = TokensPrompt(prompt_token_ids=tokens)
     if cache_salt:
         prompt["cache_salt"] = cache_salt
     final = None
     async for output in engine_client.generate(prompt, params, f"kvcdn-{uuid.uuid4().hex}", lora_request=lora_request):
         final = output
-    report = ((final.kv_transfer_params if final else None) or {}).get(PUBLISH_PARAM) or {}
+    report = report_of(final.kv_transfer_params if final else None)
     if not report:
         raise PublishError(503, "the engine did not report back: is it running KVCDNConnector?")
     if report.get("rejected"):
@@ -91,22 +99,22 @@ async def _prefill(engine_client, tokens: list[int], kvcdn_params: dict, cache_s
     # also insists): cached blocks were computed in other requests' steps.
     report = await _run(engine_client, tokens, kvcdn_params, cache_salt, skip_prefix_cache=True,
                         lora_request=lora_request)
-    if report.pop("pending", False) and report.get("document"):
-        wait = {"wait_for": report["document"], "key": kvcdn_params["key"]}
-        report.update(await _run(engine_client, WAIT_PROMPT, wait, None, skip_prefix_cache=False))
-    return report
+    wait = pending_wait(report, kvcdn_params.get("key"))
+    if wait is None:
+        return report
+    return merge_waited(report, await _run(engine_client, WAIT_PROMPT, wait, None, skip_prefix_cache=False))
 
 
 async def sync_index(engine_client, *, key: str) -> dict:
     """Wait until the engine's index has re-read the store (after a deletion: no request
     admitted afterwards matches the deleted document)."""
-    return await _run(engine_client, WAIT_PROMPT, {"sync_index": True, "key": key}, None, skip_prefix_cache=False)
+    return await _run(engine_client, WAIT_PROMPT, sync_params(key), None, skip_prefix_cache=False)
 
 
 async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: str, lora_request=None) -> dict:
     """Recompute a published document from scratch, as a publish does, and have the worker
     compare it with the stored chunks byte for byte."""
-    return await _prefill(engine_client, tokens, {"verify": doc_id, "key": key}, cache_salt=None,
+    return await _prefill(engine_client, tokens, verify_params(doc_id, key), cache_salt=None,
                           lora_request=lora_request)
 
 
@@ -116,8 +124,7 @@ async def publish_tokens(engine_client, tokens: list[int], *, key: str, cache_sa
     ``lora_request``), flagged (with the publisher key, which never leaves this process)
     so the connector saves it."""
     started = time.perf_counter()
-    report = await _prefill(engine_client, tokens,
-                            {"publish": True, "key": key, "title": title, "metadata": metadata}, cache_salt,
+    report = await _prefill(engine_client, tokens, publish_params(key, title, metadata), cache_salt,
                             lora_request=lora_request)
     return Published(
         doc_id=report.get("document"),

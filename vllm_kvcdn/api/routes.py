@@ -29,8 +29,8 @@ from vllm_kvcdn.api.publisher import (
 )
 from vllm_kvcdn.chain import document_chunks
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
-from vllm_kvcdn.connector.params import metadata_problem
 from vllm_kvcdn.connector.request_profile import AdapterDigests
+from vllm_kvcdn.connector.wire import metadata_problem
 from vllm_kvcdn.economics import ComputeRatios, Tariff
 from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger

@@ -1,4 +1,6 @@
-"""``KVCDNConnector``: a thin facade that builds the scheduler half or the worker half."""
+"""``KVCDNConnector``: a thin facade that builds the scheduler half (``scheduler``) or the
+worker half (``worker``) by role, as vLLM's offloading connector does, and restates each
+of vLLM's methods' contracts (``KVConnectorBase_V1``) in our words."""
 
 from __future__ import annotations
 
@@ -14,9 +16,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm_kvcdn.compat import io_cpus, kv_geometry, unchecked_release, vllm_fingerprint
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.kv_settings import engine_refusal
-from vllm_kvcdn.connector.metadata import KVCDNMetadata
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
-from vllm_kvcdn.connector.worker import KVCDNWorker, WorkerReport
+from vllm_kvcdn.connector.wire import KVCDNMetadata, WorkerReport
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store.latency import LatencyStore
 
@@ -69,33 +70,44 @@ class KVCDNConnector(KVConnectorBase_V1):
                 *(self.fingerprint.fields[k] for k in ("engine", "device", "compile", "kernels")),
             )
         else:
+            from vllm_kvcdn.connector.worker import KVCDNWorker  # torch work: the worker process only
+
             self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
                                        io_cpus=io_cpus(vllm_config))
 
     # -- worker side -------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches):
+        """Once, at start: the engine's KV cache tensors by layer name (layout checked here)."""
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Before the step's forward pass: start the loads the scheduler planned (in the
+        background; their requests wait outside the step until ``get_finished``)."""
         meta = self._get_connector_metadata()
         if isinstance(meta, KVCDNMetadata):
             self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Before a layer's attention: block until its KV is in."""
         # Loads are asynchronous: the request waits outside the step until every layer is
         # in, and other requests' steps overlap it. Nothing is left to wait for per layer.
         return
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        """After a layer's attention: nothing (a publish copies every layer at once in ``wait_for_save``)."""
         return
 
     def wait_for_save(self):
+        """After the forward pass: copy out the documents whose prefill ended in this step
+        (their blocks may be reused next step); they are written in the background."""
         meta = self._connector_metadata
         if isinstance(meta, KVCDNMetadata) and meta.saves:
             self._worker.wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose saves ended, requests whose loads ended): we never hold a
+        finished request's blocks (None), and report every load that ended, failed or not."""
         if self._worker is None:
             return None, None
         meta = self._connector_metadata
@@ -103,9 +115,12 @@ class KVCDNConnector(KVConnectorBase_V1):
         return None, self._worker.take_finished_loads(idle) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks of loads that failed since the last call: vLLM recomputes them and never
+        caches them (``kv_load_failure_policy="recompute"``)."""
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
 
     def build_connector_worker_meta(self):
+        """The worker's report of this step (``wire.WorkerReport``), or None."""
         return self._worker.build_worker_meta() if self._worker else None
 
     def shutdown(self):
@@ -130,23 +145,31 @@ class KVCDNConnector(KVConnectorBase_V1):
     # -- scheduler side ----------------------------------------------------------
 
     def on_new_request(self, request: "Request") -> None:
+        """A request arrives: its ``kv_transfer_params`` are read (untrusted; never raises)."""
         self._scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
+        """(tokens past ``num_computed_tokens`` we load, load asynchronously?); (None, False):
+        ask again next step. May be called several times for one request."""
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        """The request's blocks are allocated: ``num_external_tokens`` of them are ours to fill."""
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        """Once per step, after scheduling: the loads and saves the worker starts."""
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        """The workers' output of a step: our ``WorkerReport`` rides in it."""
         report = connector_output.kv_connector_worker_meta
         if isinstance(report, WorkerReport):
             self._scheduler.update_connector_output(report)
 
     def request_finished(self, request: "Request", block_ids: list[int]):
+        """(hold the blocks?, kv_transfer_params of the response): never held; the report
+        says what kvcdn did for the request."""
         return self._scheduler.request_finished(request)
 
     # -- metrics -------------------------------------------------------------------

@@ -33,6 +33,9 @@ from typing import Any
 
 from vllm_kvcdn.compat import extra_key_kinds
 from vllm_kvcdn.fingerprint import WEIGHT_SUFFIXES, file_sha256, resolve_model_dir
+from vllm_kvcdn.log import get_logger
+
+logger = get_logger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json",)  # besides weight files: rank, alpha, target modules
 KEYED = {"cache_salt", "lora"}  # vLLM's extra-key kinds our chunk keys carry (chain seed)
@@ -109,3 +112,30 @@ def request_profile(request: Any, adapters: AdapterDigests) -> RequestProfile:
         return RequestProfile(salt, adapter_name=name, unsupported="adapter_unresolved",
                               detail=f"LoRA adapter {name!r}: {why}")
     return RequestProfile(salt, adapter=digest, adapter_name=name)
+
+
+class RequestProfiles:
+    """Each request's profile, worked out once; an unsupported one is counted (``stats``)
+    and its reason logged the first time it is seen."""
+
+    def __init__(self, stats) -> None:
+        self.adapters = AdapterDigests()
+        self._stats = stats
+        self._profiles: dict[str, RequestProfile] = {}
+        self._logged: set[str] = set()  # reasons logged once each
+
+    def of(self, request: Any) -> RequestProfile:
+        profile = self._profiles.get(request.request_id)
+        if profile is None:
+            self._profiles[request.request_id] = profile = request_profile(request, self.adapters)
+            if profile.unsupported:
+                self._stats.add_labelled("unsupported_requests", profile.unsupported)
+                if profile.unsupported not in self._logged:
+                    self._logged.add(profile.unsupported)
+                    logger.warning("kvcdn: request %s is served without kvcdn (no load, no publish): %s; "
+                                   "further requests like it are only counted in vllm:kvcdn_unsupported_requests"
+                                   "{reason=%r}", request.request_id, profile.detail, profile.unsupported)
+        return profile
+
+    def forget(self, req_id: str) -> None:
+        self._profiles.pop(req_id, None)

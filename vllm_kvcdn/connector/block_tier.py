@@ -1,0 +1,92 @@
+"""The worker's tier of engine-native block images: host-RAM slots (``block_cache``) and,
+behind them, the same slots as files on the node's disk (``image_tier``), one object with
+one lock.
+
+A load asks ``where`` a chunk's whole blocks are; ``promote`` reads a disk image into a
+RAM slot; ``copy_into`` hands a RAM image to the caller's write while no eviction can
+reuse the slot; ``keep`` copies a freshly written chunk's blocks into a slot and writes
+the slot to disk in the background (pinned meanwhile, so it is not evicted mid-write).
+Loads of several requests run at once: every call takes the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+import torch
+
+from vllm_kvcdn.connector.block_cache import PackedBlockCache
+from vllm_kvcdn.connector.image_tier import BlockImageFiles
+from vllm_kvcdn.log import get_logger
+
+logger = get_logger(__name__)
+
+
+class BlockTier:
+    def __init__(self, blocks: list[torch.Tensor], ram_bytes: int, blocks_per_chunk: int,
+                 images_dir: Path | None, images_bytes: int, image_writer: Executor):
+        """``blocks``: each layer's cache indexed by block id (``PagedKVLayout.blocks``);
+        ``images_dir`` None: RAM slots only."""
+        self._blocks = blocks
+        self.ram = PackedBlockCache(ram_bytes, blocks, blocks_per_chunk)
+        self.images = BlockImageFiles(images_dir, images_bytes) if images_dir and self.ram.num_slots else None
+        self._image_writer = image_writer
+        self._lock = threading.Lock()
+
+    def where(self, key: str, blocks: int) -> str | None:
+        """"ram" when a RAM slot holds the chunk's first ``blocks`` whole blocks, "image"
+        when the node's disk does, else None."""
+        with self._lock:
+            if self.ram.holds(key, blocks):
+                return "ram"
+        if self.images is not None and self.images.blocks(key) >= blocks:
+            return "image"
+        return None
+
+    def promote(self, key: str) -> bool:
+        """Read the chunk's disk image into a RAM slot; whether it is there now."""
+        with self._lock:
+            slot = self.ram.reserve()
+        if slot is None:
+            return False
+        blocks = 0
+        try:
+            blocks = self.images.read_into(key, self.ram.slot(slot))
+        finally:
+            with self._lock:
+                if blocks:
+                    self.ram.commit(key, slot, blocks)
+                else:
+                    self.ram.release(slot)
+        return blocks > 0
+
+    def copy_into(self, key: str, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
+        """Call ``write`` with the chunk's whole blocks [lo, hi) (``[layers, blocks, ...]``)
+        if a RAM slot holds them; whether it did."""
+        with self._lock:  # an eviction must not reuse the slot while we copy from it
+            image = self.ram.get(key, lo, hi)
+            if image is None:
+                return False
+            write(image)
+        return True
+
+    def keep(self, key: str, block_ids: torch.Tensor) -> None:
+        """Copy the chunk's whole blocks (``block_ids``, in order, on the cache's device)
+        into a RAM slot, and its image to disk in the background."""
+        with self._lock:
+            self.ram.put(key, self._blocks, block_ids)
+            pinned = self.ram.pin(key) if self.images is not None else None
+        if pinned is not None:
+            self._image_writer.submit(self._write_image, key, *pinned)
+
+    def _write_image(self, key: str, slot: torch.Tensor, blocks: int) -> None:
+        try:
+            self.images.write(key, slot, blocks)
+        except Exception:  # a background copy: it costs a later read speed, never a load
+            logger.exception("kvcdn: could not write the block image of chunk %s", key[:16])
+        finally:
+            with self._lock:
+                self.ram.unpin(key)

@@ -1,0 +1,133 @@
+"""The load flow on the scheduler: match a request's prompt against published chunks,
+plan the load of what it does not hold already, follow the hit, meter the read.
+
+No tensor work and no store I/O on the request path (the index refreshes itself in a
+background thread, see ``index``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vllm_kvcdn.connector.request_profile import RequestProfile
+from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec, WorkerReport
+from vllm_kvcdn.index import ChunkIndex, Match
+from vllm_kvcdn.ledger import LedgerWriter, Read, tenant_of
+from vllm_kvcdn.log import get_logger
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Hit:
+    doc_id: str | None
+    matched_tokens: int  # from vLLM's prefix cache and the store
+    loaded_tokens: int  # from the store
+    prompt_tokens: int
+    tenant: str  # ledger.tenant_of(cache_salt)
+    failed: bool = False  # its load failed: recomputed, never retried
+
+
+class LoadPlanner:
+    def __init__(self, chunk_size: int, index: ChunkIndex, stats: KVCDNStats, ledger: LedgerWriter | None):
+        self.chunk_size, self.index, self.stats, self.ledger = chunk_size, index, stats, ledger
+        self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
+        self._planned: dict[str, tuple[Match, int]] = {}  # (match, tokens to hit) until blocks are allocated
+        self._hits: dict[str, Hit] = {}
+        self._loads: list[LoadSpec] = []  # planned since the last step
+
+    def match(self, request: "Request", num_computed_tokens: int, profile: RequestProfile) -> tuple[int, bool]:
+        """vLLM's ``get_num_new_matched_tokens`` for an ordinary request."""
+        req_id, prompt = request.request_id, request.prompt_token_ids or []
+        self._planned.pop(req_id, None)
+        if len(prompt) < 2:  # vLLM needs the last prompt token computed
+            return 0, False
+        hit = self._hits.get(req_id)
+        if hit is not None and hit.failed:
+            return 0, False  # its load failed: recompute, never retry the same chunks
+        if self.refusal is not None:
+            return 0, False  # the worker cannot load into this engine's cache (its layout probe failed)
+        if profile.unsupported:
+            return 0, False  # its KV depends on inputs its tokens do not name: computed as usual
+        match = self.index.match(prompt, profile.cache_salt, profile.adapter)
+        tokens = min(match.num_tokens, len(prompt) - 1)
+        if tokens <= num_computed_tokens:
+            return 0, False
+        self._planned[req_id] = (match, tokens)
+        # Asynchronous, so vLLM registers the loaded blocks in its prefix cache only after
+        # the worker reports the load finished, and only the blocks before the first one
+        # that failed: a failed load, even of a request aborted before its recompute,
+        # never leaves blocks another request can hit (a synchronous load's blocks are
+        # registered when allocated, before any byte is written).
+        return tokens - num_computed_tokens, True
+
+    def on_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        """vLLM's ``update_state_after_alloc``: the planned load, into these blocks."""
+        req_id = request.request_id
+        planned = self._planned.pop(req_id, None)
+        if num_external_tokens == 0 or planned is None:
+            return
+        match, tokens = planned
+        write_start = tokens - num_external_tokens
+        prompt = request.prompt_token_ids
+        chunks = [
+            ChunkLoad(key=span.key, start=span.start, num_tokens=span.num_tokens,
+                      write_from=max(span.start, write_start), write_to=min(span.end, tokens),
+                      is_tail=span.num_tokens < self.chunk_size, tokens=list(prompt[span.start : span.end]))
+            for span in match.spans
+            if span.end > write_start and span.start < tokens
+        ]
+        self._loads.append(LoadSpec(req_id=req_id, block_ids=list(blocks.get_block_ids()[0]), chunks=chunks))
+        self._hits[req_id] = Hit(match.doc_id, tokens, num_external_tokens, len(prompt), tenant_of(request.cache_salt))
+        self.stats.add("matched_requests")
+        self.stats.add("matched_tokens", num_external_tokens)
+        logger.info("kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
+                    req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start)
+
+    def take_loads(self) -> list[LoadSpec]:
+        loads, self._loads = self._loads, []
+        return loads
+
+    def on_report(self, report: WorkerReport) -> None:
+        if report.refusal is not None and self.refusal is None:
+            self.refusal = report.refusal
+            logger.error("kvcdn: no more loads are planned: %s", report.refusal)
+        for req_id in report.failed_loads:
+            if req_id in self._hits:
+                self._hits[req_id].failed = True
+        for req_id, receipt in report.loads.items():
+            if req_id in self._hits:  # gone: aborted while loading, not served
+                self._meter(req_id, self._hits[req_id], receipt)
+
+    def finish(self, req_id: str) -> dict:
+        """The request's report (``kv_transfer_params["kvcdn"]`` of its response)."""
+        self._planned.pop(req_id, None)
+        hit = self._hits.pop(req_id, None)
+        if hit is None:
+            return {"hit": False, "loaded_tokens": 0}
+        return {
+            "hit": not hit.failed,
+            "document": hit.doc_id,
+            "matched_tokens": hit.matched_tokens,
+            "loaded_tokens": 0 if hit.failed else hit.loaded_tokens,
+            **({"error": "load failed; tokens were recomputed"} if hit.failed else {}),
+        }
+
+    def _meter(self, req_id: str, hit: Hit, receipt: LoadReceipt) -> None:
+        """A read that succeeded: counted, and one row in the ledger."""
+        self.stats.add("reads")
+        if self.ledger is None:
+            return
+        self.ledger.record(Read(
+            time=time.time(), request_id=req_id, document=hit.doc_id or "", tenant=hit.tenant,
+            prompt_tokens=hit.prompt_tokens, loaded_tokens=hit.loaded_tokens,
+            cached_tokens=hit.matched_tokens - hit.loaded_tokens,
+            computed_tokens=hit.prompt_tokens - hit.matched_tokens,
+            kv_bytes=receipt.kv_bytes, store_bytes=receipt.store_bytes, load_seconds=receipt.load_seconds,
+        ))

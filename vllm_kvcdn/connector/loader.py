@@ -1,0 +1,216 @@
+"""One request's load: its chunks, from wherever they are, into its blocks of the paged
+KV cache (a background job of the worker; ``worker`` reports the outcome to vLLM).
+
+Reads run ahead, in parallel, as far as free read buffers allow; chunks are written in
+order as their reads end, each one's buffer freed once written. A chunk's whole blocks
+come from the block tier (RAM slots, or their disk image promoted into one) when it holds
+them; everything else from the chunk object, verified against the plan (key, tokens,
+fingerprint, checksum) before a byte is written. The first chunk that fails (missing,
+truncated, corrupt, another model's, too slow) fails itself and every chunk after it:
+their blocks are reported to vLLM, which recomputes them.
+
+Built from explicit collaborators (geometry, caches and their layout, the device, read
+buffers, a chunk reader, the tier), so tests run it on plain tensors and fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as ReadTimeout  # not the builtin before 3.11
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_kvcdn.connector.block_tier import BlockTier
+from vllm_kvcdn.connector.device_copies import CacheDevice
+from vllm_kvcdn.connector.geometry import KVGeometry
+from vllm_kvcdn.connector.kv_layout import PagedKVLayout
+from vllm_kvcdn.connector.read_buffers import ReadBuffers
+from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec
+from vllm_kvcdn.documents import DocumentKV
+from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.manifest import ArtifactError
+from vllm_kvcdn.store import StoreError
+from vllm_kvcdn.store.breaker import CircuitOpen
+
+logger = get_logger(__name__)
+
+# Reads one chunk (into the buffer, if given) and checks it against the plan: its KV and
+# the bytes read. Raises ArtifactError or StoreError for a chunk that cannot be used.
+ChunkReader = Callable[[ChunkLoad, "memoryview | None"], "tuple[DocumentKV, int]"]
+
+
+@dataclass
+class LoadOutcome:
+    req_id: str
+    failed_blocks: set[int] = field(default_factory=set)  # vLLM recomputes them
+    stats: KVCDNStats = field(default_factory=KVCDNStats)
+    receipt: LoadReceipt | None = None  # when every chunk was written
+
+
+@dataclass(frozen=True)
+class _Read:
+    source: str  # "chunk": (DocumentKV, bytes read); "image": whether it is now in a RAM slot
+    future: Future
+    buffer: memoryview | None = None  # the pooled read buffer a chunk read fills (its tensors view it)
+
+
+_NO_BUFFER = object()  # a read not started: no read buffer free
+
+
+class ChunkLoader:
+    def __init__(self, *, geometry: KVGeometry, caches: list[torch.Tensor], layout: PagedKVLayout,
+                 device: CacheDevice, buffers: ReadBuffers, read_chunk: ChunkReader, reads: Executor,
+                 tier: BlockTier | None = None, timeout_s: float = 30.0, skip_partial_tail: bool = False):
+        self.geometry, self.caches, self.layout, self.device = geometry, caches, layout, device
+        self.buffers, self.tier = buffers, tier
+        self._read_chunk, self._reads = read_chunk, reads
+        self.timeout_s = timeout_s
+        self.token_bytes = geometry.token_bytes(len(caches))
+        self._skip_partial_tail = skip_partial_tail  # test fault (config.injected_faults)
+
+    def load(self, spec: LoadSpec) -> LoadOutcome:
+        started = time.perf_counter()
+        deadline = started + self.timeout_s
+        outcome = LoadOutcome(spec.req_id)
+        reads: list[_Read | None] = []
+        loaded_tokens = 0
+        for n, chunk in enumerate(spec.chunks):
+            try:
+                self._read_ahead(spec.chunks, n, reads, deadline)
+                with self.device.side_stream():  # waits for its copies: then the buffer may go back
+                    self._write_chunk(spec, n, reads, outcome.stats, deadline)
+            except (ArtifactError, StoreError) as e:
+                reason = e.reason if isinstance(e, ArtifactError) else _store_failure(e)
+                self.fail(outcome, spec, spec.chunks[n:], reason, str(e))
+                break
+            except ReadTimeout:
+                why = f"the store did not answer within load_timeout_s={self.timeout_s}s"
+                self.fail(outcome, spec, spec.chunks[n:], "timeout", why)
+                break
+            except Exception as e:  # never take the engine down: recompute instead
+                logger.exception("kvcdn: unexpected error loading chunk %s", chunk.key[:16])
+                self.fail(outcome, spec, spec.chunks[n:], "error", repr(e))
+                break
+            finally:
+                if n < len(reads):
+                    self._let_go(reads[n])
+                    reads[n] = None
+            loaded_tokens += chunk.write_to - chunk.write_from
+        for read in reads:
+            self._let_go(read)  # those read ahead of a failed chunk
+        seconds = time.perf_counter() - started
+        outcome.stats.add("loaded_tokens", loaded_tokens)
+        outcome.stats.add("loaded_bytes", loaded_tokens * self.token_bytes)
+        outcome.stats.observe("load_duration_seconds", seconds)
+        if not outcome.failed_blocks:
+            outcome.receipt = LoadReceipt(loaded_tokens, loaded_tokens * self.token_bytes,
+                                          outcome.stats.data.get("store_read_bytes", 0), seconds)
+        return outcome
+
+    def fail(self, outcome: LoadOutcome, spec: LoadSpec, chunks: list[ChunkLoad], reason: str,
+             message: str) -> LoadOutcome:
+        """Report every block of ``chunks`` (the failed one and those after it) for recompute."""
+        for chunk in chunks:
+            outcome.failed_blocks.update(self.geometry.blocks_touched(spec.block_ids, chunk.write_from, chunk.write_to))
+        outcome.stats.fail(reason)
+        logger.warning("kvcdn: load miss for request %s (%s): %s; recomputing", spec.req_id, reason, message)
+        return outcome
+
+    def _tier_blocks(self, chunk: ChunkLoad) -> int:
+        """How many of the chunk's whole blocks the tier must hold to cover its write range
+        (0: the range is not whole blocks, the chunk object is read)."""
+        first, last = self.geometry.whole_blocks(chunk.write_from, chunk.write_to)
+        if self.tier is None or first >= last or first != chunk.write_from or last != chunk.write_to:
+            return 0
+        return (last - chunk.start) // self.geometry.block_size
+
+    def _read_ahead(self, chunks: list[ChunkLoad], n: int, reads: list[_Read | None], deadline: float) -> None:
+        """Start the reads after ``reads`` (those started, in chunk order) while read
+        buffers are free. When chunk ``n``, written next, has none started, wait for a
+        buffer: this job then holds none (the chunks before it are written), and the jobs
+        holding the others write and free theirs without waiting for any."""
+        while len(reads) < len(chunks):
+            must = len(reads) == n
+            read = self._start_read(chunks[len(reads)], max(0.0, deadline - time.perf_counter()) if must else 0.0)
+            if read is _NO_BUFFER:
+                if must:
+                    raise ReadTimeout()
+                return
+            reads.append(read)
+
+    def _start_read(self, chunk: ChunkLoad, wait_s: float = 0.0):
+        """Nothing when a RAM slot holds what the chunk needs; else its block image (into a
+        RAM slot) when the node's disk holds one, else the chunk itself, into a read buffer
+        free within ``wait_s`` (``_NO_BUFFER`` if none)."""
+        blocks = self._tier_blocks(chunk)
+        if blocks:
+            where = self.tier.where(chunk.key, blocks)
+            if where == "ram":
+                return None
+            if where == "image":
+                return _Read("image", self._reads.submit(self.tier.promote, chunk.key))
+        buffer = self.buffers.acquire(wait_s)
+        if buffer is None:
+            return _NO_BUFFER
+        return _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
+
+    def _let_go(self, read: _Read | None) -> None:
+        """Cancel the read if it has not started; its buffer goes back once it has ended
+        (the caller no longer uses what it read)."""
+        if read is None:
+            return
+        read.future.cancel()
+        if read.buffer is not None:
+            read.future.add_done_callback(lambda _: self.buffers.release(read.buffer))
+
+    def _write_chunk(self, spec: LoadSpec, n: int, reads: list[_Read | None], stats: KVCDNStats,
+                     deadline: float) -> None:
+        """Write chunk ``n``'s tokens [write_from, write_to) into the request's slots: whole
+        blocks from the tier's RAM slots when they hold them, everything else from the
+        verified chunk object (read by ``reads[n]``, or by a read started here)."""
+        chunk, read = spec.chunks[n], reads[n]
+        if self._skip_partial_tail and chunk.is_tail:
+            return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
+        if read is not None and read.source == "image":
+            promoted = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
+            stats.add("image_tier_hits" if promoted else "image_tier_misses")
+            read = None
+        g = self.geometry
+        first, last = g.whole_blocks(chunk.write_from, chunk.write_to)
+        todo = [(chunk.write_from, chunk.write_to)]
+        if self.tier is not None and first < last:
+            def write_blocks(image: torch.Tensor) -> None:
+                ids = self.device.index(g.block_ids(spec.block_ids, first, last))
+                for cache, layer_image in zip(self.caches, self.device.upload_view(image)):
+                    self.layout.write_blocks(cache, ids, layer_image)
+
+            bs = g.block_size
+            if self.tier.copy_into(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
+                todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
+                stats.add("ram_tier_hits")
+        if not todo:
+            return
+        if read is None:  # the tier lost it meanwhile, or its image was no good
+            buffer = self.buffers.acquire()  # none free: a buffer of its own (waiting could deadlock)
+            read = reads[n] = _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
+        kv, nbytes = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
+        stats.add("store_read_bytes", nbytes)
+        layers = len(kv.keys)
+        on_device = self.device.upload(kv.keys + kv.values, read.buffer)  # one copy for the chunk
+        for start, end in todo:
+            slots = self.device.index(g.slots(spec.block_ids, start, end))
+            a, b = start - chunk.start, end - chunk.start
+            for cache, k, v in zip(self.caches, on_device[:layers], on_device[layers:]):
+                self.layout.write(cache, k[a:b], v[a:b], slots)
+        whole_end = chunk.start + chunk.num_tokens // g.block_size * g.block_size
+        if self.tier is not None and todo == [(chunk.write_from, chunk.write_to)] \
+                and chunk.write_from == chunk.start and chunk.start < whole_end <= chunk.write_to:
+            self.tier.keep(chunk.key, self.device.index(g.block_ids(spec.block_ids, chunk.start, whole_end)))
+
+
+def _store_failure(e: StoreError) -> str:
+    return "store_unavailable" if isinstance(e, CircuitOpen) else "store_error"
