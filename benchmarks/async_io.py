@@ -70,7 +70,7 @@ class Stepper:
         self._n = 0
 
     def add(self, prompt_ids: list[int], ignore_eos: bool = False, **kw) -> str:
-        from vllm_kvcdn.offline import request
+        from vllm_kvcdn.testing.offline import request
 
         self._n += 1
         req_id = f"r{self._n}"
@@ -121,7 +121,7 @@ def _p99(xs: list[float]) -> float:
 def child(spec: dict) -> dict:
     """One engine in one mode: the phases, ``repeats`` times, then the TTFT sweep."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm_kvcdn.offline import generate, make_llm
+    from vllm_kvcdn.testing.offline import generate, make_llm
 
     llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False,
                    max_model_len=spec["max_model_len"], max_num_batched_tokens=spec["max_model_len"],
@@ -205,7 +205,7 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kvcdn-async-io-"))
     model = args.model or (str(work / "model") if (work / "model").exists() else None)
     if not model:
-        from vllm_kvcdn.tiny_model import make_model
+        from vllm_kvcdn.testing.tiny_model import make_model
 
         model = str(make_model(work / "model", args.shape))
     lengths = [int(x) for x in args.ttft_lengths.split(",") if x]

@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.report import write_report  # noqa: E402
-from vllm_kvcdn import codec as codecs  # noqa: E402
-from vllm_kvcdn.artifact import as_v1, decode_chunk, encode_chunk, read_chunk_header  # noqa: E402
+from vllm_kvcdn.artifact import codec as codecs  # noqa: E402
+from vllm_kvcdn.artifact.chunk_format import as_v1, decode_chunk, encode_chunk, read_chunk_header  # noqa: E402
 
 CODECS = ["zstd:1", "zstd:3", "zstd:9", "lz4", "zlib:6"]
 CHUNK = 256
@@ -43,7 +43,7 @@ def document_kv(shape: str, tokens: int, workdir: Path) -> tuple[list[int], list
     """(token ids, per layer (K, V) as [tokens, kv_heads, head_dim]) of the corpus' first words."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_kvcdn.tiny_model import corpus, make_model
+    from vllm_kvcdn.testing.tiny_model import corpus, make_model
 
     model_dir = make_model(workdir / shape, shape, seed=0)
     tok = AutoTokenizer.from_pretrained(str(model_dir))

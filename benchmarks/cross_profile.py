@@ -26,7 +26,7 @@ QUESTIONS = ["\nQuestion: which river runs past the stone city? Answer:", "\nQ: 
 
 
 def documents(n: int) -> list[str]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     return [" ".join(lines[i * 70 : i * 70 + 60]) for i in range(n)]
@@ -36,7 +36,7 @@ def vllm_phase(model: str, store_url: str, n_docs: int, new_tokens: int, out: st
     """Publish the documents and answer every question with vLLM (runs in its own process)."""
     from transformers import AutoTokenizer
 
-    from vllm_kvcdn.offline import generate, make_llm
+    from vllm_kvcdn.testing.offline import generate, make_llm
 
     tok = AutoTokenizer.from_pretrained(model)
     llm = make_llm(model, store_url=store_url, enable_prefix_caching=False)
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--_vllm-phase", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from vllm_kvcdn.demo import demo_model_dir, ensure_tiny_model
+    from vllm_kvcdn.cli.demo import demo_model_dir, ensure_tiny_model
 
     model = args.model or str(ensure_tiny_model(demo_model_dir()))
     if args._vllm_phase:

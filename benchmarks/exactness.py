@@ -88,8 +88,8 @@ def kernel_rows(lengths: list[int]) -> list[dict]:
 
 
 def engine_rows(model: str, lengths: list[int], new_tokens: int, work: Path) -> list[dict]:
-    from vllm_kvcdn.engine_job import run_in_subprocess
-    from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
+    from vllm_kvcdn.testing.engine_job import run_in_subprocess
+    from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 
     store = f"file://{work / 'store'}"
     docs = {n: tokens(n, f"doc-{n}") for n in lengths}
@@ -137,8 +137,8 @@ def kv_difference(store: Path, alone: str, within: str, n: int) -> dict:
     """Per-layer K/V of the first ``n`` positions of two published documents, compared."""
     import torch
 
-    from vllm_kvcdn import catalog
-    from vllm_kvcdn.artifact import decode_chunk
+    from vllm_kvcdn.artifact import catalog
+    from vllm_kvcdn.artifact.chunk_format import decode_chunk
     from vllm_kvcdn.store import open_store
     from vllm_kvcdn.store.keys import chunk_object_key
 

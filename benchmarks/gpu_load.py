@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import write_report  # noqa: E402
-from vllm_kvcdn.artifact import decode_chunk, encode_chunk  # noqa: E402
+from vllm_kvcdn.artifact.chunk_format import decode_chunk, encode_chunk  # noqa: E402
 from vllm_kvcdn.connector.device_copies import CacheDevice  # noqa: E402
 from vllm_kvcdn.connector.kv_layout import SplitKVLayout  # noqa: E402
 from vllm_kvcdn.connector.read_buffers import ReadBuffers  # noqa: E402

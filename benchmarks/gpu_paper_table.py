@@ -2,7 +2,7 @@
 
 Needs torch, transformers, safetensors, xxhash and this repository only (what the lent GPU
 machine has: no vLLM). A Qwen3-4B-shaped model with seeded random weights (generated here by
-``vllm_kvcdn.tiny_model``: the real shape, so the real compute and KV bytes), in bf16, run by
+``vllm_kvcdn.testing.tiny_model``: the real shape, so the real compute and KV bytes), in bf16, run by
 ``vllm_kvcdn.hf.HFKVCDN``, which publishes and loads our artifacts:
 
 - exactness: a published document and a question over it, answered from the loaded artifact
@@ -122,7 +122,7 @@ def table_row(kv, length: int, reps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--shape", default="qwen3-4b", help="a vllm_kvcdn.tiny_model shape (tiny for a smoke run)")
+    p.add_argument("--shape", default="qwen3-4b", help="a vllm_kvcdn.testing.tiny_model shape (tiny for a smoke run)")
     p.add_argument("--lengths", default="255,485,945,1888,3774,8192,32768")
     p.add_argument("--exactness-length", type=int, default=945)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -137,7 +137,7 @@ def main() -> None:
         sys.exit("no CUDA device here: run with --device cpu --shape tiny for a smoke run")
 
     from vllm_kvcdn.hf import HFKVCDN
-    from vllm_kvcdn.tiny_model import make_model
+    from vllm_kvcdn.testing.tiny_model import make_model
 
     work = Path(args.work)
     model_dir = work / args.shape

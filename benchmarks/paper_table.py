@@ -57,7 +57,7 @@ def question(tag: str) -> list[int]:
 
 
 def timed(llm, prompt, **kw):
-    from vllm_kvcdn.offline import engine_counters, generate
+    from vllm_kvcdn.testing.offline import engine_counters, generate
 
     before = engine_counters(llm)
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def timed(llm, prompt, **kw):
 def run_phase(phase: str, model: str, lengths: list[int], reps: int, work: Path) -> dict:
     """One engine, all its measurements (runs in its own process). Every full prefill
     that is not itself measured is done once per length, to keep the run short."""
-    from vllm_kvcdn.offline import make_llm
+    from vllm_kvcdn.testing.offline import make_llm
 
     max_len = max(lengths) + QUESTION_LEN + 64
     common = dict(max_model_len=max_len, max_num_batched_tokens=max_len)
@@ -270,8 +270,8 @@ def main() -> None:
 
 
 def ensure_model(shape: str) -> Path:
-    from vllm_kvcdn.demo import demo_model_dir, ensure_tiny_model
-    from vllm_kvcdn.tiny_model import make_model
+    from vllm_kvcdn.cli.demo import demo_model_dir, ensure_tiny_model
+    from vllm_kvcdn.testing.tiny_model import make_model
 
     if shape == "tiny":
         return ensure_tiny_model(demo_model_dir())

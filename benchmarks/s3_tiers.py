@@ -61,7 +61,7 @@ def tokens(n: int, seed: str) -> list[int]:
 
 
 def timed(llm, prompt: list[int], **kw) -> tuple[float, dict, dict]:
-    from vllm_kvcdn.offline import engine_counters, generate
+    from vllm_kvcdn.testing.offline import engine_counters, generate
 
     before = engine_counters(llm)
     t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def timed(llm, prompt: list[int], **kw) -> tuple[float, dict, dict]:
 
 def run_phase(spec: dict) -> list[dict]:
     """One engine (in its own process): the measurements of ``spec["phase"]``."""
-    from vllm_kvcdn.offline import make_llm
+    from vllm_kvcdn.testing.offline import make_llm
 
     lengths, phase = spec["lengths"], spec["phase"]
     max_len = max(lengths) + QUESTION_LEN + 64
@@ -203,7 +203,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="kvcdn-s3-tiers-"))
         model = args.model
         if not model:
-            from vllm_kvcdn.tiny_model import make_model
+            from vllm_kvcdn.testing.tiny_model import make_model
 
             model = str(make_model(work / "model", args.shape))
         lengths = [int(x) for x in args.lengths.split(",") if x]

@@ -95,8 +95,8 @@ def main() -> None:
     from paper_table import ensure_model
     from report import write_report
 
-    from vllm_kvcdn.client import SideAPIClient
-    from vllm_kvcdn.server_process import Server
+    from vllm_kvcdn.api.client import SideAPIClient
+    from vllm_kvcdn.testing.server_process import Server
 
     model = args.model or str(ensure_model(args.shape))
     work = Path(tempfile.mkdtemp(prefix="kvcdn-harness-"))
@@ -165,7 +165,7 @@ def main() -> None:
 
 
 def _stats(url: str) -> dict:
-    from vllm_kvcdn.client import SideAPIClient
+    from vllm_kvcdn.api.client import SideAPIClient
     return SideAPIClient(url).stats()
 
 

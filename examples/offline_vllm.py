@@ -11,8 +11,8 @@ import argparse
 
 from transformers import AutoTokenizer
 
-from vllm_kvcdn.demo import QUESTION, SAMPLE_DOCUMENT, demo_model_dir, ensure_tiny_model
-from vllm_kvcdn.offline import generate, make_llm
+from vllm_kvcdn.cli.demo import QUESTION, SAMPLE_DOCUMENT, demo_model_dir, ensure_tiny_model
+from vllm_kvcdn.testing.offline import generate, make_llm
 
 
 def main() -> None:

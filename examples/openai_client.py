@@ -11,8 +11,8 @@ import argparse
 
 import openai
 
-from vllm_kvcdn.client import SideAPIClient
-from vllm_kvcdn.demo import SAMPLE_DOCUMENT
+from vllm_kvcdn.api.client import SideAPIClient
+from vllm_kvcdn.cli.demo import SAMPLE_DOCUMENT
 
 
 def main() -> None:

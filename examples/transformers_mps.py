@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from vllm_kvcdn.demo import QUESTION, SAMPLE_DOCUMENT, demo_model_dir, ensure_tiny_model
+from vllm_kvcdn.cli.demo import QUESTION, SAMPLE_DOCUMENT, demo_model_dir, ensure_tiny_model
 from vllm_kvcdn.hf import HFKVCDN
 
 

@@ -27,7 +27,7 @@ def ledger_outside_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from vllm_kvcdn.tiny_model import make_model
+    from vllm_kvcdn.testing.tiny_model import make_model
 
     return make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
@@ -51,7 +51,7 @@ def tiny_variant(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hybrid_model(tmp_path_factory) -> Path:
     """A tiny Gemma 3 text model: sliding-window and full-attention layers."""
-    from vllm_kvcdn.tiny_model import make_hybrid_model
+    from vllm_kvcdn.testing.tiny_model import make_hybrid_model
 
     return make_hybrid_model(tmp_path_factory.mktemp("models") / "hybrid")
 
@@ -60,7 +60,7 @@ def hybrid_model(tmp_path_factory) -> Path:
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """LoRA adapters of the tiny model: ``a`` and ``b`` (other weights), and ``a-copy``
     (a's files at another path: the same adapter under another name)."""
-    from vllm_kvcdn.tiny_model import make_lora_adapter
+    from vllm_kvcdn.testing.tiny_model import make_lora_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     out = {"a": make_lora_adapter(root / "a", seed=1), "b": make_lora_adapter(root / "b", seed=2)}
@@ -77,21 +77,21 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def texts() -> dict[str, list[str]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     return {"doc_d": lines[:150], "doc_e": lines[1000:1150], "other": lines[2000:2010]}
 
 
 class EngineRunner:
-    """Runs a ``vllm_kvcdn.engine_job`` spec on a fresh engine process; returns its results."""
+    """Runs a ``vllm_kvcdn.testing.engine_job`` spec on a fresh engine process; returns its results."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.count = 0
 
     def __call__(self, spec: dict, timeout: float = 900) -> dict:
-        from vllm_kvcdn.engine_job import run_in_subprocess
+        from vllm_kvcdn.testing.engine_job import run_in_subprocess
 
         self.count += 1
         return run_in_subprocess(spec, self.workdir, f"engine-{self.count}", timeout=timeout)

@@ -8,11 +8,11 @@ import itertools
 
 import torch
 
-from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.documents import write_document
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.scheduler import KVCDNScheduler
-from vllm_kvcdn.documents import write_document
-from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.store import open_store
 
 CHUNK = 256

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_kvcdn.cli.serve import kv_transfer_config
 from vllm_kvcdn.defaults import CPU_ENGINE_ENV, LEDGER_ENV
-from vllm_kvcdn.ledger import FLUSH_S
-from vllm_kvcdn.serve import kv_transfer_config
-from vllm_kvcdn.server_process import Server
+from vllm_kvcdn.market.ledger import FLUSH_S
+from vllm_kvcdn.testing.server_process import Server
 
 SERVER_ENV = CPU_ENGINE_ENV
 VLLM_BATCH_SPREAD = 0.05  # |logprob| moved by batching alone (Reference.tolerance)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_kvcdn.artifact import decode_chunk, encode_chunk, read_chunk_header
-from vllm_kvcdn.manifest import ArtifactError, Manifest, ManifestChunk
+from vllm_kvcdn.artifact.chunk_format import decode_chunk, encode_chunk, read_chunk_header
+from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest, ManifestChunk
 
 PINNED_SHA256 = "0d23b88e22b9d243ea0245eb6e183dd5d2d2bb8b6a4445a4d8c89c8c4939199e"
 PINNED_CHECKSUM = "1668af9f071a979f9bc3d3b3f0a2d7e4"

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.config import TEST_FAULTS_ENV
-from vllm_kvcdn.exactness import identical
-from vllm_kvcdn.manifest import Manifest
+from vllm_kvcdn.testing.exactness import identical
 
 DOC_TOKENS = 300  # one whole chunk and a tail
 EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
@@ -24,7 +24,7 @@ EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     out = {}

@@ -96,14 +96,14 @@ def test_gpu_paper_table_runs_on_the_cpu(tmp_path):
     assert row["prefill_s"] > 0 and row["reuse_s"] > 0 and row["hit_store_s"] > 0
     assert result["exactness"]["loaded_tokens"] == 260 and 0 <= result["exactness"]["greedy_agree"] <= 8
     # `kvcdn economics` takes this result as its measurements
-    out = subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli", "economics", "--json", "--tokens", "255",
+    out = subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli.main", "economics", "--json", "--tokens", "255",
                           "--measured", str(tmp_path / "gpu_paper_table_tiny_cpu.json")],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert json.loads(out)["ratio"] == pytest.approx(row["reuse_s"] / row["prefill_s"])
 
 
 def test_compression_runs_and_every_codec_is_exact(tmp_path):
-    from vllm_kvcdn.codec import DEFAULT
+    from vllm_kvcdn.artifact.codec import DEFAULT
 
     run("compression.py", "--models", "tiny", "--tokens", "512", "--reps", "1", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "compression.json").read_text())["rows"]

@@ -1,6 +1,6 @@
 """Published documents in a store: listing, deletion that keeps shared chunks, checks."""
 
-from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.hf import HFKVCDN
 from vllm_kvcdn.store.keys import chunk_object_key
 

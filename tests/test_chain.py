@@ -1,6 +1,6 @@
 """Chunk keys: pinned values, partial tails, and isolation by fingerprint and salt."""
 
-from vllm_kvcdn.chain import chain_seed, chunk_key, document_chunks, iter_chunks
+from vllm_kvcdn.artifact.chain import chain_seed, chunk_key, document_chunks, iter_chunks
 
 
 def test_keys_are_pinned():

@@ -16,15 +16,15 @@ import time
 import pytest
 import torch
 
-from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.documents import write_document
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import SplitKVLayout, layout_for
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.wire import ChunkLoad, KVCDNMetadata, LoadSpec
 from vllm_kvcdn.connector.worker import KVCDNWorker
-from vllm_kvcdn.documents import write_document
-from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.store.base import StoreWrapper
 from vllm_kvcdn.store.file import FileStore
 from vllm_kvcdn.store.keys import chunk_object_key
@@ -248,8 +248,8 @@ def test_a_chunk_goes_to_the_cache_device_in_one_copy(store, codec):
     in one copy: the tensors handed to the layout all view one new allocation. (On CPU the
     "device" copy lands in host memory; the path is the GPU's.) A compressed chunk is
     decoded into the same buffer, so it leaves the same way."""
+    from vllm_kvcdn.artifact.documents import read_chunk
     from vllm_kvcdn.connector.device_copies import CacheDevice, _span_in
-    from vllm_kvcdn.documents import read_chunk
 
     tokens, kv = _document(6)
     spans = _publish(store, tokens, kv, codec)

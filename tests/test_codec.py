@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvcdn import codec
-from vllm_kvcdn.artifact import COMPRESSED_FORMAT, as_v1, decode_chunk, encode_chunk, read_chunk_header
-from vllm_kvcdn.manifest import ArtifactError
+from vllm_kvcdn.artifact import codec
+from vllm_kvcdn.artifact.chunk_format import COMPRESSED_FORMAT, as_v1, decode_chunk, encode_chunk, read_chunk_header
+from vllm_kvcdn.artifact.manifest import ArtifactError
 
 CODECS = ["zstd:1", "zstd:3", "zstd:9", "lz4", "zlib:6"]
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from vllm_kvcdn.cli.serve import build_command, plugin_allowlist
 from vllm_kvcdn.config import KVCDNConfig
-from vllm_kvcdn.serve import build_command, plugin_allowlist
 
 
 def test_defaults_and_env_store(monkeypatch, tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcdn import economics
-from vllm_kvcdn.economics import Tariff, break_even, from_scratch, kv_reuse, storage_aware, worked_example
+from vllm_kvcdn.market import economics
+from vllm_kvcdn.market.economics import Tariff, break_even, from_scratch, kv_reuse, storage_aware, worked_example
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
 
@@ -79,7 +79,7 @@ def test_a_bad_tariff_names_the_field(tariff, message):
 
 def test_kvcdn_economics_prints_the_papers_figures_and_plots(tmp_path):
     def cli(*args) -> str:
-        return subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli", "economics", *args], check=True,
+        return subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli.main", "economics", *args], check=True,
                               capture_output=True, text=True, timeout=120).stdout
 
     out = cli("--plot", str(tmp_path / "econ.png"))

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.config import TEST_FAULTS_ENV
-from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
 from vllm_kvcdn.store.keys import chunk_object_key
+from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 
 pytestmark = pytest.mark.engine
 
@@ -44,7 +44,7 @@ QUESTIONS = [" Question: which river runs past the stone city in winter? Answer:
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer, texts) -> dict[str, list[int]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     enc = lambda s: tokenizer(s).input_ids  # noqa: E731
     lines = corpus()
@@ -174,7 +174,7 @@ def _doc_id(results, name: str) -> str:
 
 
 def _fingerprint_of(store: Path) -> str:
-    from vllm_kvcdn.manifest import Manifest
+    from vllm_kvcdn.artifact.manifest import Manifest
 
     manifest = next((store / "manifests").glob("*.json"))
     return Manifest.from_json(manifest.read_bytes()).fingerprint

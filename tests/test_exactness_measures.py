@@ -1,6 +1,6 @@
 """The level-3 measures: greedy agreement and logprob difference between two answers."""
 
-from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
+from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 
 
 def answer(tokens, logprobs):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.store.keys import chunk_object_key
+from vllm_kvcdn.testing.exactness import identical
 
 pytestmark = pytest.mark.engine
 
@@ -48,7 +48,7 @@ def _damage(store: Path, key: str, kind: str) -> None:
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     out = {}
@@ -119,7 +119,7 @@ def test_failed_load_is_recomputed_and_never_claimed(runs, kind):
 
 def test_failed_loads_are_not_billed(runs):
     """Of every load in the run, only the one that succeeded is in the ledger."""
-    from vllm_kvcdn import ledger
+    from vllm_kvcdn.market import ledger
 
     intact = runs["kvcdn"]["intact"]["answer"]["kvcdn"]
     assert intact["hit"] is True and intact["loaded_tokens"] == DOC_TOKENS, intact

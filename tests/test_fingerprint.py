@@ -4,7 +4,13 @@ import os
 
 import pytest
 
-from vllm_kvcdn.fingerprint import Fingerprint, architecture_fields, cpu_kernels, fingerprint_diff, weights_digest
+from vllm_kvcdn.artifact.fingerprint import (
+    Fingerprint,
+    architecture_fields,
+    cpu_kernels,
+    fingerprint_diff,
+    weights_digest,
+)
 
 
 @pytest.fixture(autouse=True)

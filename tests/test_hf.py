@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+from vllm_kvcdn.artifact.manifest import ArtifactError
 from vllm_kvcdn.hf import HFKVCDN, FingerprintMismatch
-from vllm_kvcdn.manifest import ArtifactError
 from vllm_kvcdn.store.keys import chunk_object_key
 
 QUESTIONS = ["\nQuestion: which river runs past the stone city? Answer:",

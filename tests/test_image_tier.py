@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_kvcdn.connector.image_tier import BlockImageFiles, layout_id
-from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.testing.exactness import identical
 
 
 def slot(seed: int) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, t
     chunks (and keeps their block images); a restart loads the images, with the same bits
     in the KV cache and the same answer; a damaged image is dropped, counted, and the
     chunk read instead, still the same answer."""
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     doc = tokenizer(" ".join(corpus()[2400:2600])).input_ids[:700]  # 2 chunks; a tail: 1 whole block, 1 part
     prompt = doc + tokenizer(" Q: what was in the box? A:").input_ids

@@ -2,9 +2,9 @@
 
 import time
 
-from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.index import ChunkIndex
-from vllm_kvcdn.manifest import Manifest, ManifestChunk
+from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.index import ChunkIndex
+from vllm_kvcdn.artifact.manifest import Manifest, ManifestChunk
 from vllm_kvcdn.store import FileStore
 from vllm_kvcdn.store.keys import manifest_object_key
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_kvcdn.artifact.fingerprint import fingerprint_diff
 from vllm_kvcdn.connector.kv_settings import (
     FINGERPRINT,
     KV_SETTINGS,
@@ -17,7 +18,6 @@ from vllm_kvcdn.connector.kv_settings import (
     engine_refusal,
     kv_groups_refusal,
 )
-from vllm_kvcdn.fingerprint import fingerprint_diff
 
 KV = {"kv_connector": "KVCDNConnector", "kv_role": "kv_both"}
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from vllm_kvcdn import ledger, usage
-from vllm_kvcdn.economics import PAPER_RATIOS, Tariff
+from vllm_kvcdn.market import ledger, usage
+from vllm_kvcdn.market.economics import PAPER_RATIOS, Tariff
 
 
 def read(i: int, document: str = "doc-a" + "0" * 27, tenant: str = ledger.PUBLIC_TENANT, when: float = 0.0,
@@ -86,7 +86,7 @@ _WRITER = """
 import os
 import signal
 import sys
-from vllm_kvcdn import ledger
+from vllm_kvcdn.market import ledger
 from tests.test_ledger import read
 writer = ledger.LedgerWriter(sys.argv[1], flush_s=60)  # only a close (or exit) writes
 for i in range(int(sys.argv[2]), int(sys.argv[3])):
@@ -147,13 +147,13 @@ def test_kvcdn_usage_reads_a_ledger_file(tmp_path):
     writer.close()
 
     def cli(*args) -> str:
-        return subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli", "usage", "--ledger", str(path), *args],
+        return subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli.main", "usage", "--ledger", str(path), *args],
                               check=True, capture_output=True, text=True, timeout=60).stdout
 
     rep = json.loads(cli("--format", "json", "--salt", "alice", "--detail"))
     assert [r["request_id"] for r in rep["reads"]] == ["req-0"] and rep["total"]["reads"] == 1
     assert "total" in cli() and "$5 per 1M input tokens" in cli()
     assert len(cli("--format", "csv").splitlines()) == 3
-    missing = subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli", "usage", "--ledger", str(tmp_path / "none")],
+    missing = subprocess.run([sys.executable, "-m", "vllm_kvcdn.cli.main", "usage", "--ledger", str(tmp_path / "none")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "no ledger" in missing.stderr

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from tests.scheduler_rig import PUBLISH_KEY, admit, publish, scheduler, vllm_request
-from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.connector.request_profile import AdapterDigests, request_profile
 from vllm_kvcdn.store import open_store
 

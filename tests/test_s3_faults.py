@@ -22,9 +22,9 @@ import re
 import pytest
 
 from tests.s3 import FaultProxy
-from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.store.keys import chunk_object_key
+from vllm_kvcdn.testing.exactness import identical
 
 pytestmark = pytest.mark.engine
 
@@ -39,7 +39,7 @@ PREFIX = "tiny"
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     out = {}

@@ -37,8 +37,8 @@ from tests.servers import (
     reference_answers,
     vllm_server,
 )
-from vllm_kvcdn import ledger
-from vllm_kvcdn.client import APIError, SideAPIClient
+from vllm_kvcdn.api.client import APIError, SideAPIClient
+from vllm_kvcdn.market import ledger
 from vllm_kvcdn.store.keys import chunk_object_key
 
 pytestmark = pytest.mark.engine
@@ -183,13 +183,13 @@ def test_cli_publishes_lists_and_inspects(kvcdn, tmp_path, texts):
 def test_cli_lists_without_torch_fastapi_or_vllm(kvcdn):
     """`kvcdn ls` on a server or on a store is a small client: none of them is imported."""
     for where in (["--server", kvcdn.url], ["--store", f"file://{kvcdn.store_path}"]):
-        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "vllm_kvcdn.cli", "ls", *where],
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "vllm_kvcdn.cli.main", "ls", *where],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "documents" in out.stdout
         imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
                     if line.startswith("import time:")}
-        assert "vllm_kvcdn.catalog" in imported  # -X importtime lists what was imported
+        assert "vllm_kvcdn.artifact.catalog" in imported  # -X importtime lists what was imported
         assert not imported & {"torch", "fastapi", "vllm"}, where
 
 
@@ -322,7 +322,7 @@ def test_a_long_document_is_tokenized_off_the_event_loop(kvcdn):
 def test_concurrent_publishes_of_a_long_document(kvcdn, api):
     """Four publishes of one document longer than a prefill step (2,048 tokens here) at
     once: each is answered, with the one document, each computed alone."""
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     text = " ".join(corpus()[:220])  # ~2,560 tokens: two prefill steps
     with futures.ThreadPoolExecutor(4) as pool:
@@ -374,8 +374,8 @@ def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_p
     import sys
 
     from tests.servers import COMMON_ARGS, SERVER_ENV
-    from vllm_kvcdn.offline import kv_transfer_config
-    from vllm_kvcdn.server_process import Server
+    from vllm_kvcdn.testing.offline import kv_transfer_config
+    from vllm_kvcdn.testing.server_process import Server
 
     monkeypatch.delenv("KVCDN_PUBLISHER_KEY", raising=False)
     store = tmp_path / "store"

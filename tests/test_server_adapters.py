@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import ask, kvcdn_server
-from vllm_kvcdn.client import APIError, SideAPIClient
+from vllm_kvcdn.api.client import APIError, SideAPIClient
 from vllm_kvcdn.connector.request_profile import AdapterDigests
 
 pytestmark = pytest.mark.engine

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from vllm_kvcdn import catalog
-from vllm_kvcdn.cli import main as kvcdn
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.index import ChunkIndex
+from vllm_kvcdn.cli.main import main as kvcdn
 from vllm_kvcdn.hf import HFKVCDN
-from vllm_kvcdn.index import ChunkIndex
 from vllm_kvcdn.store import StoreError, open_store
 from vllm_kvcdn.store.base import StoreWrapper
 from vllm_kvcdn.store.keys import CHUNK_PREFIX, chunk_object_key, manifest_object_key

@@ -18,7 +18,7 @@ import pytest
 
 from tests.s3 import FaultProxy
 from tests.servers import ask, kvcdn_server, reference_answers, start_all, vllm_server
-from vllm_kvcdn.client import SideAPIClient
+from vllm_kvcdn.api.client import SideAPIClient
 
 pytestmark = pytest.mark.engine
 
@@ -28,7 +28,7 @@ QUESTIONS = ["What is this about?", "Who wrote it?"]
 
 
 def documents() -> list[list[dict]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     return [[{"role": "system", "content": f"Document {i}."},
@@ -151,7 +151,7 @@ def test_restarted_b_serves_published_documents_from_its_disk_tier(fleet, tiny_m
 
 def publish_fresh(a, i: int) -> dict:
     """A document no server has read yet (so B must fetch it from the bucket)."""
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     messages = [{"role": "system", "content": f"Fresh {i}."},

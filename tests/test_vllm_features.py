@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvcdn.exactness import identical
+from vllm_kvcdn.testing.exactness import identical
 
 pytestmark = pytest.mark.engine
 
@@ -25,7 +25,7 @@ QUESTION = " Question: which river runs past the stone city in winter? Answer:"
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.tiny_model import corpus
+    from vllm_kvcdn.testing.tiny_model import corpus
 
     lines = corpus()
     question = tokenizer(QUESTION).input_ids

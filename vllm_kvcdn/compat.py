@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import os
 
+from vllm_kvcdn.artifact.fingerprint import Fingerprint, cpu_kernels, cuda_kernels, model_fingerprint
 from vllm_kvcdn.connector.geometry import KVGeometry
-from vllm_kvcdn.fingerprint import Fingerprint, cpu_kernels, cuda_kernels, model_fingerprint
 
 SUPPORTED_VLLM = (0, 32), (0, 34)  # [from, to): the releases the connector is checked against
 

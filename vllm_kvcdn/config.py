@@ -12,7 +12,7 @@ from vllm_kvcdn.defaults import (
     default_store_url,
     disk_tier_dir,
 )
-from vllm_kvcdn.economics import Tariff
+from vllm_kvcdn.market.economics import Tariff
 
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
 
@@ -125,14 +125,14 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: tariff must be an object of prices, got {self.tariff!r}")
         Tariff.from_dict(self.tariff)  # names the bad key or price
         if self.chunk_codec:
-            from vllm_kvcdn.codec import parse
+            from vllm_kvcdn.artifact.codec import parse
 
             parse(self.chunk_codec)  # names the codec, or the library that is missing
 
     @property
     def chunk_codec(self) -> str | None:
         """The codec publishes use (None: stored raw, format v1)."""
-        from vllm_kvcdn.codec import for_store
+        from vllm_kvcdn.artifact.codec import for_store
 
         return for_store(self.store_url, self.codec)
 
@@ -142,7 +142,7 @@ class KVCDNConfig:
 
     def compute_ratios(self):
         """The read/prefill ratios the usage report prices the provider's compute with."""
-        from vllm_kvcdn.economics import PAPER_RATIOS, load_measured
+        from vllm_kvcdn.market.economics import PAPER_RATIOS, load_measured
 
         return load_measured(self.measured_ratios) if self.measured_ratios else PAPER_RATIOS
 

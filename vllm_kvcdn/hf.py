@@ -16,14 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvcdn import catalog
-from vllm_kvcdn.chain import document_chunks
-from vllm_kvcdn.codec import for_store as codec_for_store
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.codec import for_store as codec_for_store
+from vllm_kvcdn.artifact.documents import read_chunk, write_document
+from vllm_kvcdn.artifact.fingerprint import (
+    PROFILE_FIELDS,
+    cpu_kernels,
+    cuda_kernels,
+    fingerprint_diff,
+    model_fingerprint,
+)
+from vllm_kvcdn.artifact.index import ChunkIndex
+from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE
-from vllm_kvcdn.documents import read_chunk, write_document
-from vllm_kvcdn.fingerprint import PROFILE_FIELDS, cpu_kernels, cuda_kernels, fingerprint_diff, model_fingerprint
-from vllm_kvcdn.index import ChunkIndex
-from vllm_kvcdn.manifest import Manifest
 from vllm_kvcdn.store import open_store
 
 

@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from vllm_kvcdn import catalog, ledger, usage
 from vllm_kvcdn.api.metrics import kvcdn_counters
 from vllm_kvcdn.api.publisher import (
     PublishError,
@@ -27,14 +26,16 @@ from vllm_kvcdn.api.publisher import (
     text_tokens,
     verify_tokens,
 )
-from vllm_kvcdn.chain import document_chunks
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.request_profile import AdapterDigests
 from vllm_kvcdn.connector.wire import metadata_problem
-from vllm_kvcdn.economics import ComputeRatios, Tariff
-from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.manifest import ArtifactError, Manifest
+from vllm_kvcdn.market import ledger, usage
+from vllm_kvcdn.market.economics import ComputeRatios, Tariff
 from vllm_kvcdn.store import Store, StoreError
 
 logger = get_logger(__name__)

@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vllm_kvcdn.artifact.index import ChunkIndex, Match
 from vllm_kvcdn.connector.request_profile import RequestProfile
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec, WorkerReport
-from vllm_kvcdn.index import ChunkIndex, Match
-from vllm_kvcdn.ledger import LedgerWriter, Read, tenant_of
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.market.ledger import LedgerWriter, Read, tenant_of
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

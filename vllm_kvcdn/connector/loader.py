@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_kvcdn.artifact.documents import DocumentKV
+from vllm_kvcdn.artifact.manifest import ArtifactError
 from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
@@ -30,9 +32,7 @@ from vllm_kvcdn.connector.kv_layout import PagedKVLayout
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec
-from vllm_kvcdn.documents import DocumentKV
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.manifest import ArtifactError
 from vllm_kvcdn.store import StoreError
 from vllm_kvcdn.store.breaker import CircuitOpen
 

@@ -18,12 +18,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vllm_kvcdn.chain import ChunkSpan, chain_seed, iter_chunks
+from vllm_kvcdn.artifact.chain import ChunkSpan, chain_seed, iter_chunks
+from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.request_profile import RequestProfile
 from vllm_kvcdn.connector.wire import PublishAsk, SaveSpec, WorkerReport
-from vllm_kvcdn.index import ChunkIndex
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput

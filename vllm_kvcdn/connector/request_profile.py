@@ -31,8 +31,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_kvcdn.artifact.fingerprint import WEIGHT_SUFFIXES, file_sha256, resolve_model_dir
 from vllm_kvcdn.compat import extra_key_kinds
-from vllm_kvcdn.fingerprint import WEIGHT_SUFFIXES, file_sha256, resolve_model_dir
 from vllm_kvcdn.log import get_logger
 
 logger = get_logger(__name__)

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.documents import DocumentKV, compare_document, write_document
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import DocumentResult, SaveSpec
-from vllm_kvcdn.documents import DocumentKV, compare_document, write_document
-from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 

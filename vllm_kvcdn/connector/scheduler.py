@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.load_planner import LoadPlanner
 from vllm_kvcdn.connector.publish_desk import PublishDesk
@@ -21,10 +23,8 @@ from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.request_profile import RequestProfiles
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import PUBLISH_PARAM, KVCDNMetadata, WorkerReport, parse_params
-from vllm_kvcdn.fingerprint import Fingerprint
-from vllm_kvcdn.index import ChunkIndex
-from vllm_kvcdn.ledger import LedgerWriter
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.market.ledger import LedgerWriter
 from vllm_kvcdn.store import Store
 
 if TYPE_CHECKING:

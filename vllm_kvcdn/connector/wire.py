@@ -26,7 +26,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from vllm_kvcdn.chain import ChunkSpan, is_chunk_key
+from vllm_kvcdn.artifact.chain import ChunkSpan, is_chunk_key
 
 PUBLISH_PARAM = "kvcdn"  # kv_transfer_params key: {"kvcdn": {"publish": true, "key": ..., ...}}
 PARAMS_VERSION = 1

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_kvcdn.artifact.documents import read_chunk
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
@@ -38,8 +40,6 @@ from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.saver import DocumentOutcome, DocumentSaver
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, DocumentResult, KVCDNMetadata, LoadSpec, SaveSpec, WorkerReport
-from vllm_kvcdn.documents import read_chunk
-from vllm_kvcdn.fingerprint import Fingerprint
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 

@@ -8,8 +8,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from vllm_kvcdn import economics, ledger, usage
+from vllm_kvcdn.cli import side_api
 from vllm_kvcdn.defaults import default_ledger_path
+from vllm_kvcdn.market import economics, ledger, usage
 
 
 def _when(value: str) -> float:
@@ -54,7 +55,7 @@ def _compression(value: str) -> float:
         return float(value)
     except ValueError:
         pass
-    from vllm_kvcdn.codec import DEFAULT
+    from vllm_kvcdn.artifact.codec import DEFAULT
 
     rows = [r for r in _json_file(value).get("rows", []) if r.get("codec") == DEFAULT]
     if not rows:
@@ -65,9 +66,8 @@ def _compression(value: str) -> float:
 def cmd_usage(args) -> None:
     filters = dict(document=args.document, tenant=args.tenant, since=args.since, until=args.until)
     if args.server:
-        from vllm_kvcdn.cli import _api, _client
-
-        rep = _api(lambda: _client(args).usage(cache_salt=args.salt, detail=args.detail or None, **filters))
+        server = side_api.client(args)
+        rep = side_api.call(lambda: server.usage(cache_salt=args.salt, detail=args.detail or None, **filters))
     else:
         path = Path(args.ledger).expanduser()
         if not path.exists():

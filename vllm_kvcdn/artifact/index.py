@@ -20,10 +20,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vllm_kvcdn import catalog
-from vllm_kvcdn.chain import ChunkSpan, chain_seed, chunk_key
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.chain import ChunkSpan, chain_seed, chunk_key
+from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.manifest import Manifest
 from vllm_kvcdn.store import Store, StoreError
 from vllm_kvcdn.store.keys import MANIFEST_PREFIX
 

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 import xxhash
 
-from vllm_kvcdn import codec as codecs
-from vllm_kvcdn.manifest import ArtifactError
+from vllm_kvcdn.artifact import codec as codecs
+from vllm_kvcdn.artifact.manifest import ArtifactError
 
 CHUNK_FORMAT = "kvcdn.chunk/1"
 COMPRESSED_FORMAT = "kvcdn.chunk/2"

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from vllm_kvcdn.defaults import cache_root, default_store_url
-from vllm_kvcdn.exactness import agreement, identical, max_logprob_diff
+from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 
 SAMPLE_TITLE = "kvcdn sample document"
 SAMPLE_DOCUMENT = """\
@@ -49,7 +49,7 @@ def demo_model_dir() -> Path:
 
 def ensure_tiny_model(path: Path) -> Path:
     if not (path / "config.json").exists():
-        from vllm_kvcdn.tiny_model import make_model
+        from vllm_kvcdn.testing.tiny_model import make_model
 
         print(f"[kvcdn] generating the tiny Qwen3 model (seeded random weights) in {path}")
         make_model(path, "tiny")
@@ -59,7 +59,7 @@ def ensure_tiny_model(path: Path) -> Path:
 def run_demo(model: str | None = None, store_url: str | None = None, max_tokens: int = 16) -> bool:
     from transformers import AutoTokenizer
 
-    from vllm_kvcdn.engine_job import run_in_subprocess
+    from vllm_kvcdn.testing.engine_job import run_in_subprocess
 
     model = model or str(ensure_tiny_model(demo_model_dir()))
     store_url = store_url or default_store_url()

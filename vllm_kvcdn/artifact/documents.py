@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vllm_kvcdn.artifact import ChunkKV, as_v1, decode_chunk, encode_chunk
-from vllm_kvcdn.chain import ChunkSpan
+from vllm_kvcdn.artifact.chain import ChunkSpan
+from vllm_kvcdn.artifact.chunk_format import ChunkKV, as_v1, decode_chunk, encode_chunk
+from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest, ManifestChunk
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.manifest import ArtifactError, Manifest, ManifestChunk
 from vllm_kvcdn.store import Store
 from vllm_kvcdn.store.keys import chunk_object_key, manifest_object_key
 

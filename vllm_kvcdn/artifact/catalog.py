@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vllm_kvcdn.chain import is_chunk_key
+from vllm_kvcdn.artifact.chain import is_chunk_key
+from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest
 from vllm_kvcdn.log import get_logger
-from vllm_kvcdn.manifest import ArtifactError, Manifest
 from vllm_kvcdn.store import Store
 from vllm_kvcdn.store.keys import CHUNK_PREFIX, MANIFEST_PREFIX, chunk_object_key, doc_id_of, manifest_object_key
 
@@ -105,7 +105,7 @@ def delete_document(store: Store, entry: Entry) -> Deleted:
 def _chain_back(store: Store, last_key: str) -> list[str]:
     """A document's chunk keys without its manifest: from its last chunk (the document
     id), parent by parent, as far as the chunk headers can be read."""
-    from vllm_kvcdn.artifact import read_chunk_header
+    from vllm_kvcdn.artifact.chunk_format import read_chunk_header
 
     keys, key = [], last_key
     while is_chunk_key(key) and key not in keys:  # a header is data: never follow it outside the store
@@ -123,7 +123,7 @@ def _chain_back(store: Store, last_key: str) -> list[str]:
 
 def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     """(chunk key, "ok" or what is wrong) for every chunk: reads and checks each one."""
-    from vllm_kvcdn.documents import read_chunk
+    from vllm_kvcdn.artifact.documents import read_chunk
 
     out = []
     for c in manifest.chunks:
@@ -138,7 +138,7 @@ def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
 
 def document_tokens(store: Store, manifest: Manifest) -> list[int]:
     """The document's token ids, read back from its chunks."""
-    from vllm_kvcdn.documents import read_chunk
+    from vllm_kvcdn.artifact.documents import read_chunk
 
     tokens: list[int] = []
     for c in manifest.chunks:

@@ -14,8 +14,8 @@ import io
 from dataclasses import asdict
 from pathlib import Path
 
-from vllm_kvcdn import ledger
-from vllm_kvcdn.economics import ComputeRatios, Tariff
+from vllm_kvcdn.market import ledger
+from vllm_kvcdn.market.economics import ComputeRatios, Tariff
 
 MONEY = ("billed_usd", "saved_usd", "compute_usd")
 COLUMNS = ["document", "tenant", "reads", "loaded_tokens", "cached_tokens", "computed_tokens", "store_bytes",

@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_kvcdn import catalog
+from vllm_kvcdn.artifact import catalog
+from vllm_kvcdn.artifact.manifest import Manifest
+from vllm_kvcdn.cli import side_api
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, default_store_url
-from vllm_kvcdn.manifest import Manifest
 from vllm_kvcdn.store import open_store
 
 
@@ -41,29 +42,14 @@ def _find_manifest(store, doc: str) -> Manifest:
 
 
 def cmd_make_tiny_model(args) -> None:
-    from vllm_kvcdn.tiny_model import make_model
+    from vllm_kvcdn.testing.tiny_model import make_model
 
     out = make_model(args.dir, args.shape, seed=args.seed, dtype=args.dtype)
     print(f"wrote a {args.shape} Qwen3-architecture model with seeded random weights to {out}")
 
 
-def _client(args):
-    from vllm_kvcdn.client import SideAPIClient
-
-    return SideAPIClient(args.server, key=getattr(args, "key", None))
-
-
-def _api(call):
-    from vllm_kvcdn.client import APIError
-
-    try:
-        return call()
-    except APIError as e:
-        raise SystemExit(f"kvcdn: {e}") from None
-
-
 def cmd_serve(args, vllm_args: list[str]) -> None:
-    from vllm_kvcdn.serve import serve
+    from vllm_kvcdn.cli.serve import serve
 
     serve(args.model, vllm_args, store_url=args.kvcdn_store, chunk_size=args.kvcdn_chunk_size,
           preset=args.kvcdn_preset, publisher_key=args.publisher_key)
@@ -76,7 +62,7 @@ def _read_document(path: str) -> str:
 def cmd_publish(args) -> None:
     from tqdm import tqdm
 
-    client = _client(args)
+    client = side_api.client(args)
     for path in tqdm(args.files, desc="publishing", unit="doc", disable=len(args.files) < 2):
         text = _read_document(path)
         title = args.title or ("stdin" if path == "-" else Path(path).name)
@@ -87,17 +73,18 @@ def cmd_publish(args) -> None:
                 messages = None
             if not isinstance(messages, list):  # plain text: one message
                 messages = [{"role": args.role, "content": text}]
-            result = _api(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt,
+            result = side_api.call(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt,
                                                  adapter=args.adapter))
         else:
-            result = _api(lambda: client.publish(text=text, title=title, cache_salt=args.salt, adapter=args.adapter))
+            result = side_api.call(lambda: client.publish(text=text, title=title, cache_salt=args.salt,
+                                                          adapter=args.adapter))
         print(f"{result['id']}  {result['num_tokens']} tokens  {result['num_chunks']} chunks  "
               f"{(result.get('bytes') or 0) / 1e6:.2f} MB  {result['seconds']:.2f}s  {title}")
 
 
 def cmd_ls(args) -> None:
     if args.server:
-        docs = _api(lambda: _client(args).list())["documents"]
+        docs = side_api.call(lambda: side_api.client(args).list())["documents"]
         if args.json:
             print(json.dumps(docs, indent=1))
             return
@@ -128,7 +115,7 @@ def cmd_ls(args) -> None:
 
 def cmd_inspect(args) -> None:
     if args.server:
-        view = _api(lambda: _client(args).get(args.doc, verify=args.verify))
+        view = side_api.call(lambda: side_api.client(args).get(args.doc, verify=args.verify))
         print(json.dumps(view, indent=1))
         results = [(c["key"], c["status"]) for c in view.get("chunks", [])]
         chunks = view["manifest"]["chunks"]
@@ -147,7 +134,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    report = _api(lambda: _client(args).verify(args.doc))
+    report = side_api.call(lambda: side_api.client(args).verify(args.doc))
     for c in report.get("chunks", []):
         print(f"chunk {c['key'][:16]} {c['num_tokens']:>5} tok  {c['status']}")
     verdict = "identical to a fresh prefill" if report.get("identical") else f"NOT identical {report.get('error', '')}"
@@ -158,7 +145,7 @@ def cmd_verify(args) -> None:
 
 def cmd_rm(args) -> None:
     if args.server:
-        d = _api(lambda: _client(args).delete(args.doc))
+        d = side_api.call(lambda: side_api.client(args).delete(args.doc))
         print(f"removed document {d['doc_id'][:16]} ({d['chunks_deleted']} chunks deleted, "
               f"{d['chunks_kept']} still used by other documents)")
         return
@@ -216,7 +203,7 @@ def cmd_hf_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from vllm_kvcdn.demo import run_demo
+    from vllm_kvcdn.cli.demo import run_demo
 
     run_demo(model=args.model, store_url=args.store, max_tokens=args.max_tokens)
 
@@ -327,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     p.set_defaults(func=cmd_gc)
 
-    from vllm_kvcdn.cli_market import add_parsers
+    from vllm_kvcdn.cli.market import add_parsers
 
     add_parsers(sub)
     return parser

@@ -5,7 +5,7 @@ never share state, and each gets vLLM's CPU thread setup of its own), and every
 operation records the change in vLLM's own counters, so callers check what vLLM did,
 not what the connector claims.
 
-    python -m vllm_kvcdn.engine_job SPEC.json OUT.json
+    python -m vllm_kvcdn.testing.engine_job SPEC.json OUT.json
 
 SPEC: ``{"model", "store_url" (null: no connector), "prefix_caching", "chunk_size",
 "extra_config", "engine_args" (more ``vllm.LLM`` arguments), "env" (more environment, e.g.
@@ -48,7 +48,7 @@ from vllm_kvcdn.defaults import CPU_ENGINE_ENV, DEFAULT_CHUNK_SIZE
 
 
 def run(spec: dict) -> dict:
-    from vllm_kvcdn.offline import PUBLISH_KEY, engine_counters, generate_many, make_llm, request
+    from vllm_kvcdn.testing.offline import PUBLISH_KEY, engine_counters, generate_many, make_llm, request
 
     if any(op["op"] == "kv_blocks" for op in spec["ops"]):
         # The digests are computed inside the worker process by a function we send it.
@@ -157,9 +157,9 @@ def _abort_after(engine, request: tuple, steps: int, pause_s: float) -> dict:
 def _delete_during(engine, request: tuple, store_url: str, doc_id: str, steps: int):
     """Submit one request, take ``steps`` engine steps, delete ``doc_id`` from the store
     (as another server's `kvcdn rm` would), run until idle; the request's answer."""
-    from vllm_kvcdn import catalog
-    from vllm_kvcdn.offline import _answer
+    from vllm_kvcdn.artifact import catalog
     from vllm_kvcdn.store import open_store
+    from vllm_kvcdn.testing.offline import _answer
 
     engine.add_request(f"delete-during-{time.monotonic_ns()}", *request)
     final = None  # the only request in the engine: its finished output
@@ -178,7 +178,7 @@ def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900
     spec_path.write_text(json.dumps(spec))
     env = {**CPU_ENGINE_ENV, **os.environ, **spec.get("env", {})}  # every engine: the same CPU settings
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "vllm_kvcdn.engine_job", str(spec_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "vllm_kvcdn.testing.engine_job", str(spec_path), str(out_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"engine job {name} failed (rc={proc.returncode}), log {log_path}:\n"
