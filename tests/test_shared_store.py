@@ -71,7 +71,7 @@ def test_the_disk_tier_stays_within_its_bound(producer, bucket_url, tmp_path):
     node = open_store(bucket_url, disk_cache_dir=str(tmp_path / "disk"), disk_cache_gib=1.5 * largest / 2**30)
     assert catalog.intact(node, doc)
     kept = {p.name.removesuffix(".safetensors"): p.stat().st_size for p in (tmp_path / "disk").rglob("*.safetensors")}
-    assert sum(kept.values()) <= node.capacity_bytes
+    assert sum(kept.values()) <= node.budget.capacity_bytes
     assert doc.chunks[-1].key in kept and doc.chunks[0].key not in kept  # least recently used out first
 
 

@@ -21,20 +21,29 @@ import torch
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.image_tier import BlockImageFiles
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store.lru import DiskLRU
 
 logger = get_logger(__name__)
 
 
 class BlockTier:
     def __init__(self, blocks: list[torch.Tensor], ram_bytes: int, blocks_per_chunk: int,
-                 images_dir: Path | None, images_bytes: int, image_writer: Executor):
+                 images_dir: Path | None, disk_budget: DiskLRU | None, image_writer: Executor):
         """``blocks``: each layer's cache indexed by block id (``PagedKVLayout.blocks``);
-        ``images_dir`` None: RAM slots only."""
+        ``images_dir`` None: RAM slots only; ``disk_budget``: the node's (``store.lru``)."""
         self._blocks = blocks
         self.ram = PackedBlockCache(ram_bytes, blocks, blocks_per_chunk)
-        self.images = BlockImageFiles(images_dir, images_bytes) if images_dir and self.ram.num_slots else None
+        self.images = None
+        if images_dir is not None and disk_budget is not None and self.ram.num_slots:
+            self.images = BlockImageFiles(images_dir, budget=disk_budget)
         self._image_writer = image_writer
         self._lock = threading.Lock()
+        self._counts = {"ram_tier_hits": 0, "image_tier_hits": 0, "image_tier_misses": 0}
+
+    def tier_counts(self) -> dict[str, int]:
+        """Totals since start, as the store's tiers count theirs (``Store.tier_counts``)."""
+        with self._lock:
+            return dict(self._counts)
 
     def where(self, key: str, blocks: int) -> str | None:
         """"ram" when a RAM slot holds the chunk's first ``blocks`` whole blocks, "image"
@@ -50,8 +59,9 @@ class BlockTier:
         """Read the chunk's disk image into a RAM slot; whether it is there now."""
         with self._lock:
             slot = self.ram.reserve()
-        if slot is None:
-            return False
+            if slot is None:
+                self._counts["image_tier_misses"] += 1
+                return False
         blocks = 0
         try:
             blocks = self.images.read_into(key, self.ram.slot(slot))
@@ -61,6 +71,7 @@ class BlockTier:
                     self.ram.commit(key, slot, blocks)
                 else:
                     self.ram.release(slot)
+                self._counts["image_tier_hits" if blocks else "image_tier_misses"] += 1
         return blocks > 0
 
     def copy_into(self, key: str, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
@@ -71,6 +82,7 @@ class BlockTier:
             if image is None:
                 return False
             write(image)
+            self._counts["ram_tier_hits"] += 1
         return True
 
     def keep(self, key: str, block_ids: torch.Tensor) -> None:

@@ -12,8 +12,9 @@ A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3
 the key and the payload) and the slot's bytes. Every read checks the header's key against
 the chunk the load asked for and the checksum against both: a file name is no proof (a
 valid image of another chunk renamed to this one is caught), and a file that fails is
-deleted. Bounded in bytes, least recently used first out, the order rebuilt from mtimes on
-restart (every hit refreshes the file's mtime).
+deleted. Bounded by the node's one disk budget (``store.lru``, shared with the chunk tier),
+least recently used first out, the order rebuilt from mtimes on restart (every hit
+refreshes the file's mtime).
 """
 
 from __future__ import annotations
@@ -24,19 +25,21 @@ import os
 import struct
 import threading
 import time
-from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import torch
 import xxhash
 
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store.lru import DiskLRU
 
 logger = get_logger(__name__)
 
 _MAGIC = b"KVCDNIM2"  # KVCDNIMG files (no key in the header) fail the check and are replaced
 _HEADER = struct.Struct("<8sIQ64sQ")  # magic, blocks held, payload bytes, chunk key, xxh3-64 of key + payload
 _SUFFIX = ".img"
+_TAG = "image:"  # this tier's keys in the node's disk budget
 
 
 def _bytes_of(slot: torch.Tensor) -> memoryview:
@@ -56,12 +59,15 @@ def layout_id(**fields) -> str:
 
 
 class BlockImageFiles:
-    def __init__(self, directory: str | os.PathLike, capacity_bytes: int):
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int = 0, budget: DiskLRU | None = None):
+        """``budget``: the node's disk budget, shared with its chunk tier (``store.lru``);
+        else one of ``capacity_bytes`` of its own."""
         self.root = Path(directory)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.capacity_bytes = capacity_bytes
+        self.budget = budget if budget is not None else DiskLRU(capacity_bytes)
         self._lock = threading.Lock()
-        self._lru: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (file bytes, blocks held)
+        self._blocks: dict[str, int] = {}  # chunk key -> whole blocks its image holds
+        self.damaged = 0
         for tmp in self.root.glob("*/.*.tmp"):  # a write cut by a crash
             try:
                 if time.time() - tmp.stat().st_mtime > 3600:
@@ -76,18 +82,16 @@ class BlockImageFiles:
                 found.append((stat.st_mtime, key, stat.st_size, int(blocks)))
             except (OSError, ValueError):
                 continue  # a stray file, or one removed meanwhile
-        for _, key, size, blocks in sorted(found):
-            self._lru[key] = (size, blocks)
-        self._bytes = sum(size for size, _ in self._lru.values())
-        self.damaged = 0
-        self._evict()
-        logger.info("kvcdn: block-image tier %s: %d chunks, %.2f of %.2f GiB", self.root, len(self._lru),
-                    self._bytes / 2**30, capacity_bytes / 2**30)
+        with self._lock:
+            self._blocks = {key: blocks for _, key, _, blocks in sorted(found)}
+        self.budget.restore((mtime, _TAG + key, size, partial(self._remove, key, blocks))
+                            for mtime, key, size, blocks in found)
+        logger.info("kvcdn: block-image tier %s: %d chunks; the node's disk budget: %.2f of %.2f GiB in use",
+                    self.root, len(self), self.budget.nbytes / 2**30, self.budget.capacity_bytes / 2**30)
 
     def blocks(self, key: str) -> int:
         """Whole blocks the image of chunk ``key`` holds (0: none)."""
-        held = self._lru.get(key)
-        return held[1] if held else 0
+        return self._blocks.get(key, 0)
 
     def read_into(self, key: str, slot: torch.Tensor) -> int:
         """Fill ``slot`` (a contiguous RAM-tier slot) with the image of chunk ``key``;
@@ -126,9 +130,7 @@ class BlockImageFiles:
             self._forget(key)
             path.unlink(missing_ok=True)
             return 0
-        with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
+        self.budget.touch(_TAG + key)
         try:
             os.utime(path)  # the order survives a restart
         except OSError:
@@ -139,7 +141,7 @@ class BlockImageFiles:
         """Keep ``slot`` (holding ``blocks`` whole blocks of chunk ``key``) as its image."""
         payload = _bytes_of(slot)
         size = _HEADER.size + len(payload)
-        if size > self.capacity_bytes or self.blocks(key) >= blocks:
+        if not self.budget.fits(size) or self.blocks(key) >= blocks:
             return
         path = self._path(key, blocks)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -155,30 +157,26 @@ class BlockImageFiles:
             logger.warning("kvcdn: block-image tier cannot keep chunk %s: %s", key[:16], e)
             return
         with self._lock:
-            old = self._lru.pop(key, None)
-            self._bytes += size - (old[0] if old else 0)
-            self._lru[key] = (size, blocks)
-        if old and old[1] != blocks:
-            self._path(key, old[1]).unlink(missing_ok=True)
-        self._evict()
+            old = self._blocks.get(key)
+            self._blocks[key] = blocks
+        if old and old != blocks:
+            self._path(key, old).unlink(missing_ok=True)
+        self.budget.add(_TAG + key, size, partial(self._remove, key, blocks))
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._blocks)
 
     def _path(self, key: str, blocks: int) -> Path:
         return self.root / key[:2] / f"{key}.{blocks}{_SUFFIX}"
 
     def _forget(self, key: str) -> None:
         with self._lock:
-            held = self._lru.pop(key, None)
-            if held:
-                self._bytes -= held[0]
+            self._blocks.pop(key, None)
+        self.budget.discard(_TAG + key)
 
-    def _evict(self) -> None:
-        while True:
-            with self._lock:
-                if self._bytes <= self.capacity_bytes or not self._lru:
-                    return
-                key, (size, blocks) = self._lru.popitem(last=False)
-                self._bytes -= size
-            self._path(key, blocks).unlink(missing_ok=True)
+    def _remove(self, key: str, blocks: int) -> None:
+        """Evicted by the node's disk budget."""
+        with self._lock:
+            if self._blocks.get(key) == blocks:
+                del self._blocks[key]
+        self._path(key, blocks).unlink(missing_ok=True)

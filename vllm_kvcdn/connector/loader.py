@@ -176,8 +176,7 @@ class ChunkLoader:
         if self._skip_partial_tail and chunk.is_tail:
             return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
         if read is not None and read.source == "image":
-            promoted = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
-            stats.add("image_tier_hits" if promoted else "image_tier_misses")
+            read.future.result(timeout=max(0.0, deadline - time.perf_counter()))  # in a RAM slot now, or not
             read = None
         g = self.geometry
         first, last = g.whole_blocks(chunk.write_from, chunk.write_to)
@@ -191,7 +190,6 @@ class ChunkLoader:
             bs = g.block_size
             if self.tier.copy_into(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
                 todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
-                stats.add("ram_tier_hits")
         if not todo:
             return
         if read is None:  # the tier lost it meanwhile, or its image was no good

@@ -42,6 +42,7 @@ from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, DocumentResult, KVCDNMetadata, LoadSpec, SaveSpec, WorkerReport
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
+from vllm_kvcdn.store.lru import DiskLRU
 
 logger = get_logger(__name__)
 
@@ -55,6 +56,7 @@ class KVCDNWorker:
         self._layout_factory = layout_factory
         self.stats = KVCDNStats()
         self.refusal: str | None = None  # why this worker neither loads nor publishes (a failed layout probe)
+        self.tier: BlockTier | None = None  # RAM slots and their disk images (register_kv_caches)
         self.placement = IOThreadPlacement(io_cpus)
         self._pool_threads = {
             "kvcdn-read": config.io_threads,  # chunk reads, in parallel
@@ -69,7 +71,7 @@ class KVCDNWorker:
         self._failed_blocks: set[int] = set()
         self._report = WorkerReport()
         self._finished_loads: set[str] = set()  # loads ended (failed or not) since vLLM last asked
-        self._tier_counts: dict[str, int] = {}  # the store's disk-tier counters, as last reported
+        self._tier_counts: dict[str, int] = {}  # every tier's counters, as last reported
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         g, config = self.geometry, self.config
@@ -78,13 +80,14 @@ class KVCDNWorker:
                                            head_dim=g.head_dim, model_dtype=g.model_dtype, cache_dtype=g.cache_dtype)
         self.device = CacheDevice(self.caches[0].device)
         self._probe_layout()
-        self.tier = None
+
         if config.ram_tier_gib and self.refusal is None:
             images = config.disk_cache_gib and config.disk_images
+            budget = (self.store.disk_budget() or DiskLRU(int(config.disk_cache_gib * (1 << 30)))) if images else None
             self.tier = BlockTier([self.layout.blocks(c) for c in self.caches], int(config.ram_tier_gib * (1 << 30)),
                                   config.chunk_size // g.block_size,
                                   Path(config.disk_cache_dir) / "images" / self._layout_id() if images else None,
-                                  int(config.disk_cache_gib * (1 << 30)), self._image_writes)
+                                  budget, self._image_writes)
         # Every read thread busy, and two chunks read ahead of the ones being written.
         self.buffers = ReadBuffers(config.io_threads + 2, g.chunk_object_bytes(config.chunk_size, len(self.caches)),
                                    pin=self.device.is_cuda)
@@ -163,11 +166,6 @@ class KVCDNWorker:
     def collect(self, idle: bool = False) -> None:
         """Take the outcomes of jobs that ended since the last step; in a step that
         computed nothing, wait a little for one (vLLM steps again at once otherwise)."""
-        counts = self.store.tier_counts()
-        for name, n in counts.items():
-            if n != self._tier_counts.get(name, 0):
-                self.stats.add(name, n - self._tier_counts.get(name, 0))
-        self._tier_counts = counts
         for outcome in self._outbox.take(self.config.idle_wait_s if idle else 0.0):
             self.stats.aggregate(outcome.stats)
             if isinstance(outcome, LoadOutcome):
@@ -179,6 +177,12 @@ class KVCDNWorker:
                     self._report.loads[outcome.req_id] = outcome.receipt
             else:
                 self._report.documents[outcome.req_id] = outcome.result
+        # After the outcomes: a job's tier counts are in before its outcome is queued.
+        counts = {**self.store.tier_counts(), **(self.tier.tier_counts() if self.tier is not None else {})}
+        for name, n in counts.items():
+            if n != self._tier_counts.get(name, 0):
+                self.stats.add(name, n - self._tier_counts.get(name, 0))
+        self._tier_counts = counts
 
     def take_finished_loads(self, idle: bool = False) -> set[str]:
         """Requests whose load ended, failed or not (vLLM's ``finished_recving``); a failed

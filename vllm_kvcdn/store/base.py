@@ -116,6 +116,10 @@ class Store(ABC):
         """Counters of the local tiers in front of the origin (hits, misses), if any."""
         return {}
 
+    def disk_budget(self):
+        """The node's disk budget (``lru.DiskLRU``) when a disk tier is in front, else None."""
+        return None
+
 
 class StoreWrapper(Store):
     """A store in front of another one: everything not overridden goes straight through."""
@@ -153,3 +157,6 @@ class StoreWrapper(Store):
 
     def tier_counts(self) -> dict[str, int]:
         return self.inner.tier_counts()
+
+    def disk_budget(self):
+        return self.inner.disk_budget()
