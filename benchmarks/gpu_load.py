@@ -3,7 +3,7 @@
 Runs where vLLM cannot (the lent GPU machine has torch, safetensors and xxhash, no vLLM):
 the caches are laid out as vLLM 0.32's ``allocate_kv_cache`` lays them out (one backing
 buffer, per layer a logical ``[blocks, kv_heads, block_size, K|V]`` view with the stride
-order of ``LBNHC`` = NHD or ``LBHNC`` = HND; ``tests/test_gpu_layouts.py`` checks our layout
+order of ``LBNHC`` = NHD or ``LBHNC`` = HND; ``tests/worker/test_gpu_layouts.py`` checks our layout
 on caches vLLM itself allocates). Per shape and stride order:
 
 - ``h2d``: one pinned host-to-device copy of a chunk's bytes (the ceiling);

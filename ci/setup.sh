@@ -12,6 +12,6 @@ PYTHON=${PYTHON:-python3}
 # beside this torch ("operator torchvision::nms does not exist"): keep them out.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # vLLM 0.33 (the current CUDA release) as Python sources only, for the contract test that
-# checks the connector against it without a GPU (tests/test_vllm_contract.py); not installed.
+# checks the connector against it without a GPU (tests/unit/test_vllm_contract.py); not installed.
 .venv/bin/python ci/vllm_sources.py 0.33.0 .vllm-0.33
 .venv/bin/python -c "import vllm, torch, vllm_kvcdn; print('vllm', vllm.__version__, '| torch', torch.__version__, '| vllm-kvcdn', vllm_kvcdn.__version__)"

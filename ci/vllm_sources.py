@@ -1,5 +1,5 @@
 """Unpack the Python sources of a vLLM release wheel (no compiled parts), for the contract
-test against the current CUDA release on this CPU-only machine (tests/test_vllm_contract.py).
+test against the current CUDA release on this CPU-only machine (tests/unit/test_vllm_contract.py).
 
     python ci/vllm_sources.py VERSION DEST   # downloads vllm==VERSION (no dependencies) into DEST
 """

@@ -9,6 +9,33 @@ from pathlib import Path
 
 import pytest
 
+# Tests live in folders by kind (``-m KIND`` selects one); engine and server tests start
+# real vLLM engines (``-m "not engine"`` leaves them out).
+KINDS = {
+    "unit": "pure Python and vLLM's own objects, no engine",
+    "store": "real files and the real S3 protocol (moto), no engine",
+    "worker": "the worker half on plain tensors: loads, tiers, layouts",
+    "hf": "the transformers path and the catalog it writes",
+    "engine": "real vLLM engines in fresh processes",
+    "server": "real OpenAI-compatible servers over HTTP",
+}
+STARTS_ENGINES = {"engine", "server"}
+
+
+def pytest_configure(config):
+    for kind, what in KINDS.items():
+        config.addinivalue_line("markers", f"{kind}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: every test file goes in a folder of its kind: {sorted(KINDS)}")
+        item.add_marker(getattr(pytest.mark, kind))
+        if kind in STARTS_ENGINES:
+            item.add_marker(pytest.mark.engine)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def ledger_outside_home(tmp_path_factory):
@@ -104,9 +131,9 @@ def run_engine(tmp_path_factory) -> EngineRunner:
 
 @pytest.fixture(scope="session")
 def s3():
-    """moto's S3 server on loopback (tests/s3.py), with credentials in the environment
+    """moto's S3 server on loopback (tests/rigs/s3.py), with credentials in the environment
     for this process and the servers it starts."""
-    from tests.s3 import S3_ENV, MotoS3
+    from tests.rigs.s3 import S3_ENV, MotoS3
 
     saved = {name: os.environ.get(name) for name in S3_ENV}
     os.environ.update(S3_ENV)
@@ -123,7 +150,7 @@ def s3():
 @pytest.fixture
 def s3_proxy(s3):
     """A fault-injecting HTTP proxy in front of the S3 server."""
-    from tests.s3 import FaultProxy
+    from tests.rigs.s3 import FaultProxy
 
     proxy = FaultProxy(s3.endpoint)
     yield proxy

@@ -1,5 +1,5 @@
 """Everything we read from vLLM's config objects, in one place (vLLM 0.32 and 0.33: the CPU
-build and the current CUDA release; tests/test_vllm_contract.py checks both)."""
+build and the current CUDA release; tests/unit/test_vllm_contract.py checks both)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def cpu_worker_threads(vllm_config, *, in_worker: bool) -> int | str:
     OpenMP manager, as the executor did when it spawned the worker. With everything in one
     process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) nothing binds the threads: both halves
     ask torch. The two must agree: if they did not, no key would match (a miss, never a
-    wrong load; ``tests/test_async_io.py`` runs such an engine with a core reserved).
+    wrong load; ``tests/engine/test_async_io.py`` runs such an engine with a core reserved).
     """
     import torch
     import vllm.envs as envs

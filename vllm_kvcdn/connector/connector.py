@@ -52,7 +52,7 @@ class KVCDNConnector(KVConnectorBase_V1):
         delay = injected_faults().get("chunk_get_delay_s")
         if delay:
             store = LatencyStore(store, float(delay))
-        self._scheduler = self._worker = None
+        self.scheduler_half = self.worker_half = None
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvcdn.connector.scheduler import KVCDNScheduler
 
@@ -63,7 +63,7 @@ class KVCDNConnector(KVConnectorBase_V1):
                 logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r; inside a MultiConnector, "
                             "set it in the top-level --kv-transfer-config)", transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
-            self._scheduler = KVCDNScheduler(self.config, self.fingerprint, store)
+            self.scheduler_half = KVCDNScheduler(self.config, self.fingerprint, store)
             logger.info(
                 "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s, kernels %s)",
                 store.url, self.config.chunk_size, self.fingerprint.digest,
@@ -72,21 +72,21 @@ class KVCDNConnector(KVConnectorBase_V1):
         else:
             from vllm_kvcdn.connector.worker import KVCDNWorker  # torch work: the worker process only
 
-            self._worker = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
+            self.worker_half = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
                                        io_cpus=io_cpus(vllm_config))
 
     # -- worker side -------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches):
         """Once, at start: the engine's KV cache tensors by layer name (layout checked here)."""
-        self._worker.register_kv_caches(kv_caches)
+        self.worker_half.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Before the step's forward pass: start the loads the scheduler planned (in the
         background; their requests wait outside the step until ``get_finished``)."""
         meta = self._get_connector_metadata()
         if isinstance(meta, KVCDNMetadata):
-            self._worker.start_load_kv(meta)
+            self.worker_half.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Before a layer's attention: block until its KV is in."""
@@ -103,31 +103,31 @@ class KVCDNConnector(KVConnectorBase_V1):
         (their blocks may be reused next step); they are written in the background."""
         meta = self._connector_metadata
         if isinstance(meta, KVCDNMetadata) and meta.saves:
-            self._worker.wait_for_save(meta)
+            self.worker_half.wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose saves ended, requests whose loads ended): we never hold a
         finished request's blocks (None), and report every load that ended, failed or not."""
-        if self._worker is None:
+        if self.worker_half is None:
             return None, None
         meta = self._connector_metadata
         idle = isinstance(meta, KVCDNMetadata) and meta.idle
-        return None, self._worker.take_finished_loads(idle) or None
+        return None, self.worker_half.take_finished_loads(idle) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks of loads that failed since the last call: vLLM recomputes them and never
         caches them (``kv_load_failure_policy="recompute"``)."""
-        return self._worker.get_block_ids_with_load_errors() if self._worker else set()
+        return self.worker_half.get_block_ids_with_load_errors() if self.worker_half else set()
 
     def build_connector_worker_meta(self):
         """The worker's report of this step (``wire.WorkerReport``), or None."""
-        return self._worker.build_worker_meta() if self._worker else None
+        return self.worker_half.build_worker_meta() if self.worker_half else None
 
     def shutdown(self):
-        (self._worker or self._scheduler).shutdown()
+        (self.worker_half or self.scheduler_half).shutdown()
 
     def get_kv_connector_stats(self):
-        half = self._worker or self._scheduler
+        half = self.worker_half or self.scheduler_half
         return half.stats.take()
 
     @classmethod
@@ -146,31 +146,31 @@ class KVCDNConnector(KVConnectorBase_V1):
 
     def on_new_request(self, request: "Request") -> None:
         """A request arrives: its ``kv_transfer_params`` are read (untrusted; never raises)."""
-        self._scheduler.on_new_request(request)
+        self.scheduler_half.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
         """(tokens past ``num_computed_tokens`` we load, load asynchronously?); (None, False):
         ask again next step. May be called several times for one request."""
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self.scheduler_half.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         """The request's blocks are allocated: ``num_external_tokens`` of them are ours to fill."""
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        self.scheduler_half.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         """Once per step, after scheduling: the loads and saves the worker starts."""
-        return self._scheduler.build_connector_meta(scheduler_output)
+        return self.scheduler_half.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
         """The workers' output of a step: our ``WorkerReport`` rides in it."""
         report = connector_output.kv_connector_worker_meta
         if isinstance(report, WorkerReport):
-            self._scheduler.update_connector_output(report)
+            self.scheduler_half.update_connector_output(report)
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         """(hold the blocks?, kv_transfer_params of the response): never held; the report
         says what kvcdn did for the request."""
-        return self._scheduler.request_finished(request)
+        return self.scheduler_half.request_finished(request)
 
     # -- metrics -------------------------------------------------------------------
 

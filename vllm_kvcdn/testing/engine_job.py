@@ -196,9 +196,9 @@ def _install_block_spy(worker) -> None:
     import torch
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    half = get_kv_transfer_group()._worker
+    half = get_kv_transfer_group().worker_half
     half.spied_blocks = {}
-    load, save = half._load_request, half._submit_save
+    load, copy_out = half.loader.load, half.saver.copy_out
 
     def snapshot(of: str, block_ids: list[int]) -> None:
         ids = torch.tensor(block_ids, dtype=torch.long)
@@ -209,18 +209,18 @@ def _install_block_spy(worker) -> None:
         snapshot("load", spec.block_ids)
         return outcome
 
-    def spy_save(spec):
+    def spy_copy_out(spec):
         snapshot("save", spec.block_ids)
-        return save(spec)
+        return copy_out(spec)
 
-    half._load_request, half._submit_save = spy_load, spy_save
+    half.loader.load, half.saver.copy_out = spy_load, spy_copy_out
 
 
 def _block_digests(worker, of: str, tokens: int) -> dict:
     import torch
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    half = get_kv_transfer_group()._worker
+    half = get_kv_transfer_group().worker_half
     bs = half.geometry.block_size
     caches = half.spied_blocks[of]  # block i of the copy is the request's i-th block
     block_ids = list(range(caches[0].shape[0]))

@@ -1,5 +1,5 @@
 """Faults on the S3 path, end to end: a real engine reads published documents from moto's
-S3 server (the real protocol, tests/s3.py) through a node disk tier and the fault proxy.
+S3 server (the real protocol, tests/rigs/s3.py) through a node disk tier and the fault proxy.
 
 One engine publishes five documents; then, in the bucket or at the HTTP boundary:
 - ``flip`` / ``truncate``: the first chunk object is replaced by a damaged copy (a
@@ -18,41 +18,35 @@ prefix cache (level 2).
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import pytest
 
-from tests.s3 import FaultProxy
+from tests.rigs.documents import EXTERNAL, document, query
+from tests.rigs.s3 import FaultProxy
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.testing.exactness import identical
-
-pytestmark = pytest.mark.engine
 
 DAMAGE = {"flip": "checksum", "truncate": "truncated", "delete": "missing"}  # kind -> failure reason
 DOCS = (*DAMAGE, "reset", "during")
 DOC_TOKENS = 512  # whole blocks: plain vLLM's prefix cache then reuses exactly the document
 NEW_TOKENS = 8
-EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 ENGINE_ARGS = {"max_num_batched_tokens": 2048}
 PREFIX = "tiny"
 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.testing.tiny_model import corpus
-
-    lines = corpus()
     out = {}
     for i, name in enumerate(DOCS):
-        doc = tokenizer(" ".join(lines[1200 + i * 200 : 1400 + i * 200])).input_ids[:DOC_TOKENS]
-        assert len(doc) == DOC_TOKENS
+        doc = document(tokenizer, 1200 + i * 200, DOC_TOKENS)
         out[name] = doc
         out[f"{name}_q"] = doc + tokenizer(" Q: who rang the bell at noon? A:").input_ids
     return out
 
 
-def _query(name: str, ids: list[int]) -> dict:
-    return {"name": name, "op": "query", "ids": ids, "max_tokens": NEW_TOKENS}
+_query = partial(query, max_tokens=NEW_TOKENS)
 
 
 def _damage(client, bucket: str, key: str, kind: str) -> None:

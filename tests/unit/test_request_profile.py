@@ -1,7 +1,7 @@
 """A request's profile: what its chunk keys carry besides tokens (salt, LoRA adapter by the
 digest of its files), and the requests served without kvcdn because their tokens do not
 name their inputs (images, prompt embeddings, unreadable adapters). The scheduler half runs
-on vLLM's own request objects (tests/scheduler_rig.py), no engine; the engine tests
+on vLLM's own request objects (tests/rigs/scheduler.py), no engine; the engine tests
 (test_vllm_features.py) check the answers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.scheduler_rig import PUBLISH_KEY, admit, publish, scheduler, vllm_request
+from tests.rigs.scheduler import PUBLISH_KEY, admit, publish, scheduler, vllm_request
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.connector.request_profile import AdapterDigests, request_profile
 from vllm_kvcdn.store import open_store

@@ -87,7 +87,7 @@ import os
 import signal
 import sys
 from vllm_kvcdn.market import ledger
-from tests.test_ledger import read
+from tests.unit.test_ledger import read
 writer = ledger.LedgerWriter(sys.argv[1], flush_s=60)  # only a close (or exit) writes
 for i in range(int(sys.argv[2]), int(sys.argv[3])):
     writer.record(read(i))

@@ -1,7 +1,7 @@
 """The connector against vLLM's connector contract, without a GPU: under the installed CPU
 build (0.32) and under vLLM 0.33, the current release, whose Python sources ``ci/setup.sh``
 unpacks into ``.vllm-0.33`` (the CUDA wheel's .py files only, imported beside this venv's
-torch; nothing of it is installed). ``tests/vllm_contract.py`` does the checking in a
+torch; nothing of it is installed). ``tests/rigs/vllm_contract.py`` does the checking in a
 process of its own, since only one vLLM can be imported per process."""
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_033 = ROOT / ".vllm-0.33"
+from tests.rigs import REPO
+
+VLLM_033 = REPO / ".vllm-0.33"
 
 
 def contract(tmp_path, tiny_model, adapter, extra_env: dict) -> dict:
     env = {**os.environ, "KVCDN_DIGEST_CACHE": str(tmp_path / "digests.json"), **extra_env}
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm_contract", str(tiny_model), str(adapter),
-                           str(tmp_path / "store")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tests.rigs.vllm_contract", str(tiny_model), str(adapter),
+                           str(tmp_path / "store")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CONTRACT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(lines[-1].removeprefix("CONTRACT "))

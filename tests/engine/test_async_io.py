@@ -12,33 +12,30 @@ round trip made long), so a load is still reading while the engine goes on:
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
+from tests.rigs.documents import EXTERNAL, document, query
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.config import TEST_FAULTS_ENV
 from vllm_kvcdn.testing.exactness import identical
 
 DOC_TOKENS = 300  # one whole chunk and a tail
-EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.testing.tiny_model import corpus
-
-    lines = corpus()
     out = {}
     for i, name in enumerate("abc"):
-        doc = tokenizer(" ".join(lines[600 + i * 200 : 800 + i * 200])).input_ids[:DOC_TOKENS]
-        assert len(doc) == DOC_TOKENS
+        doc = document(tokenizer, 600 + i * 200, DOC_TOKENS)
         out[name] = doc
         out[f"{name}_q"] = doc + tokenizer(" Q: who opened the gate? A:").input_ids
         out[f"{name}_q2"] = doc + tokenizer(" Question: what did the letter say?").input_ids
     return out
 
 
-def _query(name: str, ids: list[int]) -> dict:
-    return {"name": name, "op": "query", "ids": ids, "max_tokens": 8}
+_query = partial(query, max_tokens=8)
 
 
 @pytest.fixture(scope="module")

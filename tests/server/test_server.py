@@ -27,7 +27,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.servers import (
+from tests.rigs.servers import (
     Reference,
     ask,
     ask_all_at_once,
@@ -40,8 +40,6 @@ from tests.servers import (
 from vllm_kvcdn.api.client import APIError, SideAPIClient
 from vllm_kvcdn.market import ledger
 from vllm_kvcdn.store.keys import chunk_object_key
-
-pytestmark = pytest.mark.engine
 
 KEY = "test-publisher-key"
 QUESTIONS = ["Why is it exact?", "What is a chunk?", "Who pays for prefill?", "What happens on damage?"]
@@ -373,7 +371,7 @@ def test_plain_vllm_with_kv_transfer_config_publishes_and_hits(tiny_model, tmp_p
     into, waiting for its result with a second request, then an ordinary request hits."""
     import sys
 
-    from tests.servers import COMMON_ARGS, SERVER_ENV
+    from tests.rigs.servers import COMMON_ARGS, SERVER_ENV
     from vllm_kvcdn.testing.offline import kv_transfer_config
     from vllm_kvcdn.testing.server_process import Server
 

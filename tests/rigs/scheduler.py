@@ -1,6 +1,6 @@
 """The connector's scheduler half driven with vLLM's own objects (``Request``,
 ``LoRARequest``, ``MultiModalFeatureSpec``, ``KVCacheBlocks``), no engine: for the unit
-tests, and for ``tests/vllm_contract.py`` under another vLLM release."""
+tests, and for ``tests/rigs/vllm_contract.py`` under another vLLM release."""
 
 from __future__ import annotations
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.rigs import REPO
 from vllm_kvcdn.market import economics
 from vllm_kvcdn.market.economics import Tariff, break_even, from_scratch, kv_reuse, storage_aware, worked_example
 
-RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def test_the_papers_worked_example():

@@ -16,21 +16,20 @@ about stale blocks does not depend on it, only which of the two references appli
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.rigs.documents import EXTERNAL, document, query
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.testing.exactness import identical
-
-pytestmark = pytest.mark.engine
 
 DAMAGE = {"flip": "checksum", "truncate": "truncated", "delete": "missing"}  # kind -> failure reason
 ABORT_AFTER_STEPS = (0, 1, 2, 3)
 DOC_TOKENS = 512  # whole blocks: a resident document is then exactly what a later request reuses
 NEW_TOKENS = 12
-EXTERNAL_HITS = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 ENGINE_ARGS = {"max_num_batched_tokens": 2048}  # every prompt here is one prefill step
 
 
@@ -48,23 +47,18 @@ def _damage(store: Path, key: str, kind: str) -> None:
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.testing.tiny_model import corpus
-
-    lines = corpus()
     out = {}
     for i, kind in enumerate(DAMAGE):
-        doc = tokenizer(" ".join(lines[3000 + i * 200 : 3200 + i * 200])).input_ids[:DOC_TOKENS]
-        assert len(doc) == DOC_TOKENS
+        doc = document(tokenizer, 3000 + i * 200, DOC_TOKENS)
         out[f"doc_{kind}"] = doc
         out[f"{kind}_aborted"] = doc + tokenizer(" Question: who kept the ledger? Answer:").input_ids
         out[f"{kind}_later"] = doc + tokenizer(" Q: where does the road end? A:").input_ids
-    out["doc_intact"] = tokenizer(" ".join(lines[3600:3800])).input_ids[:DOC_TOKENS]
+    out["doc_intact"] = document(tokenizer, 3600, DOC_TOKENS)
     out["intact_query"] = out["doc_intact"] + tokenizer(" Q: who pays? A:").input_ids
     return out
 
 
-def _query(name: str, ids: list[int]) -> dict:
-    return {"name": name, "op": "query", "ids": ids, "max_tokens": NEW_TOKENS}
+_query = partial(query, max_tokens=NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +135,7 @@ def test_abort_after_failed_load_leaves_no_stale_blocks(runs, kind):
         assert kept[k] in (0, DOC_TOKENS), (k, kept[k])
         reference = cold if kept[k] == 0 else warm
         assert identical(later["answer"], reference), (k, kept[k], later["answer"], reference)
-        assert later["counters"].get(EXTERNAL_HITS, 0) == 0, later["counters"]
+        assert later["counters"].get(EXTERNAL, 0) == 0, later["counters"]
     # Aborted before its recompute: nothing of the document kept; after it: the document
     # is resident in vLLM's prefix cache, as the recompute (not the failed load) wrote it.
     assert kept[0] == 0 and kept[max(ABORT_AFTER_STEPS)] == DOC_TOKENS, kept

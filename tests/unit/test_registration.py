@@ -6,7 +6,6 @@ lmcache package, so it is resolved here, not started)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,11 @@ from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
+from tests.rigs import REPO
 from vllm_kvcdn.connector.connector import KVCDNConnector  # noqa: E402
 from vllm_kvcdn.plugin import register  # noqa: E402
 
-PRESETS = Path(__file__).resolve().parent.parent / "connectors"
+PRESETS = REPO / "connectors"
 
 
 @pytest.fixture(scope="module", autouse=True)

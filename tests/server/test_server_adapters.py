@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ask, kvcdn_server
+from tests.rigs.servers import ask, kvcdn_server
 from vllm_kvcdn.api.client import APIError, SideAPIClient
 from vllm_kvcdn.connector.request_profile import AdapterDigests
-
-pytestmark = pytest.mark.engine
 
 KEY = "adapter-test-key"
 

@@ -1,4 +1,4 @@
-"""The s3:// store against a real S3 server on loopback (moto's, tests/s3.py), with faults
+"""The s3:// store against a real S3 server on loopback (moto's, tests/rigs/s3.py), with faults
 injected at the HTTP boundary by a proxy: nothing on the client side is stubbed."""
 
 from __future__ import annotations

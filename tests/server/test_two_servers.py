@@ -1,5 +1,5 @@
 """Two `kvcdn serve` processes on one S3 bucket (moto's S3 server on loopback: the real
-protocol, tests/s3.py): what one publishes the other serves within the refresh bound,
+protocol, tests/rigs/s3.py): what one publishes the other serves within the refresh bound,
 what one deletes the other stops serving, a restart keeps everything, and both serve
 concurrent traffic over documents published on either.
 
@@ -16,11 +16,9 @@ import urllib.request
 
 import pytest
 
-from tests.s3 import FaultProxy
-from tests.servers import ask, kvcdn_server, reference_answers, start_all, vllm_server
+from tests.rigs.s3 import FaultProxy
+from tests.rigs.servers import ask, kvcdn_server, reference_answers, start_all, vllm_server
 from vllm_kvcdn.api.client import SideAPIClient
-
-pytestmark = pytest.mark.engine
 
 KEY = "fleet-publisher-key"
 REFRESH_S = 2.0  # the default bound: index_refresh_s

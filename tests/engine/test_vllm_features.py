@@ -11,31 +11,25 @@ and ours cover the same span. Every load is read from vLLM's own counters."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
+from tests.rigs.documents import COMPUTED, EXTERNAL, document, query
 from vllm_kvcdn.testing.exactness import identical
 
-pytestmark = pytest.mark.engine
-
-COMPUTED = "vllm:request_prefill_kv_computed_tokens"
-EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 DOC_TOKENS = 512
 QUESTION = " Question: which river runs past the stone city in winter? Answer:"
 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    from vllm_kvcdn.testing.tiny_model import corpus
-
-    lines = corpus()
     question = tokenizer(QUESTION).input_ids
-    docs = {"d1": tokenizer(" ".join(lines[:200])).input_ids[:DOC_TOKENS],
-            "d2": tokenizer(" ".join(lines[400:600])).input_ids[:DOC_TOKENS]}
+    docs = {"d1": document(tokenizer, 0, DOC_TOKENS), "d2": document(tokenizer, 400, DOC_TOKENS)}
     return {**docs, **{f"{name}_q": ids + question for name, ids in docs.items()}}
 
 
-def _query(name, ids, **kw):
-    return {"name": name, "op": "query", "ids": ids, "max_tokens": 12, **kw}
+_query = partial(query, max_tokens=12)
 
 
 def _level2(doc, prompt, **kw):

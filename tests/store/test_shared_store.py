@@ -1,7 +1,7 @@
 """One bucket, many nodes: documents published to S3 by one producer and read by others,
 through a node's disk tier; propagation of publishes and deletions to another node's
 index; concurrent and interrupted publishes; garbage collection. Real S3 protocol
-(moto's server, tests/s3.py), real artifacts from the transformers path."""
+(moto's server, tests/rigs/s3.py), real artifacts from the transformers path."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.rigs import REPO
 from vllm_kvcdn.cli.serve import build_command, plugin_allowlist
 from vllm_kvcdn.config import KVCDNConfig
 
@@ -63,9 +64,8 @@ def test_serve_adds_only_what_is_missing():
 
 def test_presets_parse():
     import json
-    from pathlib import Path
 
-    presets = Path(__file__).resolve().parent.parent / "connectors"
+    presets = REPO / "connectors"
     for path in presets.glob("*.json"):
         config = json.loads(path.read_text())
         kvcdn = [config] if config["kv_connector"] == "KVCDNConnector" else [

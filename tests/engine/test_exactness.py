@@ -29,8 +29,6 @@ from vllm_kvcdn.config import TEST_FAULTS_ENV
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 
-pytestmark = pytest.mark.engine
-
 COMPUTED = "vllm:request_prefill_kv_computed_tokens"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits"
 BY_SOURCE_EXTERNAL = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"

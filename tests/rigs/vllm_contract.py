@@ -1,8 +1,8 @@
 """The connector against the vLLM that is importable, without an engine or a GPU:
 
-    python -m tests.vllm_contract MODEL_DIR ADAPTER_DIR STORE_DIR   # prints a JSON report
+    python -m tests.rigs.vllm_contract MODEL_DIR ADAPTER_DIR STORE_DIR   # prints a JSON report
 
-``tests/test_vllm_contract.py`` runs it under the installed vLLM (the CPU build, 0.32) and
+``tests/unit/test_vllm_contract.py`` runs it under the installed vLLM (the CPU build, 0.32) and
 under vLLM 0.33's own Python sources (the CUDA release; ``ci/setup.sh`` unpacks them into
 ``.vllm-0.33``, nothing of it installed): the base class's abstract methods, the
 signatures of every method we override, the properties and class hooks, our connector's
@@ -54,7 +54,7 @@ def scheduler_half(model: str, adapter: str, store: str) -> dict:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
-    from tests.scheduler_rig import blocks_for, publish, vllm_request
+    from tests.rigs.scheduler import blocks_for, publish, vllm_request
     from vllm_kvcdn.connector.connector import KVCDNConnector
     from vllm_kvcdn.connector.request_profile import AdapterDigests
     from vllm_kvcdn.store import open_store
@@ -77,7 +77,7 @@ def scheduler_half(model: str, adapter: str, store: str) -> dict:
         fingerprint = connector.fingerprint.digest
         docs = {"base": publish(open_store(url), doc, fingerprint=fingerprint),
                 "a": publish(open_store(url), doc, fingerprint=fingerprint, adapter=adapter_digest)}
-        connector._scheduler.index.refresh(force=True)
+        connector.scheduler_half.index.refresh(force=True)
         out["requires_kv_delivery"] = connector.requires_kv_delivery
         out["fingerprint_runtime"] = connector.fingerprint.fields["runtime"]
         cases = {"base": {}, "a": {"lora": LoRARequest("a", 1, adapter)}, "image": {"image": True},

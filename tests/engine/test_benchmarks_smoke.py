@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.engine
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.rigs import REPO
+
+BENCH = REPO / "benchmarks"
 
 
 def run(script: str, *args: str, timeout: float = 900) -> None:

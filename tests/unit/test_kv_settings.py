@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.rigs import REPO
 from vllm_kvcdn.artifact.fingerprint import fingerprint_diff
 from vllm_kvcdn.connector.kv_settings import (
     FINGERPRINT,
@@ -68,7 +69,7 @@ SERVED_PLAIN_CHECKED = {
 REFUSED_ELSEWHERE = {
     "hybrid KV cache groups (Mamba/linear attention, MLA, all-sliding-window, cross-attention)":
         "test_kv_cache_groups_are_checked below",
-    "--enable-sleep-mode": "vLLM 0.32 refuses sleep mode on CPU itself; tests/vllm_contract.py (0.33's hook)",
+    "--enable-sleep-mode": "vLLM 0.32 refuses sleep mode on CPU itself; tests/rigs/vllm_contract.py (0.33's hook)",
 }
 
 
@@ -108,11 +109,10 @@ def test_every_row_is_checked():
 
 
 def test_the_readme_holds_the_table():
-    from pathlib import Path
 
     from vllm_kvcdn.connector.kv_settings import markdown_table
 
-    assert markdown_table() in (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize("setting", sorted(FINGERPRINT_VARIANTS))
