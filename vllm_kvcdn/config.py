@@ -7,14 +7,14 @@ from dataclasses import dataclass, field, fields
 
 from vllm_kvcdn.defaults import (
     DEFAULT_CHUNK_SIZE,
+    ENVIRONMENT,
     PUBLISHER_KEY_ENV,
+    TEST_FAULTS_ENV,
     default_ledger_path,
     default_store_url,
     disk_tier_dir,
 )
 from vllm_kvcdn.market.economics import Tariff
-
-TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: comma-separated faults to inject (see injected_faults)
 
 
 def injected_faults() -> dict[str, str]:
@@ -26,75 +26,80 @@ def injected_faults() -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in faults}
 
 
+def setting(default=None, *, doc: str, shown: str | None = None, factory=None, **kw):
+    """A setting: its default (or ``factory``), what it does (``doc``), and how the
+    table shows the default (``shown``; else its value). ``settings_markdown`` prints them."""
+    meta = {"doc": doc, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass(frozen=True)
 class KVCDNConfig:
-    # Where artifacts live: file:///path (default $KVCDN_STORE or ~/.cache/kvcdn), or
-    # s3://bucket/prefix[?endpoint_url=...] shared by many servers (store/s3.py).
-    store_url: str = field(default_factory=default_store_url)
-    # The node's disk tier in front of the store (for s3://): chunks once read stay on
-    # local disk, least recently used out first, across restarts. 0: off.
-    disk_cache_gib: float = 0.0
-    disk_cache_dir: str = field(default_factory=lambda: str(disk_tier_dir()))
-    # With the disk tier on, each worker also keeps the engine's own block images of the
-    # chunks it loaded (its RAM tier's slots) under disk_cache_dir/images, bounded by
-    # disk_cache_gib too: a read from disk then skips the packing op. false: canonical only.
-    disk_images: bool = True
-    # How often the scheduler looks for documents published or deleted by other servers
-    # (one listing of the manifests; only new or changed ones are read).
-    index_refresh_s: float = 2.0
-    # Tokens per chunk; a multiple of the engine's KV block size.
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    # Verify each chunk's checksum before it is copied into the KV cache.
-    verify_checksums: bool = True
-    # Host-RAM tier per worker: engine-native images of hot chunks' whole blocks (0: off).
-    ram_tier_gib: float = 1.0
-    # How long a publish may hold back new requests while in-flight ones finish, so its
-    # prefill runs alone and its bytes depend only on the tokens and the compute profile
-    # (connector/publish_gate.py). 0: publishes share steps; their bytes then depend on
-    # the batch, which the manifest records.
-    publish_isolation_s: float = 10.0
-    # The publisher key: a request may publish or verify through kv_transfer_params only
-    # when it carries this key ({"kvcdn": {"publish": true, "key": ...}}). Empty (the
-    # default, unless $KVCDN_PUBLISHER_KEY is set, as `kvcdn serve` does): no request may.
-    # vLLM logs its arguments at start: prefer the environment variable.
-    publish_key: str = field(default="", repr=False)
-    # Store reads, checks and writes run in background threads, never holding an engine
-    # step. false: they run inside the step (how kvcdn ran before background I/O; kept so benchmarks
-    # can compare both in one run).
-    async_io: bool = True
-    # Chunk reads in flight at once per worker (a remote store's round trips overlap); the
-    # worker keeps io_threads + 2 chunk-sized read buffers (connector/read_buffers.py).
-    io_threads: int = 4
-    # A background load still reading after this many seconds gives up on the chunks it
-    # has not written (they are recomputed, counted as reason "timeout"): a slow or hung
-    # store delays a request by at most this much.
-    load_timeout_s: float = 10.0
-    # Background load jobs per worker: requests whose chunks load at once (each runs its
-    # chunk reads on the io_threads).
-    load_jobs: int = 2
-    # How long a worker step that computes nothing waits for a background job to end
-    # before vLLM steps again (longer: fewer idle steps, later reports).
-    idle_wait_s: float = 0.005
-    # How long a wait_for or sync_index request (the side API's second request of a
-    # publish, verify or delete) may wait in vLLM's queue before it answers "pending".
-    wait_limit_s: float = 600.0
-    # Publish/verify results the scheduler keeps for wait_for requests (oldest dropped).
-    max_results: int = 4096
-    # The metering ledger (ledger.py): one row per successful cache read, in this SQLite
-    # file ($KVCDN_LEDGER, else ~/.cache/kvcdn/ledger.sqlite3). "": no ledger.
-    ledger_path: str = field(default_factory=default_ledger_path)
-    # Prices for the usage report (economics.Tariff): input_usd_per_mtok,
-    # cache_read_multiplier, storage_usd_per_gb_month, egress_usd_per_gb.
-    tariff: dict = field(default_factory=dict)
-    # A benchmark result (benchmarks/gpu_paper_table.py or paper_table.py JSON) whose
-    # read/prefill ratios estimate the provider's compute cost in the usage report;
-    # "": the paper's Table 1.
-    measured_ratios: str = ""
-    # How published chunks are stored (codec.py): "auto" compresses for a remote store
-    # (s3://: zstd:1 over byte planes, artifact format v2) and not for a local one (file://:
-    # decoding costs more than the read it saves; benchmarks/compression.py measures both);
-    # "none", or a codec: "zstd[:level]", "lz4", "zlib[:level]". Readers take every format.
-    codec: str = "auto"
+    """``kv_connector_extra_config``: every key, its default and what it does (the
+    README's settings table is printed from here: ``settings_markdown``)."""
+
+    store_url: str = setting(
+        factory=default_store_url, shown="`$KVCDN_STORE`, else `file://~/.cache/kvcdn`",
+        doc="where artifacts live: `file:///path`, or `s3://bucket/prefix[?endpoint_url=...]` shared by many "
+            "servers (store/s3.py)")
+    chunk_size: int = setting(DEFAULT_CHUNK_SIZE, doc="tokens per chunk, a multiple of the engine's KV block size")
+    publish_key: str = setting(
+        "", repr=False, shown="`$KVCDN_PUBLISHER_KEY`, else none",
+        doc="the key a request must carry to publish, verify or `wait_for` through `kv_transfer_params` (none: "
+            "no request may); vLLM logs its arguments, so prefer the environment variable")
+    publish_isolation_s: float = setting(
+        10.0, doc="how long a publish may hold new requests back so its prefill runs alone and its bytes depend "
+                  "only on the tokens and the compute profile (connector/publish_gate.py); 0: publishes share "
+                  "steps, and the manifest says so")
+    ram_tier_gib: float = setting(
+        1.0, doc="per-worker host-RAM tier of hot chunks' engine-native block images, allocated at start (0: off)")
+    verify_checksums: bool = setting(True, doc="check every chunk's checksum before it enters the KV cache")
+    async_io: bool = setting(
+        True, doc="store reads, checks and writes in background threads, never holding an engine step (false: "
+                  "inside the step, kept so benchmarks compare both)")
+    io_threads: int = setting(
+        4, doc="chunk reads in flight at once per worker; the worker keeps `io_threads` + 2 chunk-sized read "
+               "buffers (connector/read_buffers.py)")
+    load_jobs: int = setting(2, doc="requests whose chunks a worker loads at once (each uses the read threads)")
+    load_timeout_s: float = setting(
+        10.0, doc="a load still reading after this long gives up on the chunks it has not written; they are "
+                  "computed (failure reason `timeout`): a slow store delays a request by at most this much")
+    idle_wait_s: float = setting(
+        0.005, doc="how long a worker step that computes nothing waits for a background job before vLLM steps "
+                   "again (longer: fewer idle steps, later reports)")
+    disk_cache_gib: float = setting(
+        0.0, shown="0 (off)", doc="the node's disk budget: chunks read from an `s3://` store stay on local disk, "
+                                  "least recently used out first, across restarts; the block images below count "
+                                  "against it too (store/lru.py)")
+    disk_cache_dir: str = setting(factory=lambda: str(disk_tier_dir()), shown="`~/.cache/kvcdn/disk-tier`",
+                                  doc="where the disk tier keeps its files")
+    disk_images: bool = setting(
+        True, doc="with the disk tier on, each worker also keeps its block images of loaded chunks there, read "
+                  "back without the packing op (false: canonical chunks only)")
+    index_refresh_s: float = setting(
+        2.0, doc="how soon documents other servers publish or delete are seen (one listing of the manifests per "
+                 "refresh; only new or changed ones are read)")
+    wait_limit_s: float = setting(
+        600.0, doc="how long a `wait_for` or `sync_index` request (the side API's second request of a publish, "
+                   "verify or delete) may wait in vLLM's queue before it answers `pending`")
+    max_results: int = setting(4096, doc="publish and verify results kept for `wait_for` requests (oldest out)")
+    codec: str = setting(
+        "auto", doc="how published chunks are stored: `auto` = `zstd:1` over byte planes (format v2) for "
+                    "`s3://`, raw (v1) for `file://`; `none`, `zstd[:level]`, `lz4`, `zlib[:level]`; readers take "
+                    "every format (artifact/codec.py)")
+    ledger_path: str = setting(
+        factory=default_ledger_path, shown="`$KVCDN_LEDGER`, else `~/.cache/kvcdn/ledger.sqlite3`",
+        doc="the metering ledger: one SQLite row per successful cache read (`\"\"` or `KVCDN_LEDGER=off`: none)")
+    tariff: dict = setting(
+        factory=dict, shown="the paper's prices",
+        doc="prices for the usage report: `input_usd_per_mtok`, `cache_read_multiplier`, "
+            "`storage_usd_per_gb_month`, `egress_usd_per_gb` (market/economics.py)")
+    measured_ratios: str = setting(
+        "", shown="the paper's Table 1",
+        doc="a `benchmarks/results/*.json` (`gpu_paper_table.py` or `paper_table.py`) whose read/prefill ratios "
+            "estimate the compute a read costs the provider")
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -176,3 +181,14 @@ class KVCDNConfig:
                 f"size {block_size}; set kv_connector_extra_config.chunk_size to a multiple of "
                 f"{block_size} (e.g. {max(block_size, self.chunk_size // block_size * block_size)})"
             )
+
+
+def settings_markdown() -> str:
+    """The README's table of settings and environment variables (a test keeps them equal)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    for f in fields(KVCDNConfig):
+        default = f.metadata["shown"] or f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"
+        rows.append(f"| `{f.name}` | {default} | {f.metadata['doc']} |")
+    rows += ["", "| environment variable | what it does |", "|---|---|"]
+    rows += [f"| `{name}` | {doc} |" for name, doc in ENVIRONMENT.items()]
+    return "\n".join(rows)

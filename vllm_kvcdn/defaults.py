@@ -16,6 +16,15 @@ PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side 
 DIGEST_CACHE_ENV = "KVCDN_DIGEST_CACHE"  # where weight digests are cached (fingerprint.py)
 LEDGER_ENV = "KVCDN_LEDGER"  # the metering ledger's file when none is configured ("" or "off": none)
 DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: a multiple of the engine's KV block size
+TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: faults to inject (config.injected_faults)
+ENVIRONMENT = {  # every variable kvcdn reads, for the README's table (config.settings_markdown)
+    STORE_ENV: "the store URL where `store_url` is not set (`kvcdn` commands, the connector, the side API)",
+    PUBLISHER_KEY_ENV: "the publisher key where `publish_key` is not set (`kvcdn serve` sets it for the side API "
+                       "and the engine)",
+    LEDGER_ENV: "the ledger file where `ledger_path` is not set (`\"\"` or `off`: no ledger)",
+    DIGEST_CACHE_ENV: "where weight digests are cached (default `~/.cache/kvcdn/weight-digests.json`)",
+    TEST_FAULTS_ENV: "tests and benchmarks only: faults to inject (`skip_partial_tail`, `chunk_get_delay_s=S`)",
+}
 
 # A small vLLM CPU engine (tests, examples, the demo, benchmarks), with the same thread
 # setup whether a connector is configured or not: a kv_transfer_config otherwise makes

@@ -18,7 +18,7 @@ import pytest
 
 from tests.rigs.documents import EXTERNAL, document, query
 from vllm_kvcdn.artifact.manifest import Manifest
-from vllm_kvcdn.config import TEST_FAULTS_ENV
+from vllm_kvcdn.defaults import TEST_FAULTS_ENV
 from vllm_kvcdn.testing.exactness import identical
 
 DOC_TOKENS = 300  # one whole chunk and a tail

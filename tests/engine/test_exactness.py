@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from vllm_kvcdn.artifact.chain import document_chunks
-from vllm_kvcdn.config import TEST_FAULTS_ENV
+from vllm_kvcdn.defaults import TEST_FAULTS_ENV
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.testing.exactness import agreement, identical, max_logprob_diff
 

@@ -1,5 +1,7 @@
 """Connector settings: parsing, checks, and error messages that name the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from tests.rigs import REPO
@@ -73,3 +75,28 @@ def test_presets_parse():
         assert kvcdn, path
         for c in kvcdn:
             KVCDNConfig.from_extra_config(c["kv_connector_extra_config"]).check_block_size(16)
+
+
+def test_every_setting_and_environment_variable_is_documented_once_in_the_readme():
+    """The README's table is printed from the settings themselves; a setting without a doc,
+    or a table left behind, fails here."""
+    from dataclasses import fields
+
+    from vllm_kvcdn.config import KVCDNConfig, settings_markdown
+
+    assert all(f.metadata.get("doc") for f in fields(KVCDNConfig))
+    readme = (REPO / "README.md").read_text()
+    begin, end = readme.index("<!-- settings:begin -->"), readme.index("<!-- settings:end -->")
+    assert readme[begin:end].split("\n", 1)[1].strip() == settings_markdown()
+    assert "Keys of `kv_connector_extra_config`" not in (REPO / "connectors" / "README.md").read_text()
+
+
+def test_every_environment_variable_read_is_in_the_table():
+    import re
+
+    import vllm_kvcdn
+    from vllm_kvcdn.defaults import ENVIRONMENT
+
+    package = Path(vllm_kvcdn.__file__).parent
+    named = {m for p in package.rglob("*.py") for m in re.findall(r'"(KVCDN_[A-Z_]+)"', p.read_text())}
+    assert named == set(ENVIRONMENT)
