@@ -73,7 +73,7 @@ class KVCDNConnector(KVConnectorBase_V1):
             from vllm_kvcdn.connector.worker import KVCDNWorker  # torch work: the worker process only
 
             self.worker_half = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
-                                       io_cpus=io_cpus(vllm_config))
+                                           io_cpus=io_cpus(vllm_config))
 
     # -- worker side -------------------------------------------------------------
 

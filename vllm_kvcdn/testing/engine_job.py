@@ -225,7 +225,7 @@ def _block_digests(worker, of: str, tokens: int) -> dict:
     caches = half.spied_blocks[of]  # block i of the copy is the request's i-th block
     block_ids = list(range(caches[0].shape[0]))
     whole = torch.tensor(block_ids[: tokens // bs], dtype=torch.long)
-    tail = half._slots(block_ids, tokens // bs * bs, tokens)
+    tail = half.geometry.slots(block_ids, tokens // bs * bs, tokens)
 
     def digest(tensors) -> str:
         h = hashlib.sha256()
