@@ -110,3 +110,12 @@ def test_compression_runs_and_every_codec_is_exact(tmp_path):
     assert rows[0]["codec"] == "none (v1)" and DEFAULT in {r["codec"] for r in rows}
     assert all(r["exact"] is True and r["ratio"] > 0 and r["decode_gbps"] > 0 for r in rows)
     assert (tmp_path / "compression.png").stat().st_size > 0
+
+
+def test_tp_bytes_compares_every_rank_of_a_tp2_engine(tiny_model, tmp_path):
+    run("tp_bytes.py", "--model", str(tiny_model), "--shape", "tiny", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "tp_bytes_tiny.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert rows["tp1_2threads"]["layers"] == rows["tp2"]["layers"] == layers
+    assert len(result["per_layer"]) == 2 * layers and (tmp_path / "tp_bytes_tiny.png").stat().st_size > 0

@@ -75,7 +75,9 @@ KV_SETTINGS = (
     KVSetting("--speculative-config with a draft model (eagle, eagle3, mtp, draft_model, ...)", REFUSED,
               "speculative_config", "draft layers keep KV an artifact does not hold; n-gram and suffix methods run"),
     KVSetting("--tensor-parallel-size, --pipeline-parallel-size, context parallelism > 1", REFUSED,
-              "parallel_config", "one worker holds all layers and heads (planned)"),
+              "parallel_config", "one worker holds all layers and heads (planned); TP=2 changes the KV bytes of "
+                                 "every layer after the first (benchmarks/tp_bytes.py): the TP size will be in the "
+                                 "compute profile"),
     KVSetting("--kv-cache-dtype fp8*", REFUSED, "kv_cache_dtype", "its scales are not in the artifact"),
     KVSetting("hybrid KV cache groups (Mamba/linear attention, MLA, all-sliding-window, cross-attention)", REFUSED,
               "kv_cache_groups", "one full-attention group only; sliding+full models run as one group "
