@@ -8,6 +8,7 @@ import logging
 import os
 
 from vllm_kvcdn.artifact.fingerprint import Fingerprint, cpu_kernels, cuda_kernels, model_fingerprint
+from vllm_kvcdn.artifact.parts import KVPart, rank_part
 from vllm_kvcdn.connector.geometry import KVGeometry
 
 SUPPORTED_VLLM = (0, 32), (0, 34)  # [from, to): the releases the connector is checked against
@@ -183,6 +184,9 @@ def runtime_settings(vllm_config) -> dict:
         "prefill_steps": prefill_steps(vllm_config.scheduler_config),
         "max_model_len": model_config.max_model_len,
     }
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    if tp_size > 1:  # changes every layer's KV after the first (benchmarks/tp_bytes.py); absent at 1
+        out["tensor_parallel_size"] = tp_size
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     if backend is not None:
         out["attention_backend"] = getattr(backend, "name", str(backend))
@@ -214,6 +218,20 @@ def vllm_fingerprint(vllm_config, *, in_worker: bool = False) -> Fingerprint:
         model_settings=model_settings(vllm_config),
         runtime=runtime_settings(vllm_config),
     )
+
+
+def total_kv_heads(vllm_config) -> int:
+    return vllm_config.model_config.get_total_num_kv_heads()
+
+
+def kv_part(vllm_config) -> KVPart | None:
+    """The KV heads this worker's tensor-parallel rank holds (None: one rank holds all)."""
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    if tp_size == 1:
+        return None
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return rank_part(total_kv_heads(vllm_config), tp_size, get_tensor_model_parallel_rank())
 
 
 def kv_geometry(vllm_config) -> KVGeometry:

@@ -5,6 +5,7 @@ tests, and for ``tests/rigs/vllm_contract.py`` under another vLLM release."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import torch
 
@@ -79,3 +80,15 @@ def admit(half: KVCDNScheduler, request) -> int:
     assert is_async, "loads are asynchronous"
     half.update_state_after_alloc(request, blocks_for(len(request.prompt_token_ids)), count)
     return count
+
+
+def step_output(*new: tuple, total: int | None = None) -> SimpleNamespace:
+    """A ``SchedulerOutput`` scheduling new requests: (request, block ids, tokens)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(ids,), num_computed_tokens=0)
+                            for r, ids, _ in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(),
+                                              num_computed_tokens=[]),
+        num_scheduled_tokens={r.request_id: n for r, _, n in new},
+        total_num_scheduled_tokens=sum(n for *_, n in new) if total is None else total,
+    )

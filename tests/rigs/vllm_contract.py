@@ -113,7 +113,7 @@ def refusals(model: str) -> dict:
                                                        "num_speculative_tokens": 2}),
             "ngram": refusal(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                  "prompt_lookup_max": 3}),
-            "tp2": refusal(tensor_parallel_size=2)}
+            "tp2": refusal(tensor_parallel_size=2), "pp2": refusal(pipeline_parallel_size=2)}
 
 
 def main(argv: list[str]) -> None:

@@ -34,6 +34,7 @@ FINGERPRINT_VARIANTS = {
     "--max-num-batched-tokens, --enable-chunked-prefill, --long-prefill-token-threshold":
         {"max_num_batched_tokens": 1024},
     "--max-model-len": {"max_model_len": 2048},
+    "--tensor-parallel-size": {"tensor_parallel_size": 2},
     "--enable-lora, --max-lora-rank, --lora-dtype, --fully-sharded-loras": {"enable_lora": True, "max_lora_rank": 8},
 }
 # Fingerprint rows checked elsewhere, and where.
@@ -53,8 +54,8 @@ REFUSED_AT_START = {
     "--speculative-config with a draft model (eagle, eagle3, mtp, draft_model, ...)":
         ({"speculative_config": {"method": "draft_model", "model": "{model}", "num_speculative_tokens": 2}},
          "'draft_model' keeps a KV cache for its draft layers"),
-    "--tensor-parallel-size, --pipeline-parallel-size, context parallelism > 1":
-        ({"tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
+    "--pipeline-parallel-size, context parallelism > 1":
+        ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
     "--kv-cache-dtype fp8*": ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype auto"),
     "--runner pooling": ({"runner": "pooling"}, "generative models"),
 }
@@ -116,8 +117,9 @@ def test_the_readme_holds_the_table():
 
 
 @pytest.mark.parametrize("setting", sorted(FINGERPRINT_VARIANTS))
-def test_a_setting_in_the_fingerprint_changes_it(config_of, setting):
+def test_a_setting_in_the_fingerprint_changes_it(config_of, setting, monkeypatch):
     (row,) = [r for r in KV_SETTINGS if r.setting == setting]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's CPU backend binds one core per rank
     base, changed = _fingerprint(config_of()), _fingerprint(config_of(**FINGERPRINT_VARIANTS[setting]))
     assert changed.digest != base.digest
     named = [line.split(":")[0] for line in fingerprint_diff(base.fields, changed.fields)]
@@ -140,8 +142,9 @@ def test_versions_are_in_the_fingerprint(config_of, monkeypatch):
 
 
 @pytest.mark.parametrize("setting", sorted(REFUSED_AT_START))
-def test_a_refused_setting_is_refused_at_start_with_the_way_out(config_of, setting):
+def test_a_refused_setting_is_refused_at_start_with_the_way_out(config_of, setting, monkeypatch):
     args, message = REFUSED_AT_START[setting]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's CPU backend binds one core per rank
     assert message in engine_refusal(config_of(**args))
     assert engine_refusal(config_of()) is None
 

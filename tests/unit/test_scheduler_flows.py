@@ -12,12 +12,21 @@ reads) and the worker's ``WorkerReport``.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from tests.rigs.scheduler import BLOCK, CHUNK, FINGERPRINT, PUBLISH_KEY, blocks_for, publish, vllm_request
+from tests.rigs.scheduler import (
+    BLOCK,
+    CHUNK,
+    FINGERPRINT,
+    PUBLISH_KEY,
+    blocks_for,
+    publish,
+    step_output,
+    vllm_request,
+)
+from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.chain import document_chunks
+from vllm_kvcdn.artifact.manifest import ManifestChunk
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.scheduler import KVCDNScheduler
 from vllm_kvcdn.connector.wire import DocumentResult, LoadReceipt, WorkerReport
@@ -26,18 +35,6 @@ from vllm_kvcdn.store import open_store
 
 DOC = list(range(100, 100 + 2 * CHUNK + 40))  # two whole chunks and a tail
 PROMPT = DOC + [7, 8, 9]
-
-
-def _step(*new: tuple, total: int | None = None) -> SimpleNamespace:
-    """A ``SchedulerOutput`` scheduling new requests: (request, block ids, tokens)."""
-    return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(ids,), num_computed_tokens=0)
-                            for r, ids, _ in new],
-        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(),
-                                              num_computed_tokens=[]),
-        num_scheduled_tokens={r.request_id: n for r, _, n in new},
-        total_num_scheduled_tokens=sum(n for *_, n in new) if total is None else total,
-    )
 
 
 @pytest.fixture
@@ -59,7 +56,7 @@ def test_a_publish_is_saved_at_the_end_of_its_prefill_and_its_result_is_waited_f
     half.on_new_request(other)
     assert half.get_num_new_matched_tokens(other, 0) == (None, False)  # held while the publish computes
     block_ids = list(range(1, -(-len(DOC) // BLOCK) + 1))
-    meta = half.build_connector_meta(_step((pub, block_ids, len(DOC))))
+    meta = half.build_connector_meta(step_output((pub, block_ids, len(DOC))))
     (save,) = meta.saves
     doc_id = document_chunks(DOC, FINGERPRINT.digest, None, CHUNK)[-1].key
     assert (save.doc_id, save.block_ids, save.title, save.verify) == (doc_id, block_ids, "t", False)
@@ -70,13 +67,17 @@ def test_a_publish_is_saved_at_the_end_of_its_prefill_and_its_result_is_waited_f
     wait = vllm_request([0], kvcdn={"wait_for": doc_id, "key": PUBLISH_KEY})
     half.on_new_request(wait)
     assert half.get_num_new_matched_tokens(wait, 0) == (None, False)  # the worker has not reported
-    result = DocumentResult(doc_id, False, True, save.prefill, {"num_chunks": 3})
-    half.update_connector_output(WorkerReport(documents={pub.request_id: result}))
+    stored = [ManifestChunk(s.key, s.parent, s.num_tokens, 100, "x") for s in save.spans]
+    result = DocumentResult(doc_id, False, True, save.prefill, {"num_chunks": 3}, stored=stored)
+    half.update_connector_output(WorkerReport(documents={pub.request_id: [result]}))
     assert half.get_num_new_matched_tokens(wait, 0) == (0, False)
     _, params = half.request_finished(wait)
     assert params["kvcdn"] == result.as_report()
-    # The worker wrote nothing here (no store write in this test), yet the scheduler's
-    # index took the document from the report: a request may hit it before any refresh.
+    # The scheduler wrote the manifest from what the worker stored (no chunk was written
+    # in this test), and its index took the document from the report: a request may hit
+    # it before any refresh.
+    manifest = catalog.get_manifest(half.index.store, doc_id)
+    assert [c.key for c in manifest.chunks] == [s.key for s in save.spans] and manifest.parts == []
     assert half.get_num_new_matched_tokens(other, 0) == (len(DOC), True)
 
 
@@ -87,14 +88,14 @@ def test_a_hit_is_planned_loaded_and_metered_once(half):
     half.on_new_request(request)
     assert half.get_num_new_matched_tokens(request, 0) == (len(DOC), True)
     half.update_state_after_alloc(request, blocks_for(len(PROMPT)), len(DOC))
-    meta = half.build_connector_meta(_step(total=0))
+    meta = half.build_connector_meta(step_output(total=0))
     (load,) = meta.loads
     assert meta.idle and load.req_id == request.request_id
     assert [(c.start, c.write_from, c.write_to, c.is_tail) for c in load.chunks] == \
         [(0, 0, CHUNK, False), (CHUNK, CHUNK, 2 * CHUNK, False), (2 * CHUNK, 2 * CHUNK, len(DOC), True)]
-    assert half.build_connector_meta(_step(total=0)).loads == []  # sent once
+    assert half.build_connector_meta(step_output(total=0)).loads == []  # sent once
     receipt = LoadReceipt(len(DOC), 1000, 900, 0.05)
-    half.update_connector_output(WorkerReport(loads={request.request_id: receipt}))
+    half.update_connector_output(WorkerReport(loads={request.request_id: [receipt]}))
     _, params = half.request_finished(request)
     assert params["kvcdn"] == {"hit": True, "document": doc_id, "matched_tokens": len(DOC), "loaded_tokens": len(DOC)}
     (row,) = ledger.reads(half.config.ledger_path, ledger.Filters(), 10)
@@ -108,7 +109,7 @@ def test_a_failed_load_is_not_claimed_not_metered_and_not_retried(half):
     half.on_new_request(request)
     count, _ = half.get_num_new_matched_tokens(request, 0)
     half.update_state_after_alloc(request, blocks_for(len(PROMPT)), count)
-    half.build_connector_meta(_step(total=0))
+    half.build_connector_meta(step_output(total=0))
     half.update_connector_output(WorkerReport(failed_loads={request.request_id}))
     assert half.get_num_new_matched_tokens(request, 0) == (0, False)  # recomputed, never loaded again
     _, params = half.request_finished(request)

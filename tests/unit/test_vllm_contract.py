@@ -65,4 +65,5 @@ def test_the_scheduler_half_runs_on_that_vllms_objects(report):
 def test_start_up_refusals_read_that_vllms_configs(report):
     refusals = report["refusals"]
     assert refusals["plain"] is None and refusals["ngram"] is None
-    assert "draft_model" in refusals["draft_model"] and "--tensor-parallel-size 1" in refusals["tp2"]
+    assert "draft_model" in refusals["draft_model"] and refusals["tp2"] is None
+    assert "--pipeline-parallel-size 1" in refusals["pp2"]

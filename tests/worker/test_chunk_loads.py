@@ -236,7 +236,7 @@ def test_a_worker_whose_layout_fails_the_probe_neither_loads_nor_publishes(store
         report = worker.build_worker_meta()
         assert report.refusal == worker.refusal and report.failed_loads == {"r1"}
         worker.wait_for_save(KVCDNMetadata(saves=[SaveSpec("p1", "doc", tokens[:BLOCK], [0], spans[:1])]))
-        result = worker.build_worker_meta().documents["p1"]
+        (result,) = worker.build_worker_meta().documents["p1"]
         assert not result.ok and result.as_report()["published"] is False
     finally:
         worker.shutdown()

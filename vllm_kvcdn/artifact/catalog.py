@@ -96,10 +96,18 @@ class Deleted:
 def delete_document(store: Store, entry: Entry) -> Deleted:
     """Manifest first (no request can match it any more), then chunks no one else uses."""
     store.delete(manifest_object_key(entry.doc_id))
-    keys = [c.key for c in entry.chunks] if isinstance(entry, Manifest) else _chain_back(store, entry.doc_id)
-    still_used = {c.key for other in manifests(store) for c in other.chunks}
-    deleted = sum(store.delete(chunk_object_key(k)) for k in keys if k not in still_used)
-    return Deleted(entry.doc_id, deleted, len(keys) - deleted)
+    if isinstance(entry, Manifest):
+        objects = _objects(entry)
+    else:
+        objects = [chunk_object_key(k) for k in _chain_back(store, entry.doc_id)]
+    still_used = {key for other in manifests(store) for key in _objects(other)}
+    deleted = sum(store.delete(key) for key in objects if key not in still_used)
+    return Deleted(entry.doc_id, deleted, len(objects) - deleted)
+
+
+def _objects(manifest: Manifest) -> list[str]:
+    """The object keys of a document's chunks (each part of a chunk stored in parts)."""
+    return [chunk_object_key(c.key, p.name) for c in manifest.chunks for p in c.stored()]
 
 
 def _chain_back(store: Store, last_key: str) -> list[str]:
@@ -127,12 +135,15 @@ def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
 
     out = []
     for c in manifest.chunks:
-        try:
-            kv, _ = read_chunk(store, c.key, fingerprint=manifest.fingerprint)
-            status = "ok" if kv.header.checksum == c.checksum else "checksum differs from the manifest"
-        except ArtifactError as e:
-            status = f"{e.reason}: {e}"
-        out.append((c.key, status))
+        statuses = []
+        for part in c.stored():
+            try:
+                kv, _ = read_chunk(store, c.key, part=part.name, fingerprint=manifest.fingerprint)
+                statuses.append("ok" if kv.header.checksum == part.checksum else
+                                f"{'part ' + part.name + ': ' if part.name else ''}checksum differs from the manifest")
+            except ArtifactError as e:
+                statuses.append(f"{e.reason}: {e}")
+        out.append((c.key, next((s for s in statuses if s != "ok"), "ok")))
     return out
 
 
@@ -142,7 +153,7 @@ def document_tokens(store: Store, manifest: Manifest) -> list[int]:
 
     tokens: list[int] = []
     for c in manifest.chunks:
-        tokens += read_chunk(store, c.key)[0].tokens.tolist()
+        tokens += read_chunk(store, c.key, part=c.stored()[0].name)[0].tokens.tolist()
     return tokens
 
 
@@ -159,7 +170,7 @@ def _referenced_chunks(store: Store) -> set[str]:
     for entry in entries(store):
         if isinstance(entry, DamagedManifest):  # its chunks cannot be told: refuse rather than break it
             raise ArtifactError("format", f"{entry.advice()}; then run gc again")
-        used.update(chunk_object_key(c.key) for c in entry.chunks)
+        used.update(_objects(entry))
     return used
 
 

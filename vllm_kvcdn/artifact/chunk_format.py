@@ -61,6 +61,7 @@ class ChunkHeader:
     codec: str = ""  # v2: how the data section is compressed ("zstd:1"); "": stored raw (v1)
     raw_bytes: int = 0  # v2: the data section's uncompressed length
     stored_bytes: int = 0  # v2: its compressed length
+    part: str = ""  # the KV heads it holds when a tensor-parallel rank wrote it (``parts``); "": all
 
 
 @dataclass
@@ -94,9 +95,11 @@ def encode_chunk(
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
     codec: str | None = None,
+    part: str = "",
 ) -> tuple[bytes, ChunkHeader]:
-    """Serialize one chunk: its token ids and per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``);
-    with ``codec`` (e.g. ``"zstd:1"``), in format v2."""
+    """Serialize one chunk (or one rank's ``part`` of it: its heads only): its token ids and
+    per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``); with ``codec`` (e.g.
+    ``"zstd:1"``), in format v2."""
     if len(keys) != len(values) or not keys:
         raise ValueError("need the same, non-zero number of K and V layers")
     shape = tuple(keys[0].shape)
@@ -132,8 +135,11 @@ def encode_chunk(
         num_kv_heads=shape[1],
         head_dim=shape[2],
         checksum=checksum(data),
+        part=part,
     )
-    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items() if k not in V2_FIELDS}}
+    # A whole chunk's header has no "part": its bytes are those of readers that predate parts.
+    meta = {"format": CHUNK_FORMAT, **{k: str(v) for k, v in asdict(header).items()
+                                       if k not in V2_FIELDS and (k != "part" or part)}}
     if codec:
         c = codecs.parse(codec)
         raw_bytes, data = len(data), codecs.encode(data, dtype.itemsize, c)
@@ -176,6 +182,7 @@ def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
             codec=meta["codec"] if compressed else "",
             raw_bytes=int(meta["raw_bytes"]) if compressed else 0,
             stored_bytes=int(meta["stored_bytes"]) if compressed else 0,
+            part=meta.get("part", ""),
         )
     except ArtifactError:
         raise
@@ -196,6 +203,7 @@ def decode_chunk(
     tokens: Sequence[int] | None = None,
     verify: bool = True,
     out: memoryview | None = None,
+    part: str | None = None,
 ) -> ChunkKV:
     """Decode a chunk, checking every expectation given. Tensors view ``data`` (a v1
     chunk) or the decompressed data section (v2: written into ``out`` when it is a
@@ -208,6 +216,7 @@ def decode_chunk(
         "num_layers": num_layers,
         "num_kv_heads": num_kv_heads,
         "head_dim": head_dim,
+        "part": part,
     }
     for name, want in expected.items():
         got = getattr(header, name)
@@ -253,7 +262,8 @@ def as_v1(data) -> bytes:
     if not header.codec:
         return bytes(data)
     kv = decode_chunk(data)
-    return encode_chunk(header.key, header.parent, header.fingerprint, kv.tokens.tolist(), kv.keys, kv.values)[0]
+    return encode_chunk(header.key, header.parent, header.fingerprint, kv.tokens.tolist(), kv.keys, kv.values,
+                        part=header.part)[0]
 
 
 def _decompress(header: ChunkHeader, body: memoryview, expected_bytes: int, width: int,

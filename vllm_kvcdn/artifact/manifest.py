@@ -21,12 +21,26 @@ class ArtifactError(Exception):
 
 
 @dataclass(frozen=True)
+class ChunkPart:
+    """One tensor-parallel rank's part of a chunk, as stored (``parts``)."""
+
+    name: str  # "h0-4of8": the KV heads it holds
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
 class ManifestChunk:
     key: str
     parent: str
     num_tokens: int
-    nbytes: int
-    checksum: str
+    nbytes: int  # of the chunk, or of all its parts
+    checksum: str  # of a whole chunk ("" when stored in parts: each part has its own)
+    parts: tuple[ChunkPart, ...] = ()  # a chunk stored in parts (tensor parallelism), in head order
+
+    def stored(self) -> list[ChunkPart]:
+        """What is stored for this chunk: its parts, or the whole chunk as the part ""."""
+        return list(self.parts) or [ChunkPart("", self.nbytes, self.checksum)]
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Manifest:
     producer: dict = field(default_factory=dict)
     title: str = ""
     metadata: dict = field(default_factory=dict)
+    parts: list[str] = field(default_factory=list)  # every chunk's part names, when stored in parts (TP)
     format: str = MANIFEST_FORMAT
 
     @property
@@ -54,6 +69,10 @@ class Manifest:
     def to_json(self) -> bytes:
         d = asdict(self)
         d["total_bytes"] = self.total_bytes
+        # A manifest of whole chunks has no "parts": readers that predate parts read it.
+        for c in [d, *d["chunks"]]:
+            if not c["parts"]:
+                del c["parts"]
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -63,7 +82,8 @@ class Manifest:
             if d.get("format") != MANIFEST_FORMAT:
                 raise ArtifactError("format", f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
             d.pop("total_bytes", None)
-            d["chunks"] = [ManifestChunk(**c) for c in d["chunks"]]
+            d["chunks"] = [ManifestChunk(**{**c, "parts": tuple(ChunkPart(**p) for p in c.get("parts", ()))})
+                           for c in d["chunks"]]
             m = cls(**d)
         except ArtifactError:
             raise
@@ -71,4 +91,6 @@ class Manifest:
             raise ArtifactError("format", f"manifest is not valid: {e}") from e
         if sum(c.num_tokens for c in m.chunks) != m.num_tokens:
             raise ArtifactError("format", f"manifest {m.doc_id[:16]}: chunk tokens do not add up")
+        if any([p.name for p in c.parts] != m.parts for c in m.chunks):
+            raise ArtifactError("format", f"manifest {m.doc_id[:16]}: its chunks' parts are not {m.parts}")
         return m

@@ -13,7 +13,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from vllm_kvcdn.compat import io_cpus, kv_geometry, unchecked_release, vllm_fingerprint
+from vllm_kvcdn.artifact.parts import all_parts
+from vllm_kvcdn.compat import io_cpus, kv_geometry, kv_part, total_kv_heads, unchecked_release, vllm_fingerprint
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.kv_settings import engine_refusal
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
@@ -63,7 +64,10 @@ class KVCDNConnector(KVConnectorBase_V1):
                 logger.info("kvcdn: setting kv_load_failure_policy='recompute' (was %r; inside a MultiConnector, "
                             "set it in the top-level --kv-transfer-config)", transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
-            self.scheduler_half = KVCDNScheduler(self.config, self.fingerprint, store)
+            tp_size = vllm_config.parallel_config.tensor_parallel_size
+            self.scheduler_half = KVCDNScheduler(self.config, self.fingerprint, store,
+                                                 parts=all_parts(total_kv_heads(vllm_config), tp_size),
+                                                 ranks=tp_size)
             logger.info(
                 "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s, kernels %s)",
                 store.url, self.config.chunk_size, self.fingerprint.digest,
@@ -73,7 +77,7 @@ class KVCDNConnector(KVConnectorBase_V1):
             from vllm_kvcdn.connector.worker import KVCDNWorker  # torch work: the worker process only
 
             self.worker_half = KVCDNWorker(self.config, self.fingerprint, store, kv_geometry(vllm_config),
-                                           io_cpus=io_cpus(vllm_config))
+                                           io_cpus=io_cpus(vllm_config), part=kv_part(vllm_config))
 
     # -- worker side -------------------------------------------------------------
 

@@ -74,10 +74,11 @@ KV_SETTINGS = (
     KVSetting("--runner pooling", REFUSED, "runner", "kvcdn serves generative models"),
     KVSetting("--speculative-config with a draft model (eagle, eagle3, mtp, draft_model, ...)", REFUSED,
               "speculative_config", "draft layers keep KV an artifact does not hold; n-gram and suffix methods run"),
-    KVSetting("--tensor-parallel-size, --pipeline-parallel-size, context parallelism > 1", REFUSED,
-              "parallel_config", "one worker holds all layers and heads (planned); TP=2 changes the KV bytes of "
-                                 "every layer after the first (benchmarks/tp_bytes.py): the TP size will be in the "
-                                 "compute profile"),
+    KVSetting("--tensor-parallel-size", FINGERPRINT, "runtime.tensor_parallel_size",
+              "TP=2 changes the KV bytes of every layer after the first (benchmarks/tp_bytes.py); each rank "
+              "stores and loads its own KV heads (absent at 1: one-rank artifacts keep their keys)"),
+    KVSetting("--pipeline-parallel-size, context parallelism > 1", REFUSED, "parallel_config",
+              "not run here: vLLM 0.32's CPU backend fails under PP=2 in its own model runner"),
     KVSetting("--kv-cache-dtype fp8*", REFUSED, "kv_cache_dtype", "its scales are not in the artifact"),
     KVSetting("hybrid KV cache groups (Mamba/linear attention, MLA, all-sliding-window, cross-attention)", REFUSED,
               "kv_cache_groups", "one full-attention group only; sliding+full models run as one group "
@@ -94,9 +95,9 @@ def engine_refusal(vllm_config, kv_cache_config=None) -> str | None:
     """Why the connector cannot run in this engine at all (a message that names the
     setting and what to do), or None."""
     model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        return ("tensor/pipeline parallelism is not supported yet; run with --tensor-parallel-size 1 "
-                "--pipeline-parallel-size 1")
+    if parallel.pipeline_parallel_size > 1:
+        return ("pipeline parallelism is not supported yet; run with --pipeline-parallel-size 1 (tensor "
+                "parallelism is: raise --tensor-parallel-size instead)")
     if getattr(parallel, "decode_context_parallel_size", 1) > 1 or \
             getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         return "context parallelism is not supported; run without --decode-context-parallel-size"

@@ -7,7 +7,7 @@ background thread, see ``index``)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_kvcdn.artifact.index import ChunkIndex, Match
@@ -31,12 +31,16 @@ class Hit:
     loaded_tokens: int  # from the store
     prompt_tokens: int
     tenant: str  # ledger.tenant_of(cache_salt)
-    failed: bool = False  # its load failed: recomputed, never retried
+    failed: bool = False  # its load failed on some rank: recomputed by every rank, never retried
+    receipts: list[LoadReceipt] = field(default_factory=list)  # one per rank whose load wrote every chunk
 
 
 class LoadPlanner:
-    def __init__(self, chunk_size: int, index: ChunkIndex, stats: KVCDNStats, ledger: LedgerWriter | None):
+    def __init__(self, chunk_size: int, index: ChunkIndex, stats: KVCDNStats, ledger: LedgerWriter | None,
+                 ranks: int = 1):
+        """``ranks``: the workers that each load their part of every hit (tensor parallelism)."""
         self.chunk_size, self.index, self.stats, self.ledger = chunk_size, index, stats, ledger
+        self.ranks = ranks
         self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
         self._planned: dict[str, tuple[Match, int]] = {}  # (match, tokens to hit) until blocks are allocated
         self._hits: dict[str, Hit] = {}
@@ -101,9 +105,13 @@ class LoadPlanner:
         for req_id in report.failed_loads:
             if req_id in self._hits:
                 self._hits[req_id].failed = True
-        for req_id, receipt in report.loads.items():
-            if req_id in self._hits:  # gone: aborted while loading, not served
-                self._meter(req_id, self._hits[req_id], receipt)
+        for req_id, receipts in report.loads.items():
+            hit = self._hits.get(req_id)
+            if hit is None:  # gone: aborted while loading, not served
+                continue
+            hit.receipts += receipts
+            if len(hit.receipts) == self.ranks and not hit.failed:  # every rank's part is in
+                self._meter(req_id, hit, _joined(hit.receipts))
 
     def finish(self, req_id: str) -> dict:
         """The request's report (``kv_transfer_params["kvcdn"]`` of its response)."""
@@ -120,8 +128,9 @@ class LoadPlanner:
         }
 
     def _meter(self, req_id: str, hit: Hit, receipt: LoadReceipt) -> None:
-        """A read that succeeded: counted, and one row in the ledger."""
+        """A read that succeeded on every rank: counted once, and one row in the ledger."""
         self.stats.add("reads")
+        self.stats.add("loaded_tokens", hit.loaded_tokens)
         if self.ledger is None:
             return
         self.ledger.record(Read(
@@ -131,3 +140,9 @@ class LoadPlanner:
             computed_tokens=hit.prompt_tokens - hit.matched_tokens,
             kv_bytes=receipt.kv_bytes, store_bytes=receipt.store_bytes, load_seconds=receipt.load_seconds,
         ))
+
+
+def _joined(receipts: list[LoadReceipt]) -> LoadReceipt:
+    """The ranks' receipts of one load as one: bytes add up, the slowest rank's time."""
+    return LoadReceipt(receipts[0].loaded_tokens, sum(r.kv_bytes for r in receipts),
+                       sum(r.store_bytes for r in receipts), max(r.load_seconds for r in receipts))

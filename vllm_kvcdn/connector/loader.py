@@ -103,8 +103,7 @@ class ChunkLoader:
         for read in reads:
             self._let_go(read)  # those read ahead of a failed chunk
         seconds = time.perf_counter() - started
-        outcome.stats.add("loaded_tokens", loaded_tokens)
-        outcome.stats.add("loaded_bytes", loaded_tokens * self.token_bytes)
+        outcome.stats.add("loaded_bytes", loaded_tokens * self.token_bytes)  # tokens: counted per request
         outcome.stats.observe("load_duration_seconds", seconds)
         if not outcome.failed_blocks:
             outcome.receipt = LoadReceipt(loaded_tokens, loaded_tokens * self.token_bytes,

@@ -9,6 +9,13 @@ request carrying ``{"wait_for": <document id>, "key": ...}`` waits in vLLM's que
 document is in flight, then reports its last result (``wire.pending_wait`` builds it;
 the side API and the offline helpers send it for their callers). A ``sync_index``
 request waits the same way for an index refresh begun after it arrived.
+
+Every rank stores its part of each chunk (tensor parallelism: its KV heads) and reports
+what it stored; the desk writes the manifest, last, once every rank has reported its
+part stored, so a manifest never names a part that is not there (one small object per
+publish, written in the scheduler's step: publishes are rare). If any rank failed, no
+manifest is written: the document is not published, and its stored parts are garbage
+for ``kvcdn gc``.
 """
 
 from __future__ import annotations
@@ -19,11 +26,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_kvcdn.artifact.chain import ChunkSpan, chain_seed, iter_chunks
+from vllm_kvcdn.artifact.documents import join_parts, new_manifest, put_manifest
+from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.request_profile import RequestProfile
-from vllm_kvcdn.connector.wire import PublishAsk, SaveSpec, WorkerReport
+from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.connector.wire import DocumentResult, PublishAsk, SaveSpec, WorkerReport
+from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.store import Store
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -67,8 +81,14 @@ class Waiting:
 
 
 class PublishDesk:
-    def __init__(self, config: KVCDNConfig, fingerprint_digest: str, index: ChunkIndex, gate: PublishGate):
-        self.config, self.fingerprint, self.index, self.gate = config, fingerprint_digest, index, gate
+    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, index: ChunkIndex, gate: PublishGate,
+                 store: Store, stats: KVCDNStats, parts: list[str], ranks: int):
+        """``parts``: the part names of every chunk (``[""]``: whole chunks); ``ranks``: the
+        workers that each report a result for every publish and verify."""
+        self.config, self.fingerprint, self.index, self.gate = config, fingerprint.digest, index, gate
+        self.profile_fields, self.store, self.stats = fingerprint.fields, store, stats
+        self.parts, self.ranks = parts, ranks
+        self._reported: dict[str, list[DocumentResult]] = {}  # request id -> its ranks' results so far
         self._publishing: dict[str, Publishing] = {}
         self._waiting: dict[str, Waiting] = {}
         self._held: list["Request"] = []  # publishes told "ask again" in this scheduling pass
@@ -177,15 +197,71 @@ class PublishDesk:
         return save
 
     def on_report(self, report: WorkerReport) -> None:
-        for req_id, result in report.documents.items():
-            save = self._saving.pop(req_id, None)
+        for req_id, results in report.documents.items():
+            save = self._saving.get(req_id)
             if save is None:
                 continue
+            reported = self._reported.setdefault(req_id, [])
+            reported += results
+            if len(reported) < self.ranks:
+                continue  # another rank is still writing (or comparing) its part
+            del self._saving[req_id], self._reported[req_id]
+            result = self._verdict(save, reported) if save.verify else self._publish(save, reported)
             if result.ok and not result.verify:
                 self.index.add(save.doc_id, save.spans)  # hits from now on, before any refresh
             self._results[save.doc_id] = result.as_report()
             while len(self._results) > self.config.max_results:
                 self._results.popitem(last=False)
+
+    def _publish(self, save: SaveSpec, results: list[DocumentResult]) -> DocumentResult:
+        """Every rank stored its part: the manifest, last."""
+        failed = [r for r in results if not r.ok]
+        if failed:
+            return failed[0]
+        by_part = {r.part: r.stored for r in results}  # replicated heads: one part, several ranks
+        try:
+            if sorted(by_part) != sorted(self.parts):
+                raise ValueError(f"the ranks stored parts {sorted(by_part)}, this engine's are {self.parts}")
+            chunks = join_parts({name: by_part[name] for name in self.parts})
+            if [c.key for c in chunks] != [s.key for s in save.spans]:
+                raise ValueError("the ranks stored other chunks than the document's")
+            manifest = new_manifest(
+                doc_id=save.doc_id, chunks=chunks,
+                num_tokens=len(save.token_ids), fingerprint=self.fingerprint, profile=self.profile_fields,
+                chunk_size=self.config.chunk_size, producer={**_producer(), "prefill": save.prefill,
+                                                             "adapter": save.adapter_name or None},
+                salted=save.salted, adapter=save.adapter, title=save.title, metadata=save.metadata,
+            )
+            put_manifest(self.store, manifest)
+        except Exception as e:  # a store outage, or ranks that disagree: not published, said so
+            logger.error("kvcdn: document %s not published: %r", save.doc_id[:16], e)
+            self.stats.fail("publish_error")
+            return DocumentResult.failed(save, f"manifest not written: {e!r}")
+        self.stats.add("published_documents")
+        details = dict(results[0].details)
+        if len(results) > 1:  # objects and bytes each rank stored; the slowest rank's time
+            for key in ("new_chunks", "new_bytes"):
+                details[key] = sum(r.details.get(key, 0) for r in results)
+            details["write_seconds"] = max(r.details.get("write_seconds", 0.0) for r in results)
+            details["parts"] = self.parts
+        logger.info("kvcdn: published document %s: %d tokens, %d chunks%s", save.doc_id[:16], manifest.num_tokens,
+                    len(manifest.chunks), f" in parts {', '.join(self.parts)}" if self.parts != [""] else "")
+        return DocumentResult(save.doc_id, False, True, save.prefill, details)
+
+    def _verdict(self, save: SaveSpec, results: list[DocumentResult]) -> DocumentResult:
+        """Every rank compared its part: identical only if every part is."""
+        failed = [r for r in results if not r.ok]
+        if failed or len(results) == 1:
+            return (failed or results)[0]
+        verdict = dict(results[0].details)
+        verdict["identical"] = all(r.details.get("identical") for r in results)
+        chunks = [dict(c) for c in verdict.get("chunks", [])]
+        for r in results[1:]:
+            for mine, theirs in zip(chunks, r.details.get("chunks", [])):
+                if mine["status"] == "identical":
+                    mine["status"] = theirs["status"]
+        verdict["chunks"] = chunks
+        return DocumentResult(save.doc_id, True, True, save.prefill, verdict)
 
     def finish(self, req_id: str) -> dict | None:
         """The report of one of the desk's requests (None: not one)."""
@@ -230,3 +306,12 @@ class PublishDesk:
         if result is None:
             return {"document": doc_id, "error": "no publish or verify of this document is known to this engine"}
         return dict(result)
+
+
+def _producer() -> dict:
+    import torch
+    import vllm
+
+    from vllm_kvcdn import __version__
+
+    return {"engine": "vllm", "vllm": vllm.__version__, "kvcdn": __version__, "torch": torch.__version__}

@@ -1,8 +1,10 @@
 """A publish or a verify on the worker: the document's KV copied out of the paged cache in
 the step that ends its prefill (its blocks may be reused right after), then written to
-the store as chunks and a manifest (publish) or compared byte for byte with the stored
-chunks (verify) in a background job. Its result goes back to the scheduler in the
-``WorkerReport``, never through the store.
+the store as chunks (publish) or compared byte for byte with the stored chunks (verify)
+in a background job. Under tensor parallelism each rank writes or compares its own part
+of every chunk (``artifact.parts``). Its result, with what it stored, goes back to the
+scheduler in the ``WorkerReport``; the scheduler writes the manifest once every rank's
+part is stored (``publish_desk``).
 
 Built from explicit collaborators (store, fingerprint, geometry, caches and their layout,
 the device), so tests run it on plain tensors."""
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvcdn.artifact import catalog
-from vllm_kvcdn.artifact.documents import DocumentKV, compare_document, write_document
+from vllm_kvcdn.artifact.documents import DocumentKV, compare_document, write_chunks
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.parts import KVPart
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout
@@ -36,10 +39,13 @@ class DocumentOutcome:
 
 class DocumentSaver:
     def __init__(self, *, store: Store, fingerprint: Fingerprint, geometry: KVGeometry, caches: list[torch.Tensor],
-                 layout: PagedKVLayout, device: CacheDevice, chunk_size: int, codec: str | None):
+                 layout: PagedKVLayout, device: CacheDevice, chunk_size: int, codec: str | None,
+                 part: KVPart | None = None):
+        """``part``: the KV heads this rank holds (None: all of them, one rank)."""
         self.store, self.fingerprint, self.geometry = store, fingerprint, geometry
         self.caches, self.layout, self.device = caches, layout, device
         self.chunk_size, self.codec = chunk_size, codec
+        self.part = part.name if part is not None else ""
 
     def copy_out(self, spec: SaveSpec) -> DocumentKV:
         """The document's K and V per layer, copied to the host now (in the step)."""
@@ -51,25 +57,19 @@ class DocumentSaver:
         return self._verify(spec, kv) if spec.verify else self._publish(spec, kv)
 
     def _publish(self, spec: SaveSpec, kv: DocumentKV) -> DocumentOutcome:
-        written = write_document(
-            self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv, fingerprint=self.fingerprint.digest,
-            profile=self.fingerprint.fields, chunk_size=self.chunk_size,
-            producer={**_producer(), "prefill": spec.prefill, "adapter": spec.adapter_name or None},
-            salted=spec.salted, adapter=spec.adapter, title=spec.title, metadata=spec.metadata,
-            codec=self.codec,
-        )
-        m = written.manifest
-        outcome = DocumentOutcome(spec.req_id, DocumentResult(m.doc_id, False, True, spec.prefill, {
-            "num_tokens": m.num_tokens, "num_chunks": len(m.chunks), "new_chunks": written.new_chunks,
+        written = write_chunks(self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv,
+                               fingerprint=self.fingerprint.digest, codec=self.codec, part=self.part)
+        outcome = DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, False, True, spec.prefill, {
+            "num_tokens": len(spec.token_ids), "num_chunks": len(written.chunks), "new_chunks": written.new_chunks,
             "new_bytes": written.new_bytes, "write_seconds": round(written.seconds, 4),
-        }))
-        outcome.stats.add("published_documents")
+        }, part=self.part, stored=written.chunks))
         outcome.stats.add("published_chunks", written.new_chunks)
         outcome.stats.add("published_bytes", written.new_bytes)
         outcome.stats.observe("publish_duration_seconds", written.seconds)
         logger.info(
-            "kvcdn: published document %s: %d tokens, %d chunks (%d new, %d bytes) in %.3fs",
-            m.doc_id[:16], m.num_tokens, len(m.chunks), written.new_chunks, written.new_bytes, written.seconds,
+            "kvcdn: stored document %s%s: %d tokens, %d chunks (%d new, %d bytes) in %.3fs",
+            spec.doc_id[:16], f" part {self.part}" if self.part else "", len(spec.token_ids), len(written.chunks),
+            written.new_chunks, written.new_bytes, written.seconds,
         )
         return outcome
 
@@ -80,14 +80,11 @@ class DocumentSaver:
                 or manifest.fingerprint != self.fingerprint.digest or manifest.adapter != spec.adapter:
             why = "not published for this model and adapter, or published from other tokens"
             return DocumentOutcome(spec.req_id, DocumentResult.failed(spec, f"cannot verify {spec.doc_id[:16]}: {why}"))
-        verdict = compare_document(self.store, manifest, spec.token_ids, kv)
-        logger.info("kvcdn: verified %s: %s", spec.doc_id[:16], "identical" if verdict["identical"] else "DIFFERS")
-        return DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, True, True, spec.prefill, verdict))
-
-
-def _producer() -> dict:
-    import vllm
-
-    from vllm_kvcdn import __version__
-
-    return {"engine": "vllm", "vllm": vllm.__version__, "kvcdn": __version__, "torch": torch.__version__}
+        if (manifest.parts or [""]).count(self.part) != 1:
+            why = f"stored in parts {manifest.parts or ['(whole)']}, this rank holds {self.part or '(whole)'}"
+            return DocumentOutcome(spec.req_id, DocumentResult.failed(spec, f"cannot verify {spec.doc_id[:16]}: {why}"))
+        verdict = compare_document(self.store, manifest, spec.token_ids, kv, self.part)
+        logger.info("kvcdn: verified %s%s: %s", spec.doc_id[:16], f" part {self.part}" if self.part else "",
+                    "identical" if verdict["identical"] else "DIFFERS")
+        return DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, True, True, spec.prefill, verdict,
+                                                           part=self.part))

@@ -36,7 +36,10 @@ logger = get_logger(__name__)
 
 
 class KVCDNScheduler:
-    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store):
+    def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, parts: list[str] = ("",),
+                 ranks: int = 1):
+        """``parts``: the part names of every chunk, one per distinct set of KV heads a
+        tensor-parallel rank holds (``artifact.parts``); ``ranks``: the workers reporting."""
         self.config = config
         self.fingerprint = fingerprint
         self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s)
@@ -45,8 +48,8 @@ class KVCDNScheduler:
         self.gate = PublishGate(config.publish_isolation_s)
         self.profiles = RequestProfiles(self.stats)
         self.ledger = _open_ledger(config.ledger_path)
-        self.planner = LoadPlanner(config.chunk_size, self.index, self.stats, self.ledger)
-        self.desk = PublishDesk(config, fingerprint.digest, self.index, self.gate)
+        self.planner = LoadPlanner(config.chunk_size, self.index, self.stats, self.ledger, ranks)
+        self.desk = PublishDesk(config, fingerprint, self.index, self.gate, store, self.stats, list(parts), ranks)
         self._rejected: dict[str, str] = {}  # request id -> why its kvcdn params were ignored
 
     def shutdown(self) -> None:

@@ -15,10 +15,11 @@ COUNTERS = {
     "matched_requests": "Requests whose prompt matched published chunks (see loaded_tokens for what loaded)",
     "matched_tokens": "Prompt tokens planned for loading from published chunks",
     "reads": "Requests whose load succeeded: cache reads, metered one row each in the ledger",
-    "loaded_tokens": "Tokens whose KV was copied from the store into the KV cache",
-    "loaded_bytes": "KV bytes written into the KV cache by loads",
-    "store_read_bytes": "Artifact bytes read from the store and verified",
-    "ram_tier_hits": "Chunks whose whole blocks came from the worker's host-RAM tier",
+    "loaded_tokens": "Tokens loaded by reads that succeeded on every rank (a failed load counts none)",
+    "loaded_bytes": "KV bytes written into the KV cache by loads (all ranks)",
+    "store_read_bytes": "Artifact bytes read from the store and verified (all ranks)",
+    "ram_tier_hits": "Chunks (a rank's part of one, under tensor parallelism) whose whole blocks came from the "
+    "worker's host-RAM tier",
     "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
     "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
     "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier (no packing op)",
@@ -36,7 +37,7 @@ COUNTERS = {
 LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
-    "load_duration_seconds": "Time one request's load took in the background (read, verify, copy)",
+    "load_duration_seconds": "Time one request's load took in the background on one rank (read, verify, copy)",
     "publish_duration_seconds": "Time one published document's encode and write took in the background",
 }
 LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]

@@ -102,6 +102,8 @@ class DocumentResult:
     prefill: dict  # how the document was computed (SaveSpec.prefill)
     details: dict = field(default_factory=dict)  # counts and timings, or the verdict
     error: str | None = None
+    part: str = ""  # the KV heads of the rank that reports it ("": all; ``artifact.parts``)
+    stored: list = field(default_factory=list)  # a publish: what the rank stored (``ManifestChunk``s)
 
     @classmethod
     def failed(cls, spec: SaveSpec, error: str) -> "DocumentResult":
@@ -116,9 +118,11 @@ class DocumentResult:
 class WorkerReport(KVConnectorWorkerMetadata):
     """What the worker tells the scheduler after a step."""
 
+    # Per request, one entry per rank (tensor parallelism); a rank's entries may come in
+    # another step than another rank's.
     failed_loads: set[str] = field(default_factory=set)  # their responses must not claim a hit
-    loads: dict[str, LoadReceipt] = field(default_factory=dict)  # loads that wrote every chunk
-    documents: dict[str, DocumentResult] = field(default_factory=dict)  # publish/verify request id -> result
+    loads: dict[str, list[LoadReceipt]] = field(default_factory=dict)  # ranks' loads that wrote every chunk
+    documents: dict[str, list[DocumentResult]] = field(default_factory=dict)  # publish/verify request -> results
     refusal: str | None = None  # this worker will not load (its layout probe failed): stop planning loads
 
     def __bool__(self) -> bool:
@@ -127,8 +131,9 @@ class WorkerReport(KVConnectorWorkerMetadata):
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorkerReport":
         if isinstance(other, WorkerReport):
             self.failed_loads |= other.failed_loads
-            self.loads.update(other.loads)
-            self.documents.update(other.documents)
+            for mine, theirs in ((self.loads, other.loads), (self.documents, other.documents)):
+                for req_id, entries in theirs.items():
+                    mine.setdefault(req_id, []).extend(entries)
             self.refusal = self.refusal or other.refusal
         return self
 

@@ -26,6 +26,7 @@ import torch
 
 from vllm_kvcdn.artifact.documents import read_chunk
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.parts import KVPart
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
@@ -49,10 +50,13 @@ logger = get_logger(__name__)
 
 class KVCDNWorker:
     def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, geometry: KVGeometry,
-                 io_cpus: frozenset[int] | None = None, layout_factory=layout_for):
+                 io_cpus: frozenset[int] | None = None, layout_factory=layout_for, part: KVPart | None = None):
         """``layout_factory(cache, **geometry)``: the ``PagedKVLayout`` of the engine's
-        caches (``kv_layout.layout_for``; tests name one)."""
+        caches (``kv_layout.layout_for``; tests name one). ``part``: the KV heads this
+        tensor-parallel rank holds (None: all; ``geometry.num_kv_heads`` counts them)."""
         self.config, self.fingerprint, self.store, self.geometry = config, fingerprint, store, geometry
+        self.part = part
+        self._part_name = part.name if part is not None else ""
         self._layout_factory = layout_factory
         self.stats = KVCDNStats()
         self.refusal: str | None = None  # why this worker neither loads nor publishes (a failed layout probe)
@@ -96,16 +100,17 @@ class KVCDNWorker:
                                   reads=self._reads, tier=self.tier, timeout_s=config.load_timeout_s,
                                   skip_partial_tail="skip_partial_tail" in injected_faults())
         self.saver = DocumentSaver(**collaborators, store=self.store, fingerprint=self.fingerprint,
-                                   chunk_size=config.chunk_size, codec=config.chunk_codec)
+                                   chunk_size=config.chunk_size, codec=config.chunk_codec, part=self.part)
         self.placement.bind(lambda: self.layout.prime_thread(self.caches[0]))
         for name, executor in self._pools.items():
             start_threads(executor, self._pool_threads[name])  # their setup is not a request's to pay
         io_cpus = self.placement.io_cpus
         where = f"CPUs {sorted(io_cpus)}, and the compute CPUs in idle steps" if io_cpus else "the engine's CPUs"
         logger.info(
-            "kvcdn: worker ready: %d layers, layout %s, store %s, RAM tier %.1f GiB, %d read buffers of "
+            "kvcdn: worker ready: %d layers%s, layout %s, store %s, RAM tier %.1f GiB, %d read buffers of "
             "%.0f MB, %s",
-            len(self.caches), type(self.layout).__name__, self.store.url, config.ram_tier_gib,
+            len(self.caches), f", KV heads {self._part_name}" if self._part_name else "", type(self.layout).__name__,
+            self.store.url, config.ram_tier_gib,
             self.buffers.count, self.buffers.nbytes / 1e6,
             f"background I/O ({config.io_threads} read threads on {where})" if config.async_io else "in-step I/O",
         )
@@ -128,23 +133,17 @@ class KVCDNWorker:
                          self.refusal)
 
     def _layout_id(self) -> str:
-        """What a block image depends on besides the chunk's tokens."""
-        try:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-            rank = get_tensor_model_parallel_rank()
-        except (AssertionError, ImportError):  # no parallel state: a single worker
-            rank = 0
+        """What a block image depends on besides the chunk's tokens (each rank its own heads)."""
         return layout_id(fingerprint=self.fingerprint.digest, layout=type(self.layout).__name__,
                          isa=getattr(self.layout, "isa", ""), shape=list(self.caches[0].shape[1:]),
                          dtype=str(self.caches[0].dtype), layers=len(self.caches),
-                         chunk_size=self.config.chunk_size, rank=rank)
+                         chunk_size=self.config.chunk_size, part=self._part_name)
 
     def _read_chunk(self, chunk: ChunkLoad, into: memoryview | None = None):
         g = self.geometry
-        return read_chunk(self.store, chunk.key, into, fingerprint=self.fingerprint.digest, dtype=g.kv_dtype,
-                          num_layers=len(self.caches), num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
-                          tokens=chunk.tokens, verify=self.config.verify_checksums)
+        return read_chunk(self.store, chunk.key, into, self._part_name, fingerprint=self.fingerprint.digest,
+                          dtype=g.kv_dtype, num_layers=len(self.caches), num_kv_heads=g.num_kv_heads,
+                          head_dim=g.head_dim, tokens=chunk.tokens, verify=self.config.verify_checksums)
 
     def shutdown(self) -> None:
         for executor in (self._reads, self._loads):
@@ -174,9 +173,9 @@ class KVCDNWorker:
                     self._failed_blocks |= outcome.failed_blocks
                     self._report.failed_loads.add(outcome.req_id)
                 elif outcome.receipt is not None:
-                    self._report.loads[outcome.req_id] = outcome.receipt
+                    self._report.loads.setdefault(outcome.req_id, []).append(outcome.receipt)
             else:
-                self._report.documents[outcome.req_id] = outcome.result
+                self._report.documents.setdefault(outcome.req_id, []).append(outcome.result)
         # After the outcomes: a job's tier counts are in before its outcome is queued.
         counts = {**self.store.tier_counts(), **(self.tier.tier_counts() if self.tier is not None else {})}
         for name, n in counts.items():
@@ -219,14 +218,14 @@ class KVCDNWorker:
         if self.refusal is not None:
             logger.warning("kvcdn: request %s not %s: %s", spec.req_id, "verified" if spec.verify else "published",
                            self.refusal)
-            self._report.documents[spec.req_id] = DocumentResult.failed(spec, self.refusal)
+            self._report.documents.setdefault(spec.req_id, []).append(DocumentResult.failed(spec, self.refusal))
             return
         try:
             kv = self.saver.copy_out(spec)  # now: the blocks may be reused next step
         except Exception as e:
             logger.exception("kvcdn: could not copy request %s out of the KV cache", spec.req_id)
             self.stats.fail("publish_error")
-            self._report.documents[spec.req_id] = DocumentResult.failed(spec, repr(e))
+            self._report.documents.setdefault(spec.req_id, []).append(DocumentResult.failed(spec, repr(e)))
             return
 
         def on_error(e: BaseException) -> DocumentOutcome:

@@ -30,7 +30,8 @@ Each op has a ``name`` and an ``op``:
 - ``reset``: empty vLLM's prefix cache;
 - ``kv_blocks``: digests of the paged-cache bytes behind the connector's last ``load`` or
   ``save`` (``of``), over its first ``tokens`` positions: whole blocks as raw bytes, the
-  partial block's valid slots through the engine's own packing (see ``kv_layout``).
+  partial block's valid slots through the engine's own packing (see ``kv_layout``); under
+  tensor parallelism a list, one per rank.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def run(spec: dict) -> dict:
         before = engine_counters(llm)
         started_at = time.time()
         if op["op"] == "kv_blocks":
-            (digests,) = llm.collective_rpc(_block_digests, args=(op["of"], op["tokens"]))
-            results[op["name"]] = digests
+            digests = llm.collective_rpc(_block_digests, args=(op["of"], op["tokens"]))
+            results[op["name"]] = digests[0] if len(digests) == 1 else digests  # one per rank (TP)
             continue
         if op["op"] == "reset":
             results[op["name"]] = {"reset": llm.reset_prefix_cache()}
