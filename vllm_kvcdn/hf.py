@@ -19,7 +19,7 @@ import torch
 from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.artifact.codec import for_store as codec_for_store
-from vllm_kvcdn.artifact.documents import read_chunk, write_document
+from vllm_kvcdn.artifact.documents import read_whole_chunk, write_document
 from vllm_kvcdn.artifact.fingerprint import (
     PROFILE_FIELDS,
     cpu_kernels,
@@ -167,9 +167,9 @@ class HFKVCDN:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         tokens: list[int] = []
         per_layer: list[tuple[list, list]] = [([], []) for _ in range(cfg.num_hidden_layers)]
-        for c in manifest.chunks:
-            kv, _ = read_chunk(self.store, c.key, fingerprint=manifest.fingerprint, dtype=self.dtype,
-                               num_layers=cfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+        for c in manifest.chunks:  # a tensor-parallel publish's parts joined (a cross-profile load)
+            kv = read_whole_chunk(self.store, c, kv_heads, fingerprint=manifest.fingerprint, dtype=self.dtype,
+                                  num_layers=cfg.num_hidden_layers, head_dim=head_dim)
             tokens += kv.tokens.tolist()
             for (ks, vs), k, v in zip(per_layer, kv.keys, kv.values):
                 ks.append(k)

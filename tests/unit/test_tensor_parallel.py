@@ -41,6 +41,36 @@ def test_each_rank_holds_the_heads_vllm_gives_it(heads, ranks):
     assert len(names) == min(heads, ranks) and (names == [""]) == (min(heads, ranks) == 1)  # 1 head: whole
 
 
+@pytest.mark.parametrize("layers,stages,partition", [(28, 2, None), (36, 4, None), (7, 3, None), (4, 2, None),
+                                                     (28, 2, "10,18"), (28, 4, "7,7,7,7")])
+def test_pipeline_stages_hold_the_layers_vllm_assigns(layers, stages, partition, monkeypatch):
+    """Pipeline parallelism is refused at start (vLLM's CPU backend cannot run it here),
+    but its parts are named now: each stage's layer range, told from the indices of the
+    KV caches vLLM gives that stage's worker, is the range vLLM's own ``get_pp_indices``
+    assigns it (its uneven split and ``VLLM_PP_LAYER_PARTITION`` included), and every
+    (stage, rank) part is one of the parts the scheduler expects."""
+    from vllm.distributed.utils import get_pp_indices
+
+    from vllm_kvcdn.artifact.parts import stage_layers
+    from vllm_kvcdn.connector.geometry import layer_indices, layers_in_order
+
+    if partition:
+        monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    ranges = [(*get_pp_indices(layers, rank, stages), layers) for rank in range(stages)]
+    expected = all_parts(8, 2, ranges)
+    assert len(expected) == 2 * stages
+    for first, end, _ in ranges:
+        caches = {f"model.layers.{i}.self_attn.attn": None for i in range(first, end)}  # as vLLM names them
+        held = stage_layers(list(layer_indices(caches)), layers)
+        assert held == (first, end, layers)
+        assert layers_in_order(caches, first_layer=first) == list(caches)
+        for rank in range(2):
+            part = rank_part(8, 2, rank, held)
+            assert part.name in expected and KVPart.parse(part.name, 8) == part
+    with pytest.raises(ValueError):
+        stage_layers([0, 1, 3], layers)
+
+
 def test_part_names_are_checked():
     with pytest.raises(ValueError):
         KVPart.parse("h0-4of8", 4)
@@ -48,6 +78,9 @@ def test_part_names_are_checked():
         KVPart.parse("../x", 8)
     with pytest.raises(ValueError):
         rank_part(8, 3, 0)
+    with pytest.raises(ValueError):  # one spelling per part: it is an object key
+        KVPart.parse("h0-8of8", 8)
+    assert KVPart.parse("h0-4of8.l0-14of28", 8) == KVPart(0, 4, 8, (0, 14, 28))
 
 
 def test_a_manifest_of_whole_chunks_is_written_as_before_parts_existed():

@@ -10,7 +10,7 @@ import torch
 
 from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.chain import document_chunks
-from vllm_kvcdn.artifact.documents import join_parts, new_manifest, put_manifest, read_chunk
+from vllm_kvcdn.artifact.documents import join_parts, new_manifest, put_manifest, read_chunk, read_whole_chunk
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.manifest import ArtifactError
 from vllm_kvcdn.artifact.parts import KVPart
@@ -88,7 +88,7 @@ def test_a_verify_of_an_unknown_document_fails_with_a_reason(tmp_path):
 def test_tensor_parallel_ranks_store_their_heads_and_one_manifest_names_every_part(tmp_path):
     """Two ranks of TP=2, each holding one of the two KV heads: each stores its own part of
     every chunk, the joined manifest names both, each part reads back as its heads only,
-    and a rank never reads another rank's part as its own."""
+    no whole chunk exists, and gc and delete see every part."""
     whole = [(torch.randn(len(TOKENS), HEADS, DIM).to(torch.bfloat16), torch.randn(len(TOKENS), HEADS, DIM).to(
         torch.bfloat16)) for _ in range(LAYERS)]
     spans = document_chunks(TOKENS, FINGERPRINT.digest, None, CHUNK)
@@ -113,6 +113,9 @@ def test_tensor_parallel_ranks_store_their_heads_and_one_manifest_names_every_pa
             assert torch.equal(chunk.keys[1], whole[1][0][span.start : span.end, head : head + 1])
     with pytest.raises(ArtifactError, match="missing"):  # no whole chunk was stored
         read_chunk(saver.store, spans[0].key)
+    # A reader that runs every head (the transformers path) joins the parts.
+    joined = read_whole_chunk(saver.store, manifest.chunks[-1], HEADS, fingerprint=FINGERPRINT.digest)
+    assert torch.equal(joined.values[0], whole[0][1][spans[-1].start : spans[-1].end])
     # gc keeps every part a manifest names, and deleting the document removes them all.
     assert catalog.find_garbage(saver.store, grace_s=0).unreferenced == []
     assert catalog.delete_document(saver.store, manifest).chunks_deleted == 2 * len(spans)

@@ -126,6 +126,7 @@ def _document_view(svc: KVCDNService, m, reads: dict[str, int] | None) -> dict:
         "servable": m.fingerprint == svc.fingerprint.digest and m.chunk_size == svc.chunk_size,
         "salted": m.salted,
         "adapter": m.adapter or None,
+        "parts": m.parts,  # each chunk's tensor-parallel parts ([]: whole chunks)
         "reads": None if reads is None else reads.get(m.doc_id, 0),  # from the ledger, all tenants
         "metadata": m.metadata,
     }

@@ -19,6 +19,7 @@ import torch
 from vllm_kvcdn.artifact.chain import ChunkSpan
 from vllm_kvcdn.artifact.chunk_format import ChunkKV, as_v1, decode_chunk, encode_chunk
 from vllm_kvcdn.artifact.manifest import ArtifactError, ChunkPart, Manifest, ManifestChunk
+from vllm_kvcdn.artifact.parts import KVPart
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 from vllm_kvcdn.store.keys import chunk_object_key, manifest_object_key
@@ -50,6 +51,22 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, part: str
             logger.warning("kvcdn: the local copy of chunk %s is damaged (%s); reading it from %s again",
                            key[:16], e, store.url)
     raise AssertionError("unreachable")
+
+
+def read_whole_chunk(store: Store, entry: ManifestChunk, num_kv_heads: int, **expect) -> ChunkKV:
+    """A chunk with all ``num_kv_heads`` heads, from its one object or joined from its
+    tensor-parallel parts (each checked, in head order): how a reader that runs every head
+    (the transformers path) uses a TP publish."""
+    if not entry.parts:
+        return read_chunk(store, entry.key, num_kv_heads=num_kv_heads, **expect)[0]
+    pieces = []
+    for part in entry.parts:
+        heads = KVPart.parse(part.name, num_kv_heads)
+        pieces.append(read_chunk(store, entry.key, part=part.name, num_kv_heads=heads.num_heads, **expect)[0])
+    first = pieces[0]
+    return ChunkKV(header=first.header, tokens=first.tokens,
+                   keys=[torch.cat(ks, dim=1) for ks in zip(*(p.keys for p in pieces))],
+                   values=[torch.cat(vs, dim=1) for vs in zip(*(p.values for p in pieces))])
 
 
 def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: DocumentKV, codec: str | None = None,

@@ -57,10 +57,9 @@ class KVGeometry:
         return block_ids[start // self.block_size : (end - 1) // self.block_size + 1]
 
 
-def layers_in_order(kv_caches: dict) -> list[str]:
-    """The caches' layer names by layer index: an artifact's layer i is the model's layer
-    i. Two caches with one index (a draft model's layer 0 beside the target's) or a gap
-    would put KV in the wrong layer: refused."""
+def layer_indices(kv_caches: dict) -> dict[int, str]:
+    """The caches' layer names by layer index. Two caches with one index (a draft model's
+    layer 0 beside the target's) would put KV in the wrong layer: refused."""
     by_index: dict[int, str] = {}
     for name in kv_caches:
         found = _LAYER_INDEX.search(name)
@@ -71,6 +70,14 @@ def layers_in_order(kv_caches: dict) -> list[str]:
             raise ValueError(f"kvcdn: KV caches {by_index[index]!r} and {name!r} are both layer {index} "
                              "(a draft model's layers?); kvcdn loads one model's layers")
         by_index[index] = name
-    if sorted(by_index) != list(range(len(by_index))):
-        raise ValueError(f"kvcdn: KV cache layers {sorted(by_index)} are not 0..{len(by_index) - 1}")
-    return [by_index[i] for i in range(len(by_index))]
+    return by_index
+
+
+def layers_in_order(kv_caches: dict, first_layer: int = 0) -> list[str]:
+    """The caches' layer names by layer index: an artifact's (or a pipeline stage's part's)
+    layer i is the model's layer ``first_layer + i``; a gap is refused."""
+    by_index = layer_indices(kv_caches)
+    expected = list(range(first_layer, first_layer + len(by_index)))
+    if sorted(by_index) != expected:
+        raise ValueError(f"kvcdn: KV cache layers {sorted(by_index)} are not {expected[0]}..{expected[-1]}")
+    return [by_index[i] for i in expected]

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm_kvcdn.artifact.chain import ChunkSpan, chain_seed, iter_chunks
-from vllm_kvcdn.artifact.documents import join_parts, new_manifest, put_manifest
+from vllm_kvcdn.artifact.documents import put_manifest
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.config import KVCDNConfig
+from vllm_kvcdn.connector import rank_results as ranks
 from vllm_kvcdn.connector.publish_gate import PublishGate
 from vllm_kvcdn.connector.request_profile import RequestProfile
 from vllm_kvcdn.connector.stats import KVCDNStats
@@ -218,50 +219,24 @@ class PublishDesk:
         failed = [r for r in results if not r.ok]
         if failed:
             return failed[0]
-        by_part = {r.part: r.stored for r in results}  # replicated heads: one part, several ranks
         try:
-            if sorted(by_part) != sorted(self.parts):
-                raise ValueError(f"the ranks stored parts {sorted(by_part)}, this engine's are {self.parts}")
-            chunks = join_parts({name: by_part[name] for name in self.parts})
-            if [c.key for c in chunks] != [s.key for s in save.spans]:
-                raise ValueError("the ranks stored other chunks than the document's")
-            manifest = new_manifest(
-                doc_id=save.doc_id, chunks=chunks,
-                num_tokens=len(save.token_ids), fingerprint=self.fingerprint, profile=self.profile_fields,
-                chunk_size=self.config.chunk_size, producer={**_producer(), "prefill": save.prefill,
-                                                             "adapter": save.adapter_name or None},
-                salted=save.salted, adapter=save.adapter, title=save.title, metadata=save.metadata,
-            )
+            manifest = ranks.manifest_of(save, results, self.parts, fingerprint=self.fingerprint,
+                                         profile=self.profile_fields, chunk_size=self.config.chunk_size)
             put_manifest(self.store, manifest)
         except Exception as e:  # a store outage, or ranks that disagree: not published, said so
             logger.error("kvcdn: document %s not published: %r", save.doc_id[:16], e)
             self.stats.fail("publish_error")
             return DocumentResult.failed(save, f"manifest not written: {e!r}")
         self.stats.add("published_documents")
-        details = dict(results[0].details)
-        if len(results) > 1:  # objects and bytes each rank stored; the slowest rank's time
-            for key in ("new_chunks", "new_bytes"):
-                details[key] = sum(r.details.get(key, 0) for r in results)
-            details["write_seconds"] = max(r.details.get("write_seconds", 0.0) for r in results)
-            details["parts"] = self.parts
         logger.info("kvcdn: published document %s: %d tokens, %d chunks%s", save.doc_id[:16], manifest.num_tokens,
-                    len(manifest.chunks), f" in parts {', '.join(self.parts)}" if self.parts != [""] else "")
-        return DocumentResult(save.doc_id, False, True, save.prefill, details)
+                    len(manifest.chunks), f" in parts {', '.join(manifest.parts)}" if manifest.parts else "")
+        return DocumentResult(save.doc_id, False, True, save.prefill, ranks.publish_details(results, manifest))
 
     def _verdict(self, save: SaveSpec, results: list[DocumentResult]) -> DocumentResult:
-        """Every rank compared its part: identical only if every part is."""
         failed = [r for r in results if not r.ok]
-        if failed or len(results) == 1:
-            return (failed or results)[0]
-        verdict = dict(results[0].details)
-        verdict["identical"] = all(r.details.get("identical") for r in results)
-        chunks = [dict(c) for c in verdict.get("chunks", [])]
-        for r in results[1:]:
-            for mine, theirs in zip(chunks, r.details.get("chunks", [])):
-                if mine["status"] == "identical":
-                    mine["status"] = theirs["status"]
-        verdict["chunks"] = chunks
-        return DocumentResult(save.doc_id, True, True, save.prefill, verdict)
+        if failed:
+            return failed[0]
+        return DocumentResult(save.doc_id, True, True, save.prefill, ranks.verdict(results))
 
     def finish(self, req_id: str) -> dict | None:
         """The report of one of the desk's requests (None: not one)."""
@@ -307,11 +282,3 @@ class PublishDesk:
             return {"document": doc_id, "error": "no publish or verify of this document is known to this engine"}
         return dict(result)
 
-
-def _producer() -> dict:
-    import torch
-    import vllm
-
-    from vllm_kvcdn import __version__
-
-    return {"engine": "vllm", "vllm": vllm.__version__, "kvcdn": __version__, "torch": torch.__version__}

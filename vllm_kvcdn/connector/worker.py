@@ -79,7 +79,8 @@ class KVCDNWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         g, config = self.geometry, self.config
-        self.caches = [kv_caches[name] for name in layers_in_order(kv_caches)]
+        first_layer = self.part.first_layer if self.part is not None else 0
+        self.caches = [kv_caches[name] for name in layers_in_order(kv_caches, first_layer)]
         self.layout = self._layout_factory(self.caches[0], block_size=g.block_size, num_kv_heads=g.num_kv_heads,
                                            head_dim=g.head_dim, model_dtype=g.model_dtype, cache_dtype=g.cache_dtype)
         self.device = CacheDevice(self.caches[0].device)
