@@ -197,9 +197,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        Path(spec["out"]).write_text(json.dumps(child(spec)))
+    from report import run_child
+
+    if run_child(args.child, child):
         return
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kvcdn-async-io-"))

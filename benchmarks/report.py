@@ -83,3 +83,14 @@ def write_report(out_dir: str | Path, name: str, *, title: str, rows: list[dict]
               f"torch {m['torch']}, vLLM {m.get('vllm', '-')}; {m['date']}_")
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return out / f"{name}.md"
+
+
+def run_child(spec_path: str | None, phase) -> bool:
+    """In a child process started with ``--child SPEC``: run ``phase(spec)`` and write its
+    result to ``spec["out"]`` (True); in the parent, nothing (False)."""
+    if not spec_path:
+        return False
+    spec = json.loads(Path(spec_path).read_text())
+    Path(spec["out"]).write_text(json.dumps(phase(spec)))
+    return True
+

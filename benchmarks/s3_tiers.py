@@ -187,9 +187,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        Path(spec["out"]).write_text(json.dumps(run_phase(spec)))
+    from report import run_child
+
+    if run_child(args.child, run_phase):
         return
 
     os.environ.update(S3_ENV)

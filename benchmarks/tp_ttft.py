@@ -62,24 +62,24 @@ def run_phase(spec: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="kv-0.6b")
+    ap.add_argument("--shape", default="kv-0.6b", help="tiny_model shape (kv-0.6b: Qwen3-0.6B's KV bytes)")
+    ap.add_argument("--model", help="model directory (default: generate --shape)")
     ap.add_argument("--lengths", default="945,3774")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        Path(spec["out"]).write_text(json.dumps(run_phase(spec)))
+    from report import run_child, write_report
+
+    if run_child(args.child, run_phase):
         return
 
-    from report import write_report
 
     from vllm_kvcdn.defaults import cpu_engine_env
     from vllm_kvcdn.testing.tiny_model import make_model
 
     work = Path(tempfile.mkdtemp(prefix="tp-ttft-"))
-    model = make_model(work / args.shape, args.shape, seed=0)
+    model = args.model or make_model(work / args.shape, args.shape, seed=0)
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for tp, bind in VARIANTS.items():

@@ -119,3 +119,23 @@ def test_tp_bytes_compares_every_rank_of_a_tp2_engine(tiny_model, tmp_path):
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert rows["tp1_2threads"]["layers"] == rows["tp2"]["layers"] == layers
     assert len(result["per_layer"]) == 2 * layers and (tmp_path / "tp_bytes_tiny.png").stat().st_size > 0
+
+
+def test_tp_layout_reads_each_rank_part_three_ways(tmp_path):
+    run("tp_layout.py", "--reps", "1", "--stores", "file", "--out", str(tmp_path))
+    rows = {(r["tp"], r["layout"]): r for r in json.loads((tmp_path / "tp_layout_kv-0.6b.json").read_text())["rows"]}
+    assert len(rows) == 4 * 3 - 1  # no separate parts at TP=1
+    whole = rows[1, "whole"]["mb_per_rank"]
+    for tp in (2, 4, 8):
+        assert rows[tp, "whole"]["mb_per_rank"] == whole  # every rank reads everything
+        assert rows[tp, "parts"]["mb_per_rank"] == pytest.approx(whole / tp, rel=0.01)
+        assert rows[tp, "parts"]["requests_per_rank"] == 1 and rows[tp, "head_major"]["requests_per_rank"] == 2
+
+
+def test_tp_ttft_runs_both_sizes_and_checks_every_hit(tiny_model, tmp_path):
+    run("tp_ttft.py", "--model", str(tiny_model), "--shape", "tiny", "--lengths", "300", "--reps", "1",
+        "--out", str(tmp_path))
+    rows = {(r["tp"], r["variant"]): r for r in json.loads((tmp_path / "tp_ttft_tiny.json").read_text())["rows"]}
+    first_tp1, first_tp2 = rows[1, "hit, first read"], rows[2, "hit, first read"]
+    assert first_tp2["read_mb_per_rank"] == pytest.approx(first_tp1["read_mb_per_rank"] / 2, rel=0.05)
+    assert rows[2, "cold prefill"]["ttft_s"] > 0
