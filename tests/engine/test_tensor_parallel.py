@@ -141,3 +141,37 @@ def test_each_rank_keeps_its_part_in_its_own_ram_tier(runs):
     assert "vllm:kvcdn_store_read_bytes" not in hot["counters"]
     assert hot["counters"]["vllm:kvcdn_loaded_bytes"] == first["counters"]["vllm:kvcdn_loaded_bytes"]
     assert identical(hot["answer"], first["answer"])
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory, run_engine, tokenizer) -> dict:
+    """A model with one KV head under TP=2: both ranks hold (replicate) it, so each chunk
+    has one part, the whole chunk, written by both ranks to the same object."""
+    from vllm_kvcdn.testing.tiny_model import make_model
+
+    model = str(make_model(tmp_path_factory.mktemp("models") / "mqa", "tiny-mqa", seed=1))
+    doc = document(tokenizer, 3100, DOC_TOKENS)
+    prompt = doc + tokenizer(" Q: who pays? A:").input_ids
+    common = {"model": model, "engine_args": TP, "env": TP_ENV}
+    store = tmp_path_factory.mktemp("mqa-store")
+    kvcdn = run_engine({**common, "store_url": f"file://{store}", "ops": [
+        {"name": "publish", "op": "publish", "ids": doc}, {"name": "reset", "op": "reset"},
+        query("hit", prompt, NEW_TOKENS), {"name": "verify", "op": "verify", "ids": doc, "doc": "@publish"},
+    ]})
+    plain = run_engine({**common, "store_url": None, "ops": [query("doc", doc, 1), query("resident", prompt, NEW_TOKENS)]})
+    return {"kvcdn": kvcdn, "plain": plain, "store": store}
+
+
+def test_ranks_that_replicate_a_kv_head_share_its_part(replicated):
+    from vllm_kvcdn.artifact import catalog
+    from vllm_kvcdn.store import open_store
+
+    report = replicated["kvcdn"]["publish"]["answer"]["kvcdn"]
+    assert report["published"] is True and report["parts"] == [], report  # one part: the whole chunk
+    assert report["new_chunks"] == 2  # two chunks; the second rank found each one stored, intact
+    manifest = catalog.get_manifest(open_store(f"file://{replicated['store']}"), report["document"])
+    assert manifest.parts == [] and manifest.profile["runtime"]["tensor_parallel_size"] == 2
+    hit = replicated["kvcdn"]["hit"]
+    assert hit["answer"]["kvcdn"]["loaded_tokens"] == DOC_TOKENS and hit["counters"][EXTERNAL] == DOC_TOKENS
+    assert identical(hit["answer"], replicated["plain"]["resident"]["answer"])  # level 2
+    assert replicated["kvcdn"]["verify"]["answer"]["kvcdn"]["identical"] is True

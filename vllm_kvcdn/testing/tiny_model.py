@@ -16,6 +16,11 @@ SHAPES = {
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, max_position_embeddings=4096,
     ),
+    # One KV head for four query heads: under tensor parallelism every rank replicates it.
+    "tiny-mqa": dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, max_position_embeddings=4096,
+    ),
     "qwen3-0.6b": dict(
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
@@ -102,13 +107,14 @@ def make_model(out_dir: str | os.PathLike, shape: str = "tiny", seed: int = 0, d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
-    vocab_size = vocab if shape in ("tiny", "kv-0.6b") else 151936  # real embedding size for the big shapes
+    small = shape in ("tiny", "tiny-mqa", "kv-0.6b")
+    vocab_size = vocab if small else 151936  # real embedding size for the big shapes
     config = Qwen3Config(
         vocab_size=vocab_size, rms_norm_eps=1e-6, rope_theta=1_000_000.0, eos_token_id=2,
         bos_token_id=None, pad_token_id=0, dtype=dtype, **SHAPES[shape],
     )
     config.architectures = ["Qwen3ForCausalLM"]
-    std = TINY_INIT_STD if shape in ("tiny", "kv-0.6b") else 0.02
+    std = TINY_INIT_STD if small else 0.02
     _write_weights(out, Qwen3ForCausalLM, config, std=std, seed=seed, dtype=dtype, norm=1.0)
     return out
 
