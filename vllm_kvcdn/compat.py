@@ -224,6 +224,12 @@ def total_kv_heads(vllm_config) -> int:
     return vllm_config.model_config.get_total_num_kv_heads()
 
 
+def workers_per_node(vllm_config) -> int:
+    """The engine's workers on this node (tensor- and pipeline-parallel ranks)."""
+    parallel = vllm_config.parallel_config
+    return max(1, parallel.world_size // max(1, getattr(parallel, "nnodes_within_dp", 1)))
+
+
 def kv_part(vllm_config) -> KVPart | None:
     """The KV heads this worker's tensor-parallel rank holds (None: one rank holds all)."""
     tp_size = vllm_config.parallel_config.tensor_parallel_size

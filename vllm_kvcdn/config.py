@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from vllm_kvcdn.defaults import (
     DEFAULT_CHUNK_SIZE,
@@ -72,7 +72,8 @@ class KVCDNConfig:
     disk_cache_gib: float = setting(
         0.0, shown="0 (off)", doc="the node's disk budget: chunks read from an `s3://` store stay on local disk, "
                                   "least recently used out first, across restarts; the block images below count "
-                                  "against it too (store/lru.py)")
+                                  "against it too (store/lru.py); the node's workers (tensor-parallel ranks) "
+                                  "each keep an equal share")
     disk_cache_dir: str = setting(factory=lambda: str(disk_tier_dir()), shown="`~/.cache/kvcdn/disk-tier`",
                                   doc="where the disk tier keeps its files")
     disk_images: bool = setting(
@@ -165,6 +166,13 @@ class KVCDNConfig:
         if "publish_key" not in extra and os.environ.get(PUBLISHER_KEY_ENV):
             extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
         return cls(**extra)
+
+    def for_worker(self, workers_per_node: int) -> "KVCDNConfig":
+        """A worker's own settings: its share of the node's disk budget (each worker
+        process keeps its own LRU over its own files)."""
+        if workers_per_node <= 1 or not self.disk_cache_gib:
+            return self
+        return replace(self, disk_cache_gib=self.disk_cache_gib / workers_per_node)
 
     def open_store(self, tiers: bool = True):
         """The store, behind the disk tier when one is configured (``tiers``: the

@@ -158,7 +158,8 @@ def replicated(tmp_path_factory, run_engine, tokenizer) -> dict:
         {"name": "publish", "op": "publish", "ids": doc}, {"name": "reset", "op": "reset"},
         query("hit", prompt, NEW_TOKENS), {"name": "verify", "op": "verify", "ids": doc, "doc": "@publish"},
     ]})
-    plain = run_engine({**common, "store_url": None, "ops": [query("doc", doc, 1), query("resident", prompt, NEW_TOKENS)]})
+    plain = run_engine({**common, "store_url": None,
+                        "ops": [query("doc", doc, 1), query("resident", prompt, NEW_TOKENS)]})
     return {"kvcdn": kvcdn, "plain": plain, "store": store}
 
 

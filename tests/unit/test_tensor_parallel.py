@@ -194,3 +194,24 @@ def test_one_rank_failing_a_load_makes_it_a_miss_for_every_rank(tp2):
     _, params = tp2.request_finished(request)
     assert params["kvcdn"]["hit"] is False and params["kvcdn"]["loaded_tokens"] == 0
     assert ledger.reads(tp2.config.ledger_path, ledger.Filters(), 10) == []
+
+
+def test_the_node_disk_budget_is_shared_by_its_workers(tiny_model, monkeypatch):
+    """``disk_cache_gib`` is the node's: under TP=2 each rank's worker keeps half (each
+    worker process runs its own LRU over its own files)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvcdn.compat import workers_per_node
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's CPU backend binds one core per rank
+
+    def workers(tp: int) -> int:
+        args = EngineArgs(model=str(tiny_model), enforce_eager=True, max_model_len=4096, tensor_parallel_size=tp,
+                          kv_transfer_config={"kv_connector": "KVCDNConnector", "kv_role": "kv_both"})
+        return workers_per_node(args.create_engine_config())
+
+    assert (workers(1), workers(2)) == (1, 2)
+    config = KVCDNConfig(store_url="file:///tmp/unused", disk_cache_gib=8.0)
+    assert config.for_worker(2).disk_cache_gib == 4.0 and config.for_worker(1) is config
+    off = KVCDNConfig(store_url="file:///tmp/unused")
+    assert off.for_worker(2).disk_cache_gib == 0.0

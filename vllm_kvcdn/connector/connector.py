@@ -14,7 +14,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from vllm_kvcdn.artifact.parts import all_parts
-from vllm_kvcdn.compat import io_cpus, kv_geometry, kv_part, total_kv_heads, unchecked_release, vllm_fingerprint
+from vllm_kvcdn.compat import (
+    io_cpus,
+    kv_geometry,
+    kv_part,
+    total_kv_heads,
+    unchecked_release,
+    vllm_fingerprint,
+    workers_per_node,
+)
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.kv_settings import engine_refusal
 from vllm_kvcdn.connector.stats import KVCDNPromMetrics, KVCDNStats
@@ -41,6 +49,8 @@ class KVCDNConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
         self.config = KVCDNConfig.from_extra_config(transfer.kv_connector_extra_config)
+        if role == KVConnectorRole.WORKER:
+            self.config = self.config.for_worker(workers_per_node(vllm_config))
         self.config.check_block_size(vllm_config.cache_config.block_size)
         warning = unchecked_release()
         if warning:
