@@ -12,6 +12,8 @@ reads) and the worker's ``WorkerReport``.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.rigs.scheduler import (
@@ -124,3 +126,58 @@ def test_a_worker_refusal_stops_planning_loads(half):
     request = vllm_request(PROMPT)
     half.on_new_request(request)
     assert half.get_num_new_matched_tokens(request, 0) == (0, False)
+
+
+@pytest.fixture
+def sharing(tmp_path):
+    """A scheduler half whose engine runs vLLM's prefix cache (blocks of ``BLOCK``)."""
+    url = f"file://{tmp_path / 'store'}"
+    config = KVCDNConfig(store_url=url, chunk_size=CHUNK, ledger_path="", index_refresh_s=3600, load_timeout_s=0.2)
+    half = KVCDNScheduler(config, FINGERPRINT, open_store(url), shared_block_size=BLOCK)
+    publish(half.index.store, DOC, fingerprint=FINGERPRINT.digest)
+    half.index.refresh(force=True)
+    yield half
+    half.shutdown()
+
+
+def _start_load(half, request) -> None:
+    half.on_new_request(request)
+    count, _ = half.get_num_new_matched_tokens(request, 0)
+    half.update_state_after_alloc(request, blocks_for(len(request.prompt_token_ids)), count)
+
+
+def test_a_request_waits_for_a_load_of_its_chunks_in_flight_then_loads_only_what_vllm_did_not_keep(sharing):
+    first, second = vllm_request(PROMPT), vllm_request(DOC + [5, 6])
+    _start_load(sharing, first)
+    sharing.on_new_request(second)
+    assert sharing.get_num_new_matched_tokens(second, 0) == (None, False)  # first's load writes its blocks
+    sharing.update_connector_output(WorkerReport(), {first.request_id})
+    # vLLM cached first's whole blocks; second finds them locally: only the partial block loads.
+    whole = len(DOC) // BLOCK * BLOCK
+    assert sharing.get_num_new_matched_tokens(second, whole) == (len(DOC) - whole, True)
+    sharing.update_state_after_alloc(second, blocks_for(len(DOC) + 2), len(DOC) - whole)
+    assert sharing.stats.data["collapsed_loads"] == 1
+
+
+def test_a_load_that_shares_no_whole_block_or_takes_too_long_is_not_waited_for(sharing):
+    first = vllm_request(PROMPT)
+    _start_load(sharing, first)
+    tail_only = vllm_request(DOC + [1, 2])  # vLLM holds its whole blocks already: nothing to share
+    sharing.on_new_request(tail_only)
+    whole = len(DOC) // BLOCK * BLOCK
+    assert sharing.get_num_new_matched_tokens(tail_only, whole) == (len(DOC) - whole, True)
+    late = vllm_request(DOC + [3, 4])
+    sharing.on_new_request(late)
+    assert sharing.get_num_new_matched_tokens(late, 0) == (None, False)
+    time.sleep(0.25)  # past load_timeout_s: the first load is not coming
+    assert sharing.get_num_new_matched_tokens(late, 0) == (len(DOC), True)
+    assert "collapsed_loads" not in sharing.stats.data
+
+
+def test_without_vllms_prefix_cache_every_request_loads_its_own(half):
+    publish(half.index.store, DOC, fingerprint=FINGERPRINT.digest)
+    half.index.refresh(force=True)
+    first, second = vllm_request(PROMPT), vllm_request(DOC + [5, 6])
+    _start_load(half, first)
+    half.on_new_request(second)
+    assert half.get_num_new_matched_tokens(second, 0) == (len(DOC), True)

@@ -75,9 +75,11 @@ class KVCDNConnector(KVConnectorBase_V1):
                             "set it in the top-level --kv-transfer-config)", transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
             tp_size = vllm_config.parallel_config.tensor_parallel_size
+            cache = vllm_config.cache_config
+            shared_block_size = cache.block_size if cache.enable_prefix_caching else 0  # loads can be shared
             self.scheduler_half = KVCDNScheduler(self.config, self.fingerprint, store,
                                                  parts=all_parts(total_kv_heads(vllm_config), tp_size),
-                                                 ranks=tp_size)
+                                                 ranks=tp_size, shared_block_size=shared_block_size)
             logger.info(
                 "kvcdn: scheduler ready: store %s, chunk %d tokens, fingerprint %s (%s, %s, %s, kernels %s)",
                 store.url, self.config.chunk_size, self.fingerprint.digest,
@@ -176,10 +178,11 @@ class KVCDNConnector(KVConnectorBase_V1):
         return self.scheduler_half.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
-        """The workers' output of a step: our ``WorkerReport`` rides in it."""
+        """The workers' output of a step: our ``WorkerReport`` rides in it, and the loads
+        every rank ended (``finished_recving``)."""
         report = connector_output.kv_connector_worker_meta
-        if isinstance(report, WorkerReport):
-            self.scheduler_half.update_connector_output(report)
+        self.scheduler_half.update_connector_output(report if isinstance(report, WorkerReport) else None,
+                                                    set(connector_output.finished_recving or ()))
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         """(hold the blocks?, kv_transfer_params of the response): never held; the report

@@ -1,6 +1,13 @@
 """The load flow on the scheduler: match a request's prompt against published chunks,
 plan the load of what it does not hold already, follow the hit, meter the read.
 
+Collapsed loads (a CDN's request collapsing): with vLLM's prefix cache on, a request whose
+chunks another request is loading right now waits for that load ("ask again later")
+instead of reading them again; once the load ends vLLM caches its whole blocks, the
+waiting request finds them as a local prefix-cache hit, and only what vLLM does not keep
+(the partial last block) is loaded for it. Measured (issue 29): 32 clients at once on one
+3774-token document each read their own 433 MB without it.
+
 No tensor work and no store I/O on the request path (the index refreshes itself in a
 background thread, see ``index``)."""
 
@@ -37,14 +44,20 @@ class Hit:
 
 class LoadPlanner:
     def __init__(self, chunk_size: int, index: ChunkIndex, stats: KVCDNStats, ledger: LedgerWriter | None,
-                 ranks: int = 1):
-        """``ranks``: the workers that each load their part of every hit (tensor parallelism)."""
+                 ranks: int = 1, shared_block_size: int = 0, collapse_wait_s: float = 10.0):
+        """``ranks``: the workers that each load their part of every hit (tensor parallelism);
+        ``shared_block_size``: the block size of vLLM's prefix cache when it is on (0: off,
+        no collapsing: a load's blocks are its request's alone); ``collapse_wait_s``: the
+        longest a request waits for another's load before it plans its own."""
         self.chunk_size, self.index, self.stats, self.ledger = chunk_size, index, stats, ledger
         self.ranks = ranks
+        self.shared_block_size, self.collapse_wait_s = shared_block_size, collapse_wait_s
         self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
         self._planned: dict[str, tuple[Match, int]] = {}  # (match, tokens to hit) until blocks are allocated
         self._hits: dict[str, Hit] = {}
         self._loads: list[LoadSpec] = []  # planned since the last step
+        self._loading: dict[str, frozenset[str]] = {}  # request id -> chunk keys its load in flight writes
+        self._waiting: dict[str, float] = {}  # request id -> when it began waiting for another's load
 
     def match(self, request: "Request", num_computed_tokens: int, profile: RequestProfile) -> tuple[int, bool]:
         """vLLM's ``get_num_new_matched_tokens`` for an ordinary request."""
@@ -62,7 +75,11 @@ class LoadPlanner:
         match = self.index.match(prompt, profile.cache_salt, profile.adapter)
         tokens = min(match.num_tokens, len(prompt) - 1)
         if tokens <= num_computed_tokens:
+            self._end_wait(req_id)
             return 0, False
+        if self._wait_for_shared_load(req_id, match, num_computed_tokens, tokens):
+            return None, False  # another request is loading these blocks: take them from vLLM once it is done
+        self._end_wait(req_id)
         self._planned[req_id] = (match, tokens)
         # Asynchronous, so vLLM registers the loaded blocks in its prefix cache only after
         # the worker reports the load finished, and only the blocks before the first one
@@ -88,11 +105,43 @@ class LoadPlanner:
             if span.end > write_start and span.start < tokens
         ]
         self._loads.append(LoadSpec(req_id=req_id, block_ids=list(blocks.get_block_ids()[0]), chunks=chunks))
+        self._loading[req_id] = frozenset(chunk.key for chunk in chunks)
         self._hits[req_id] = Hit(match.doc_id, tokens, num_external_tokens, len(prompt), tenant_of(request.cache_salt))
         self.stats.add("matched_requests")
         self.stats.add("matched_tokens", num_external_tokens)
         logger.info("kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
                     req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start)
+
+    def _wait_for_shared_load(self, req_id: str, match: Match, computed: int, tokens: int) -> bool:
+        """Whether the request should wait for another request's load in flight: one that
+        writes a whole block of [computed, tokens) (vLLM caches whole blocks only), and
+        for no longer than ``collapse_wait_s``."""
+        bs = self.shared_block_size
+        if not bs or not self._loading:
+            return False
+        in_flight = frozenset().union(*self._loading.values())
+        shared = any(span.key in in_flight and span.start + span.num_tokens // bs * bs > computed
+                     for span in match.spans if span.start < tokens)
+        if not shared:
+            return False
+        since = self._waiting.setdefault(req_id, time.monotonic())
+        if time.monotonic() - since > self.collapse_wait_s:
+            del self._waiting[req_id]  # not a collapsed load
+            logger.warning("kvcdn: request %s waited %.1f s for another request's load of its chunks; loading "
+                           "its own", req_id, time.monotonic() - since)
+            return False
+        return True
+
+    def _end_wait(self, req_id: str) -> None:
+        if self._waiting.pop(req_id, None) is not None:
+            self.stats.add("collapsed_loads")
+
+    def on_loads_finished(self, req_ids: set[str]) -> None:
+        """vLLM's ``finished_recving`` of a step (every rank done): those loads' blocks are
+        in vLLM's prefix cache before the next scheduling pass asks about the requests
+        waiting for them."""
+        for req_id in req_ids:
+            self._loading.pop(req_id, None)
 
     def take_loads(self) -> list[LoadSpec]:
         loads, self._loads = self._loads, []
@@ -116,6 +165,8 @@ class LoadPlanner:
     def finish(self, req_id: str) -> dict:
         """The request's report (``kv_transfer_params["kvcdn"]`` of its response)."""
         self._planned.pop(req_id, None)
+        self._loading.pop(req_id, None)  # aborted while loading: vLLM will not cache its blocks
+        self._waiting.pop(req_id, None)
         hit = self._hits.pop(req_id, None)
         if hit is None:
             return {"hit": False, "loaded_tokens": 0}

@@ -37,9 +37,10 @@ logger = get_logger(__name__)
 
 class KVCDNScheduler:
     def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, parts: list[str] = ("",),
-                 ranks: int = 1):
+                 ranks: int = 1, shared_block_size: int = 0):
         """``parts``: the part names of every chunk, one per distinct set of KV heads a
-        tensor-parallel rank holds (``artifact.parts``); ``ranks``: the workers reporting."""
+        tensor-parallel rank holds (``artifact.parts``); ``ranks``: the workers reporting;
+        ``shared_block_size``: vLLM's block size when its prefix cache is on (else 0)."""
         self.config = config
         self.fingerprint = fingerprint
         self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s)
@@ -48,7 +49,8 @@ class KVCDNScheduler:
         self.gate = PublishGate(config.publish_isolation_s)
         self.profiles = RequestProfiles(self.stats)
         self.ledger = _open_ledger(config.ledger_path)
-        self.planner = LoadPlanner(config.chunk_size, self.index, self.stats, self.ledger, ranks)
+        self.planner = LoadPlanner(config.chunk_size, self.index, self.stats, self.ledger, ranks,
+                                   shared_block_size=shared_block_size, collapse_wait_s=config.load_timeout_s)
         self.desk = PublishDesk(config, fingerprint, self.index, self.gate, store, self.stats, list(parts), ranks)
         self._rejected: dict[str, str] = {}  # request id -> why its kvcdn params were ignored
 
@@ -97,10 +99,12 @@ class KVCDNScheduler:
         return KVCDNMetadata(loads=self.planner.take_loads(), saves=self.desk.plan_saves(scheduler_output),
                              idle=not scheduler_output.total_num_scheduled_tokens)
 
-    def update_connector_output(self, report: WorkerReport) -> None:
-        """The workers' report of a step (aggregated by vLLM)."""
-        self.planner.on_report(report)
-        self.desk.on_report(report)
+    def update_connector_output(self, report: WorkerReport | None, finished_loads: set[str] = frozenset()) -> None:
+        """The workers' report of a step (aggregated by vLLM), and the loads every rank ended."""
+        if report is not None:
+            self.planner.on_report(report)
+            self.desk.on_report(report)
+        self.planner.on_loads_finished(finished_loads)
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         """The request is done: its report goes back in the response's ``kv_transfer_params``;

@@ -16,6 +16,8 @@ COUNTERS = {
     "matched_tokens": "Prompt tokens planned for loading from published chunks",
     "reads": "Requests whose load succeeded: cache reads, metered one row each in the ledger",
     "loaded_tokens": "Tokens loaded by reads that succeeded on every rank (a failed load counts none)",
+    "collapsed_loads": "Requests that waited for another request's load of the same chunks and took its blocks "
+    "from vLLM's prefix cache instead of reading them again",
     "loaded_bytes": "KV bytes written into the KV cache by loads (all ranks)",
     "store_read_bytes": "Artifact bytes read from the store and verified (all ranks)",
     "ram_tier_hits": "Chunks (a rank's part of one, under tensor parallelism) whose whole blocks came from the "
