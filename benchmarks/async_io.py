@@ -45,7 +45,8 @@ sys.path.insert(0, str(HERE))
 
 MODES = {"in-step": False, "background": True}
 PHASES = ("decode", "load", "hot", "compute", "publish")
-RUNS = {"phases": {}, "files": {"ram_tier_gib": 0}, "ram": {}}  # engine settings of each run
+# Engine settings of each run; the phases' store is slowed on purpose: it must still load.
+RUNS = {"phases": {"load_policy": "always"}, "files": {"ram_tier_gib": 0}, "ram": {}}
 
 
 VOCAB = 500  # token ids drawn from [3, VOCAB): inside every shape's vocabulary

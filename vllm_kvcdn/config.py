@@ -21,7 +21,9 @@ def injected_faults() -> dict[str, str]:
     """Faults tests and benchmarks inject (``name`` or ``name=value``, comma-separated);
     never set in production. ``skip_partial_tail``: claim a document's partial last chunk
     loaded, leave its slots stale (proves the exactness tests can see a wrong load).
-    ``chunk_get_delay_s=S``: sleep S seconds before each chunk read (store/latency.py)."""
+    ``chunk_get_delay_s=S``: sleep S seconds before each chunk read (store/latency.py);
+    ``chunk_get_delay_file=PATH``: as long as the number in that file says (read at each
+    chunk read; none: no delay), so a test can slow a running engine's store and heal it."""
     faults = (f.partition("=") for f in os.environ.get(TEST_FAULTS_ENV, "").split(",") if f)
     return {name.strip(): value.strip() for name, _, value in faults}
 
@@ -66,6 +68,13 @@ class KVCDNConfig:
     load_timeout_s: float = setting(
         10.0, doc="a load still reading after this long gives up on the chunks it has not written; they are "
                   "computed (failure reason `timeout`): a slow store delays a request by at most this much")
+    load_policy: str = setting(
+        "measured", doc="`measured`: a hit's chunks load only if they arrive sooner than computing their tokens "
+                        "would take, each source's read time and the engine's prefill rate learnt online "
+                        "(connector/load_costs.py; a skipped source is probed until it recovers); `always`: "
+                        "every hit loads")
+    recompute_margin_s: float = setting(
+        0.05, doc="with `load_policy` `measured`: recompute only when that is faster than loading by more than this")
     idle_wait_s: float = setting(
         0.005, doc="how long a worker step that computes nothing waits for a background job before vLLM steps "
                    "again (longer: fewer idle steps, later reports)")
@@ -120,7 +129,9 @@ class KVCDNConfig:
         for name in ("load_jobs", "max_results"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"kvcdn: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("idle_wait_s", "wait_limit_s"):
+        if self.load_policy not in ("measured", "always"):
+            raise ValueError(f"kvcdn: load_policy must be \"measured\" or \"always\", got {self.load_policy!r}")
+        for name in ("idle_wait_s", "wait_limit_s", "recompute_margin_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"kvcdn: {name} must be >= 0, got {getattr(self, name)!r}")
         if self.publish_isolation_s < 0:

@@ -285,6 +285,8 @@ def test_level2_hot_document_from_the_ram_tier(scenario, prompts):
     assert identical(_answer(scenario, "consumer", "d_q0_again"), _answer(scenario, "vllm_doc_step", "d_q0"))
     counters = _counters(scenario, "consumer", "d_q0_again")
     assert counters["vllm:kvcdn_ram_tier_hits"] == 3  # two full chunks and the tail's whole block
+    assert counters["vllm:kvcdn_ram_tier_tail_hits"] == 1  # the tail's last 60 positions
+    assert counters.get("vllm:kvcdn_store_read_bytes", 0) == 0  # no chunk read at all
     assert counters[EXTERNAL_HITS] == 700 and counters[COMPUTED] == len(prompts["d_q0"]) - 700
     # The first read of D filled the tier; the prompt sharing D's first two chunks used it.
     assert _counters(scenario, "consumer", "d_q0").get("vllm:kvcdn_ram_tier_hits", 0) == 0

@@ -59,3 +59,22 @@ def test_a_second_commit_of_one_chunk_gives_its_slot_back():
     ram.commit("a", first, 2)
     ram.commit("a", second, 2)  # two loads read the same image at once
     assert len(ram) == 1 and ram.reserve() == second
+
+
+def test_tails_are_kept_least_recently_used_out_within_their_bytes():
+    from vllm_kvcdn.connector.tail_cache import TailCache
+
+    def tail(n: int, value: float) -> list[torch.Tensor]:
+        return [torch.full((n, 2, 4), value, dtype=torch.bfloat16) for _ in range(4)]  # 2 layers' K, V
+
+    one = 4 * 10 * 2 * 4 * 2  # bytes of a 10-token tail
+    tails = TailCache(2 * one)
+    tails.put("a", 128, tail(10, 1.0))
+    tails.put("b", 128, tail(10, 2.0))
+    assert tails.holds("a", 128, 138) and not tails.holds("a", 127, 138) and not tails.holds("a", 128, 139)
+    got = tails.get("a", 130, 135)  # "a" is now the most recent
+    assert got.shape == (4, 5, 2, 4) and torch.all(got == 1.0)
+    tails.put("c", 128, tail(10, 3.0))
+    assert len(tails) == 2 and tails.holds("a", 128, 138) and not tails.holds("b", 128, 138)
+    tails.put("big", 0, tail(30, 4.0))  # larger than the whole cache: not kept
+    assert not tails.holds("big", 0, 1) and tails.nbytes == 2 * one

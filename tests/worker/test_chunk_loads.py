@@ -81,9 +81,10 @@ def _split_layout(cache, **_):
     return SplitKVLayout(BLOCK, cache.shape[2], DIM)  # the GPU backends' layout, HND strides
 
 
-def _worker(store, layout: str, io_threads: int = 1, blocks: int = 64, layout_factory=None) -> KVCDNWorker:
-    config = KVCDNConfig(store_url=store.url, chunk_size=CHUNK, io_threads=io_threads, ram_tier_gib=0,
-                         load_timeout_s=30)
+def _worker(store, layout: str, io_threads: int = 1, blocks: int = 64, layout_factory=None,
+            **settings) -> KVCDNWorker:
+    config = KVCDNConfig(store_url=store.url, chunk_size=CHUNK, io_threads=io_threads,
+                         **{"ram_tier_gib": 0, "load_timeout_s": 30, **settings})
     geometry = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
     factory = layout_factory or (_split_layout if layout == "split" else layout_for)
     worker = KVCDNWorker(config, FINGERPRINT, store, geometry, layout_factory=factory)
@@ -263,3 +264,52 @@ def test_a_chunk_goes_to_the_cache_device_in_one_copy(store, codec):
     assert all(t.untyped_storage().data_ptr() != chunk.keys[0].untyped_storage().data_ptr() for t in moved)
     for (k, v), k2, v2 in zip(kv, moved[:LAYERS], moved[LAYERS:]):
         assert torch.equal(k2, k[:CHUNK]) and torch.equal(v2, v[:CHUNK])
+
+
+def _failed_for_recompute(worker) -> int:
+    return worker.stats.data.get("failures", {}).get("recompute_faster", 0)
+
+
+def test_a_slowed_store_gets_recompute_and_a_recovered_one_gets_loads_again(tmp_path, layout):
+    """Reads of a real file store slowed and healed at run time (a delay file); the
+    engine's prefill rate as its step clock reports it (1 us a token, an H100's order)."""
+    delay = tmp_path / "delay"
+    store = LatencyStore(FileStore(tmp_path / "store"), delay_file=str(delay))
+    tokens, kv = _document(7)
+    spans = _publish(store, tokens, kv)[:2]
+    worker = _worker(store, layout)
+    worker.costs.observe_step(10_000, 0.01)
+    delay.write_text("0")
+    assert _load(worker, _spec("fast", spans, tokens, 0)) == set()
+    delay.write_text("0.2")
+    assert _load(worker, _spec("slowed", spans, tokens, 0)) == set()  # measured fast so far: loaded
+    for n in range(3):  # slow now: recomputed, each skip probing the store once
+        if n == 1:
+            delay.write_text("0")  # healed: the probes see it
+        spec = _spec(f"skip{n}", spans, tokens, 10)
+        assert _load(worker, spec) == set(spec.block_ids[:2]), n
+        assert worker.costs.wait_for_probes(10)
+    assert _failed_for_recompute(worker) == 3
+    spec = _spec("back", spans, tokens, 20)
+    assert _load(worker, spec) == set()  # two fast probes of three reads: loads again
+    for layer in range(LAYERS):
+        k, v = _cached(worker, spec, layer, 2 * CHUNK)
+        assert torch.equal(k, kv[layer][0][: 2 * CHUNK]) and torch.equal(v, kv[layer][1][: 2 * CHUNK])
+
+
+def test_a_hot_prefix_loads_from_ram_and_the_slow_rest_is_recomputed(tmp_path, layout):
+    """Per source: chunk 0 is in the RAM tier, the store is known slow (its last reads
+    took 0.2 s each): chunk 0 loads, chunks 1 and 2 are recomputed."""
+    tokens, kv = _document(8)
+    store = FileStore(tmp_path / "store")
+    spans = _publish(store, tokens, kv)[:3]
+    worker = _worker(store, layout, ram_tier_gib=0.01)
+    assert _load(worker, _spec("warm", spans[:1], tokens, 0)) == set()  # chunk 0 into the RAM tier
+    worker.costs.observe_step(10_000, 0.01)
+    for _ in range(3):
+        worker.costs.observe_read("store", 0.2)
+    spec = _spec("prefix", spans, tokens, 30)
+    assert _load(worker, spec) == set(spec.block_ids[1:3])
+    k, _ = _cached(worker, spec, 0, CHUNK)
+    assert torch.equal(k, kv[0][0][:CHUNK])
+    assert worker.stats.data["ram_tier_hits"] == 1 and _failed_for_recompute(worker) == 1

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from vllm_kvcdn.artifact.manifest import ArtifactError
+from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.jobs import InlineExecutor
@@ -33,16 +34,22 @@ def _chunks(n: int, tail: int = 0) -> tuple[list[ChunkLoad], dict[str, list[torc
     return loads, kv
 
 
-def _loader(kv: dict, bad: set[str] = frozenset()) -> ChunkLoader:
+def _loader(kv: dict, bad: set[str] = frozenset(), ram_tier_bytes: int = 0, reads: list | None = None) -> ChunkLoader:
+    """``reads``: the keys of the chunks read, appended to as they are."""
     caches = [torch.zeros(16, HEADS, BLOCK, 2 * DIM, dtype=torch.bfloat16) for _ in range(LAYERS)]
 
     def read_chunk(chunk: ChunkLoad, into):
+        if reads is not None:
+            reads.append(chunk.key)
         if chunk.key in bad:
             raise ArtifactError("checksum", f"chunk {chunk.key[:16]} fails its checksum")
         tensors = kv[chunk.key]
         return SimpleNamespace(keys=tensors[:LAYERS], values=tensors[LAYERS:]), 1000
 
-    return ChunkLoader(geometry=GEOMETRY, caches=caches, layout=SplitKVLayout(BLOCK, BLOCK, DIM),
+    layout = SplitKVLayout(BLOCK, BLOCK, DIM)
+    tier = BlockTier([layout.blocks(c) for c in caches], ram_tier_bytes, CHUNK // BLOCK, None, None,
+                     InlineExecutor()) if ram_tier_bytes else None
+    return ChunkLoader(geometry=GEOMETRY, caches=caches, layout=layout, tier=tier,
                        device=CacheDevice(torch.device("cpu")), buffers=ReadBuffers(2, 64),
                        read_chunk=read_chunk, reads=InlineExecutor(), timeout_s=5)
 
@@ -86,3 +93,45 @@ def test_a_partial_write_range_writes_only_its_positions():
     assert loader.load(spec).receipt.loaded_tokens == CHUNK - BLOCK
     k, _ = _read_back(loader, spec, 1, CHUNK)
     assert torch.count_nonzero(k[:BLOCK]) == 0 and torch.equal(k[BLOCK:], kv[chunks[0].key][1][BLOCK:])
+
+
+def _assert_loaded(loader: ChunkLoader, spec: LoadSpec, kv: dict, start: int = 0) -> None:
+    end = spec.chunks[-1].write_to
+    for layer in range(LAYERS):
+        k, v = loader.layout.read(loader.caches[layer], GEOMETRY.slots(spec.block_ids, start, end))
+        whole_k = torch.cat([kv[c.key][layer] for c in spec.chunks])
+        whole_v = torch.cat([kv[c.key][LAYERS + layer] for c in spec.chunks])
+        assert torch.equal(k, whole_k[start - spec.chunks[0].start:]) and \
+            torch.equal(v, whole_v[start - spec.chunks[0].start:])
+
+
+def test_a_hot_document_with_a_tail_loads_from_ram_without_reading_a_chunk():
+    """The partial last block is kept beside the whole blocks: a tail of one whole block
+    and 4 tokens, and a tail shorter than a block."""
+    for tail in (BLOCK + 4, 10):
+        chunks, kv = _chunks(1, tail=tail)
+        reads: list[str] = []
+        loader = _loader(kv, ram_tier_bytes=1 << 20, reads=reads)
+        assert loader.load(LoadSpec("cold", [1, 2, 3, 4], chunks)).receipt is not None
+        assert reads == [c.key for c in chunks]
+        hot = LoadSpec("hot", [9, 5, 12, 7], chunks)  # other blocks
+        outcome = loader.load(hot)
+        assert outcome.receipt is not None and reads == [c.key for c in chunks], reads  # nothing read again
+        _assert_loaded(loader, hot, kv)
+        assert loader.tier.tier_counts()["ram_tier_tail_hits"] == 1
+
+
+def test_a_plan_that_starts_at_the_tail_block_takes_it_from_ram():
+    """vLLM's prefix cache holds the whole blocks (another request's load): only the
+    positions past them are planned, and they come from RAM."""
+    chunks, kv = _chunks(1, tail=BLOCK + 4)
+    reads: list[str] = []
+    loader = _loader(kv, ram_tier_bytes=1 << 20, reads=reads)
+    loader.load(LoadSpec("first", [1, 2, 3, 4], chunks))
+    tail = chunks[-1]
+    tail_only = [ChunkLoad(tail.key, tail.start, tail.num_tokens, tail.start + BLOCK, tail.write_to, True,
+                           tail.tokens)]
+    spec = LoadSpec("second", [1, 2, 3, 8], tail_only)
+    assert loader.load(spec).receipt.loaded_tokens == 4 and len(reads) == 2
+    k, v = loader.layout.read(loader.caches[1], GEOMETRY.slots(spec.block_ids, tail.start + BLOCK, tail.write_to))
+    assert torch.equal(k, kv[tail.key][1][BLOCK:]) and torch.equal(v, kv[tail.key][LAYERS + 1][BLOCK:])

@@ -1,6 +1,7 @@
 """The worker's tier of engine-native block images: host-RAM slots (``block_cache``) and,
-behind them, the same slots as files on the node's disk (``image_tier``), one object with
-one lock.
+behind them, the same slots as files on the node's disk (``image_tier``), plus the
+documents' partial last blocks in RAM (``tail_cache``, an eighth of the RAM budget), one
+object with one lock.
 
 A load asks ``where`` a chunk's whole blocks are; ``promote`` reads a disk image into a
 RAM slot; ``copy_into`` hands a RAM image to the caller's write while no eviction can
@@ -20,6 +21,7 @@ import torch
 
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
 from vllm_kvcdn.connector.image_tier import BlockImageFiles
+from vllm_kvcdn.connector.tail_cache import TailCache
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store.lru import DiskLRU
 
@@ -32,13 +34,14 @@ class BlockTier:
         """``blocks``: each layer's cache indexed by block id (``PagedKVLayout.blocks``);
         ``images_dir`` None: RAM slots only; ``disk_budget``: the node's (``store.lru``)."""
         self._blocks = blocks
-        self.ram = PackedBlockCache(ram_bytes, blocks, blocks_per_chunk)
+        self.tails = TailCache(ram_bytes // 8)
+        self.ram = PackedBlockCache(ram_bytes - self.tails.capacity_bytes, blocks, blocks_per_chunk)
         self.images = None
         if images_dir is not None and disk_budget is not None and self.ram.num_slots:
             self.images = BlockImageFiles(images_dir, budget=disk_budget)
         self._image_writer = image_writer
         self._lock = threading.Lock()
-        self._counts = {"ram_tier_hits": 0, "image_tier_hits": 0, "image_tier_misses": 0}
+        self._counts = {"ram_tier_hits": 0, "ram_tier_tail_hits": 0, "image_tier_hits": 0, "image_tier_misses": 0}
 
     def tier_counts(self) -> dict[str, int]:
         """Totals since start, as the store's tiers count theirs (``Store.tier_counts``)."""
@@ -84,6 +87,26 @@ class BlockTier:
             write(image)
             self._counts["ram_tier_hits"] += 1
         return True
+
+    def holds_tail(self, key: str, lo: int, hi: int) -> bool:
+        with self._lock:
+            return self.tails.holds(key, lo, hi)
+
+    def copy_tail(self, key: str, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
+        """Call ``write`` with the chunk's positions [lo, hi) past its last whole block
+        (``tail_cache.get``) if held; whether it did."""
+        with self._lock:  # no eviction while we copy from it
+            tail = self.tails.get(key, lo, hi)
+            if tail is None:
+                return False
+            write(tail)
+            self._counts["ram_tier_tail_hits"] += 1
+        return True
+
+    def keep_tail(self, key: str, offset: int, tensors: list[torch.Tensor]) -> None:
+        """Copy the chunk's positions from ``offset`` (its last whole block's end) on."""
+        with self._lock:
+            self.tails.put(key, offset, tensors)
 
     def keep(self, key: str, block_ids: torch.Tensor) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order, on the cache's device)

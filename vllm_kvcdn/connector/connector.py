@@ -60,9 +60,9 @@ class KVCDNConnector(KVConnectorBase_V1):
             raise ValueError(f"kvcdn: {refusal}")
         self.fingerprint = vllm_fingerprint(vllm_config, in_worker=role == KVConnectorRole.WORKER)
         store = self.config.open_store(tiers=role == KVConnectorRole.WORKER)
-        delay = injected_faults().get("chunk_get_delay_s")
-        if delay:
-            store = LatencyStore(store, float(delay))
+        faults = injected_faults()
+        if faults.get("chunk_get_delay_s") or faults.get("chunk_get_delay_file"):
+            store = LatencyStore(store, float(faults.get("chunk_get_delay_s") or 0), faults.get("chunk_get_delay_file"))
         self.scheduler_half = self.worker_half = None
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvcdn.connector.scheduler import KVCDNScheduler
@@ -114,11 +114,17 @@ class KVCDNConnector(KVConnectorBase_V1):
         """After a layer's attention: nothing (a publish copies every layer at once in ``wait_for_save``)."""
         return
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward pass: its plan (and, for the prefill rate, its start)."""
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker_half is not None and isinstance(connector_metadata, KVCDNMetadata):
+            self.worker_half.step_started(connector_metadata)
+
     def wait_for_save(self):
         """After the forward pass: copy out the documents whose prefill ended in this step
         (their blocks may be reused next step); they are written in the background."""
         meta = self._connector_metadata
-        if isinstance(meta, KVCDNMetadata) and meta.saves:
+        if isinstance(meta, KVCDNMetadata):
             self.worker_half.wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

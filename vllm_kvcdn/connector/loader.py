@@ -7,7 +7,9 @@ come from the block tier (RAM slots, or their disk image promoted into one) when
 them; everything else from the chunk object, verified against the plan (key, tokens,
 fingerprint, checksum) before a byte is written. The first chunk that fails (missing,
 truncated, corrupt, another model's, too slow) fails itself and every chunk after it:
-their blocks are reported to vLLM, which recomputes them.
+their blocks are reported to vLLM, which recomputes them. So do the chunks a source would
+deliver later than the engine computes them (``load_costs``): all of a hit, a prefix of
+it, or nothing loads, whichever arrives first.
 
 Built from explicit collaborators (geometry, caches and their layout, the device, read
 buffers, a chunk reader, the tier), so tests run it on plain tensors and fakes.
@@ -29,6 +31,7 @@ from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout
+from vllm_kvcdn.connector.load_costs import LoadCosts
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec
@@ -64,9 +67,11 @@ _NO_BUFFER = object()  # a read not started: no read buffer free
 class ChunkLoader:
     def __init__(self, *, geometry: KVGeometry, caches: list[torch.Tensor], layout: PagedKVLayout,
                  device: CacheDevice, buffers: ReadBuffers, read_chunk: ChunkReader, reads: Executor,
-                 tier: BlockTier | None = None, timeout_s: float = 30.0, skip_partial_tail: bool = False):
+                 tier: BlockTier | None = None, timeout_s: float = 30.0, skip_partial_tail: bool = False,
+                 costs: LoadCosts | None = None):
         self.geometry, self.caches, self.layout, self.device = geometry, caches, layout, device
         self.buffers, self.tier = buffers, tier
+        self.costs = costs or LoadCosts(parallel_reads=1, enabled=False)
         self._read_chunk, self._reads = read_chunk, reads
         self.timeout_s = timeout_s
         self.token_bytes = geometry.token_bytes(len(caches))
@@ -78,9 +83,10 @@ class ChunkLoader:
         outcome = LoadOutcome(spec.req_id)
         reads: list[_Read | None] = []
         loaded_tokens = 0
-        for n, chunk in enumerate(spec.chunks):
+        chunks = self._worth_loading(spec, outcome)
+        for n, chunk in enumerate(chunks):
             try:
-                self._read_ahead(spec.chunks, n, reads, deadline)
+                self._read_ahead(chunks, n, reads, deadline)
                 with self.device.side_stream():  # waits for its copies: then the buffer may go back
                     self._write_chunk(spec, n, reads, outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
@@ -111,21 +117,94 @@ class ChunkLoader:
         return outcome
 
     def fail(self, outcome: LoadOutcome, spec: LoadSpec, chunks: list[ChunkLoad], reason: str,
-             message: str) -> LoadOutcome:
+             message: str, warn: bool = True) -> LoadOutcome:
         """Report every block of ``chunks`` (the failed one and those after it) for recompute."""
         for chunk in chunks:
             outcome.failed_blocks.update(self.geometry.blocks_touched(spec.block_ids, chunk.write_from, chunk.write_to))
         outcome.stats.fail(reason)
-        logger.warning("kvcdn: load miss for request %s (%s): %s; recomputing", spec.req_id, reason, message)
+        (logger.warning if warn else logger.info)("kvcdn: load miss for request %s (%s): %s; recomputing",
+                                                  spec.req_id, reason, message)
         return outcome
 
-    def _tier_blocks(self, chunk: ChunkLoad) -> int:
-        """How many of the chunk's whole blocks the tier must hold to cover its write range
-        (0: the range is not whole blocks, the chunk object is read)."""
-        first, last = self.geometry.whole_blocks(chunk.write_from, chunk.write_to)
-        if self.tier is None or first >= last or first != chunk.write_from or last != chunk.write_to:
-            return 0
-        return (last - chunk.start) // self.geometry.block_size
+    def _worth_loading(self, spec: LoadSpec, outcome: LoadOutcome) -> list[ChunkLoad]:
+        """The chunks to load: up to the first one whose source (and every source after
+        it) would deliver later than the engine computes the rest; those are failed for
+        recompute (reason ``recompute_faster``) and their source probed."""
+        sources = [self._source(chunk) for chunk in spec.chunks]
+        for n, source in enumerate(sources):
+            if source == "ram":
+                continue
+            rest = spec.chunks[n:]
+            tokens = sum(c.write_to - c.write_from for c in rest)
+            slow = [(s, sources[n:].count(s)) for s in ("image", "store") if s in sources[n:]]
+            verdicts = [self.costs.verdict(s, count, tokens) for s, count in slow]
+            if all(v.load for v in verdicts):
+                break
+            self.fail(outcome, spec, rest, "recompute_faster",
+                      "; ".join(f"{s}: {v.why()}" for (s, _), v in zip(slow, verdicts)), warn=False)
+            for (s, _), v in zip(slow, verdicts):
+                if not v.load:
+                    self._probe(s, next(c for c, where in zip(rest, sources[n:]) if where == s))
+            return spec.chunks[:n]
+        return spec.chunks
+
+    def _source(self, chunk: ChunkLoad) -> str:
+        """Where the chunk's write range will come from: "ram", "image" or "store"."""
+        blocks = self._tier_blocks(chunk)
+        if blocks is None:
+            return "store"
+        return (self.tier.where(chunk.key, blocks) if blocks else "ram") or "store"
+
+    def _probe(self, source: str, chunk: ChunkLoad) -> None:
+        """One read of a chunk a load skipped, off the request path, so loads resume once
+        its source is fast again (one in flight per source). A store probe reads into a
+        free buffer (none free: no probe) and drops what it read; an image probe moves the
+        image into a RAM slot, where the next load finds it."""
+        if not self.costs.start_probe(source):
+            return
+        if source == "image":
+            read, buffer = self._reads.submit(self._timed_promote, chunk.key), None
+        else:
+            buffer = self.buffers.acquire(0.0)
+            if buffer is None:
+                self.costs.end_probe(source)
+                return
+            read = self._reads.submit(self._timed_read, chunk, buffer)
+
+        def done(_) -> None:
+            if buffer is not None:
+                self.buffers.release(buffer)
+            self.costs.end_probe(source)
+
+        read.add_done_callback(done)
+
+    def _timed_read(self, chunk: ChunkLoad, buffer: memoryview | None):
+        started = time.perf_counter()
+        result = self._read_chunk(chunk, buffer)
+        self.costs.observe_read("store", time.perf_counter() - started)
+        return result
+
+    def _timed_promote(self, key: str) -> bool:
+        started = time.perf_counter()
+        promoted = self.tier.promote(key)
+        if promoted:
+            self.costs.observe_read("image", time.perf_counter() - started)
+        return promoted
+
+    def _tier_blocks(self, chunk: ChunkLoad) -> int | None:
+        """How many of the chunk's whole blocks the tier must hold (with, past the last
+        whole block, its tail) for the chunk's write range to need no chunk read; None
+        when the range starts or ends inside a whole block (the chunk object is read)."""
+        if self.tier is None:
+            return None
+        bs, tail_start = self.geometry.block_size, _tail_start(chunk, self.geometry.block_size)
+        head_end = min(chunk.write_to, tail_start)  # the whole blocks' part of the range ends here
+        if chunk.write_from < head_end and (chunk.write_from % bs or head_end % bs):
+            return None
+        if chunk.write_to > tail_start and not self.tier.holds_tail(
+                chunk.key, max(chunk.write_from, tail_start) - chunk.start, chunk.write_to - chunk.start):
+            return None
+        return (head_end - chunk.start) // bs if chunk.write_from < head_end else 0
 
     def _read_ahead(self, chunks: list[ChunkLoad], n: int, reads: list[_Read | None], deadline: float) -> None:
         """Start the reads after ``reads`` (those started, in chunk order) while read
@@ -146,16 +225,16 @@ class ChunkLoader:
         RAM slot) when the node's disk holds one, else the chunk itself, into a read buffer
         free within ``wait_s`` (``_NO_BUFFER`` if none)."""
         blocks = self._tier_blocks(chunk)
-        if blocks:
-            where = self.tier.where(chunk.key, blocks)
+        if blocks is not None:
+            where = self.tier.where(chunk.key, blocks) if blocks else "ram"
             if where == "ram":
                 return None
             if where == "image":
-                return _Read("image", self._reads.submit(self.tier.promote, chunk.key))
+                return _Read("image", self._reads.submit(self._timed_promote, chunk.key))
         buffer = self.buffers.acquire(wait_s)
         if buffer is None:
             return _NO_BUFFER
-        return _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
+        return _Read("chunk", self._reads.submit(self._timed_read, chunk, buffer), buffer)
 
     def _let_go(self, read: _Read | None) -> None:
         """Cancel the read if it has not started; its buffer goes back once it has ended
@@ -189,24 +268,46 @@ class ChunkLoader:
             bs = g.block_size
             if self.tier.copy_into(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
                 todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
+        tail_start = _tail_start(chunk, g.block_size)
+        if self.tier is not None and todo and todo[-1][0] >= tail_start:
+            lo, hi = todo[-1]
+
+            def write_tail(tail: torch.Tensor) -> None:
+                self._write_tokens(spec, lo, hi, list(self.device.upload_view(tail)))
+
+            if self.tier.copy_tail(chunk.key, lo - chunk.start, hi - chunk.start, write_tail):
+                todo = todo[:-1]
         if not todo:
             return
         if read is None:  # the tier lost it meanwhile, or its image was no good
             buffer = self.buffers.acquire()  # none free: a buffer of its own (waiting could deadlock)
-            read = reads[n] = _Read("chunk", self._reads.submit(self._read_chunk, chunk, buffer), buffer)
+            read = reads[n] = _Read("chunk", self._reads.submit(self._timed_read, chunk, buffer), buffer)
         kv, nbytes = read.future.result(timeout=max(0.0, deadline - time.perf_counter()))
         stats.add("store_read_bytes", nbytes)
-        layers = len(kv.keys)
         on_device = self.device.upload(kv.keys + kv.values, read.buffer)  # one copy for the chunk
         for start, end in todo:
-            slots = self.device.index(g.slots(spec.block_ids, start, end))
             a, b = start - chunk.start, end - chunk.start
-            for cache, k, v in zip(self.caches, on_device[:layers], on_device[layers:]):
-                self.layout.write(cache, k[a:b], v[a:b], slots)
-        whole_end = chunk.start + chunk.num_tokens // g.block_size * g.block_size
-        if self.tier is not None and todo == [(chunk.write_from, chunk.write_to)] \
-                and chunk.write_from == chunk.start and chunk.start < whole_end <= chunk.write_to:
-            self.tier.keep(chunk.key, self.device.index(g.block_ids(spec.block_ids, chunk.start, whole_end)))
+            self._write_tokens(spec, start, end, [t[a:b] for t in on_device])
+        if self.tier is None:
+            return
+        if todo[0][0] == chunk.start < tail_start <= todo[0][1]:  # all its whole blocks came from the object
+            self.tier.keep(chunk.key, self.device.index(g.block_ids(spec.block_ids, chunk.start, tail_start)))
+        if tail_start < chunk.start + chunk.num_tokens:  # verified: its tail serves later hits from RAM
+            self.tier.keep_tail(chunk.key, tail_start - chunk.start,
+                                [t[tail_start - chunk.start:] for t in kv.keys + kv.values])
+
+    def _write_tokens(self, spec: LoadSpec, start: int, end: int, tensors: list[torch.Tensor]) -> None:
+        """Write positions [start, end) into the request's slots: ``tensors`` are every
+        layer's K, then every layer's V, ``[end - start, kv_heads, head_dim]`` each."""
+        slots = self.device.index(self.geometry.slots(spec.block_ids, start, end))
+        layers = len(self.caches)
+        for cache, k, v in zip(self.caches, tensors[:layers], tensors[layers:]):
+            self.layout.write(cache, k, v, slots)
+
+
+def _tail_start(chunk: ChunkLoad, block_size: int) -> int:
+    """Where the chunk's last whole block ends (its tail, if any, follows)."""
+    return chunk.start + chunk.num_tokens // block_size * block_size
 
 
 def _store_failure(e: StoreError) -> str:

@@ -96,8 +96,9 @@ class KVCDNScheduler:
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVCDNMetadata:
         """The end of a scheduling pass: what the worker starts in this step."""
         self.desk.release_held()
+        tokens = scheduler_output.total_num_scheduled_tokens
         return KVCDNMetadata(loads=self.planner.take_loads(), saves=self.desk.plan_saves(scheduler_output),
-                             idle=not scheduler_output.total_num_scheduled_tokens)
+                             idle=not tokens, scheduled_tokens=tokens)
 
     def update_connector_output(self, report: WorkerReport | None, finished_loads: set[str] = frozenset()) -> None:
         """The workers' report of a step (aggregated by vLLM), and the loads every rank ended."""

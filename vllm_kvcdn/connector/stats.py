@@ -22,6 +22,8 @@ COUNTERS = {
     "store_read_bytes": "Artifact bytes read from the store and verified (all ranks)",
     "ram_tier_hits": "Chunks (a rank's part of one, under tensor parallelism) whose whole blocks came from the "
     "worker's host-RAM tier",
+    "ram_tier_tail_hits": "Partial last blocks of documents (a rank's part) written from the worker's host-RAM "
+    "tier (no chunk read for them)",
     "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
     "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
     "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier (no packing op)",

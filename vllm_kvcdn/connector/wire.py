@@ -77,6 +77,7 @@ class KVCDNMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     idle: bool = False  # the step computes nothing: the worker may wait for its background jobs
+    scheduled_tokens: int = 0  # tokens the step computes (the worker times it: the engine's prefill rate)
 
 
 # -- worker -> scheduler --------------------------------------------------------------

@@ -36,10 +36,12 @@ from vllm_kvcdn.connector.io_threads import IOThreadPlacement
 from vllm_kvcdn.connector.jobs import Outbox, pool, start_threads
 from vllm_kvcdn.connector.kv_layout import layout_for
 from vllm_kvcdn.connector.layout_probe import probe_layout
+from vllm_kvcdn.connector.load_costs import LoadCosts
 from vllm_kvcdn.connector.loader import ChunkLoader, LoadOutcome
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.saver import DocumentOutcome, DocumentSaver
 from vllm_kvcdn.connector.stats import KVCDNStats
+from vllm_kvcdn.connector.step_clock import StepClock
 from vllm_kvcdn.connector.wire import ChunkLoad, DocumentResult, KVCDNMetadata, LoadSpec, SaveSpec, WorkerReport
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
@@ -76,6 +78,7 @@ class KVCDNWorker:
         self._report = WorkerReport()
         self._finished_loads: set[str] = set()  # loads ended (failed or not) since vLLM last asked
         self._tier_counts: dict[str, int] = {}  # every tier's counters, as last reported
+        self.costs = LoadCosts(config.io_threads, config.recompute_margin_s, enabled=config.load_policy == "measured")
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         g, config = self.geometry, self.config
@@ -84,6 +87,7 @@ class KVCDNWorker:
         self.layout = self._layout_factory(self.caches[0], block_size=g.block_size, num_kv_heads=g.num_kv_heads,
                                            head_dim=g.head_dim, model_dtype=g.model_dtype, cache_dtype=g.cache_dtype)
         self.device = CacheDevice(self.caches[0].device)
+        self.clock = StepClock(self.caches[0].device, self.costs.observe_step)
         self._probe_layout()
 
         if config.ram_tier_gib and self.refusal is None:
@@ -99,6 +103,7 @@ class KVCDNWorker:
         collaborators = dict(geometry=g, caches=self.caches, layout=self.layout, device=self.device)
         self.loader = ChunkLoader(**collaborators, buffers=self.buffers, read_chunk=self._read_chunk,
                                   reads=self._reads, tier=self.tier, timeout_s=config.load_timeout_s,
+                                  costs=self.costs,
                                   skip_partial_tail="skip_partial_tail" in injected_faults())
         self.saver = DocumentSaver(**collaborators, store=self.store, fingerprint=self.fingerprint,
                                    chunk_size=config.chunk_size, codec=config.chunk_codec, part=self.part)
@@ -159,7 +164,12 @@ class KVCDNWorker:
         for spec in meta.loads:
             self._submit_load(spec)
 
+    def step_started(self, meta: KVCDNMetadata) -> None:
+        """The step's forward pass begins (timed: the engine's prefill rate, ``load_costs``)."""
+        self.clock.step_started(meta.scheduled_tokens)
+
     def wait_for_save(self, meta: KVCDNMetadata) -> None:
+        self.clock.step_ended()
         for spec in meta.saves:
             self._submit_save(spec)
 

@@ -28,6 +28,8 @@ Each op has a ``name`` and an ``op``:
   store, ``KVCDN_TEST_FAULTS=chunk_get_delay_s=S``, so the load is still reading); returns
   the answer and counters as ``query`` does;
 - ``reset``: empty vLLM's prefix cache;
+- ``write_file``: write ``text`` to ``path`` (e.g. a delay file: ``chunk_get_delay_file``);
+- ``settle``: wait until no worker has a probe read in flight (``connector/load_costs``);
 - ``kv_blocks``: digests of the paged-cache bytes behind the connector's last ``load`` or
   ``save`` (``of``), over its first ``tokens`` positions: whole blocks as raw bytes, the
   partial block's valid slots through the engine's own packing (see ``kv_layout``); under
@@ -51,8 +53,8 @@ from vllm_kvcdn.defaults import CPU_ENGINE_ENV, DEFAULT_CHUNK_SIZE
 def run(spec: dict) -> dict:
     from vllm_kvcdn.testing.offline import PUBLISH_KEY, engine_counters, generate_many, make_llm, request
 
-    if any(op["op"] == "kv_blocks" for op in spec["ops"]):
-        # The digests are computed inside the worker process by a function we send it.
+    if any(op["op"] in ("kv_blocks", "settle") for op in spec["ops"]):
+        # Functions we send run inside the worker process (the digests, the settling).
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if spec.get("inproc"):
         # The engine core runs in this process and takes one step per LLMEngine.step().
@@ -90,6 +92,13 @@ def run(spec: dict) -> dict:
             continue
         if op["op"] == "reset":
             results[op["name"]] = {"reset": llm.reset_prefix_cache()}
+            continue
+        if op["op"] == "write_file":
+            Path(op["path"]).write_text(op["text"])
+            results[op["name"]] = {}
+            continue
+        if op["op"] == "settle":
+            results[op["name"]] = {"settled": llm.collective_rpc(_settle_probes)}
             continue
         if op["op"] == "abort":
             results[op["name"]] = _abort_after(llm.llm_engine, to_request(op), op["after_steps"],
@@ -188,6 +197,12 @@ def run_in_subprocess(spec: dict, workdir: Path, name: str, timeout: float = 900
 
 
 # -- inside the worker process (sent with collective_rpc) --------------------------------
+
+def _settle_probes(worker) -> bool:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group().worker_half.costs.wait_for_probes(30.0)
+
 
 def _install_block_spy(worker) -> None:
     """Keep a copy of the blocks (from position 0) of the connector's last load and save,
