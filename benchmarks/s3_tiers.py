@@ -80,7 +80,8 @@ def run_phase(spec: dict) -> list[dict]:
     llm = make_llm(spec["model"], store_url=spec["store_url"], enable_prefix_caching=False, max_model_len=max_len,
                    max_num_batched_tokens=max_len, extra_config={
                        "ram_tier_gib": 4.0, "disk_cache_gib": 8.0, "disk_cache_dir": spec["disk_dir"],
-                       "disk_images": spec["disk_images"], "publish_isolation_s": 0})
+                       "disk_images": spec["disk_images"], "publish_isolation_s": 0,
+                       "load_policy": "always"})  # it measures every tier's loads, even one that loses
     timed(llm, tokens(64, "warmup"), cache_salt="warmup")
     rows, published = [], []
 

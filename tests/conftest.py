@@ -110,8 +110,16 @@ def texts() -> dict[str, list[str]]:
     return {"doc_d": lines[:150], "doc_e": lines[1000:1150], "other": lines[2000:2010]}
 
 
+# The tiny model computes a prefill in milliseconds: a store slower than that (moto's S3, a
+# slowed store) loses to it, and the default load_policy ("measured") rightly recomputes
+# instead of loading once it has measured both. Tests about loads pin "always";
+# tests/engine/test_load_or_recompute.py and the planner's own tests run "measured".
+ALWAYS_LOAD = {"load_policy": "always"}
+
+
 class EngineRunner:
-    """Runs a ``vllm_kvcdn.testing.engine_job`` spec on a fresh engine process; returns its results."""
+    """Runs a ``vllm_kvcdn.testing.engine_job`` spec on a fresh engine process; returns its
+    results. Connector settings default to ``ALWAYS_LOAD``."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -121,6 +129,7 @@ class EngineRunner:
         from vllm_kvcdn.testing.engine_job import run_in_subprocess
 
         self.count += 1
+        spec = {**spec, "extra_config": {**ALWAYS_LOAD, **(spec.get("extra_config") or {})}}
         return run_in_subprocess(spec, self.workdir, f"engine-{self.count}", timeout=timeout)
 
 

@@ -56,7 +56,8 @@ class KVCDNConfig:
                   "only on the tokens and the compute profile (connector/publish_gate.py); 0: publishes share "
                   "steps, and the manifest says so")
     ram_tier_gib: float = setting(
-        1.0, doc="per-worker host-RAM tier of hot chunks' engine-native block images, allocated at start (0: off)")
+        1.0, doc="per-worker host-RAM tier of hot chunks' engine-native block images, allocated at start, an "
+                 "eighth of it for documents' partial last blocks (0: off)")
     verify_checksums: bool = setting(True, doc="check every chunk's checksum before it enters the KV cache")
     async_io: bool = setting(
         True, doc="store reads, checks and writes in background threads, never holding an engine step (false: "

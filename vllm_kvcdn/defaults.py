@@ -23,7 +23,8 @@ ENVIRONMENT = {  # every variable kvcdn reads, for the README's table (config.se
                        "and the engine)",
     LEDGER_ENV: "the ledger file where `ledger_path` is not set (`\"\"` or `off`: no ledger)",
     DIGEST_CACHE_ENV: "where weight digests are cached (default `~/.cache/kvcdn/weight-digests.json`)",
-    TEST_FAULTS_ENV: "tests and benchmarks only: faults to inject (`skip_partial_tail`, `chunk_get_delay_s=S`)",
+    TEST_FAULTS_ENV: "tests and benchmarks only: faults to inject (`skip_partial_tail`, `chunk_get_delay_s=S`, "
+                     "`chunk_get_delay_file=PATH`)",
 }
 
 # A small vLLM CPU engine (tests, examples, the demo, benchmarks), with the same thread

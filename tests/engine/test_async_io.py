@@ -22,10 +22,6 @@ from vllm_kvcdn.defaults import TEST_FAULTS_ENV
 from vllm_kvcdn.testing.exactness import identical
 
 DOC_TOKENS = 300  # one whole chunk and a tail
-# A store this slow loses to computing the tiny model's prefill: with the default policy
-# the engine would recompute after the first load (test_load_or_recompute.py). These tests
-# are about loads that take long.
-ALWAYS_LOAD = {"load_policy": "always"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def run(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
     store = tmp_path_factory.mktemp("async-store")
     result = run_engine({
         "model": str(tiny_model), "store_url": f"file://{store}", "prefix_caching": False, "inproc": True,
-        "extra_config": ALWAYS_LOAD, "env": {TEST_FAULTS_ENV: "chunk_get_delay_s=1"},
+        "env": {TEST_FAULTS_ENV: "chunk_get_delay_s=1"},
         "ops": [
             {"name": "pub_a", "op": "publish", "ids": prompts["a"]},
             {"name": "pub_b", "op": "publish", "ids": prompts["b"]},
@@ -102,7 +98,7 @@ def test_a_store_slower_than_the_load_timeout_costs_a_bounded_wait(tmp_path, run
     store = tmp_path / "slow-store"
     result = run_engine({
         "model": str(tiny_model), "store_url": f"file://{store}", "prefix_caching": False, "inproc": True,
-        "extra_config": {**ALWAYS_LOAD, "load_timeout_s": 0.5},
+        "extra_config": {"load_timeout_s": 0.5},
         "env": {TEST_FAULTS_ENV: "chunk_get_delay_s=5", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
         "ops": [
             {"name": "pub_a", "op": "publish", "ids": prompts["a"]},

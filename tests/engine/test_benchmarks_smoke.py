@@ -139,3 +139,13 @@ def test_tp_ttft_runs_both_sizes_and_checks_every_hit(tiny_model, tmp_path):
     first_tp1, first_tp2 = rows[1, "hit, first read"], rows[2, "hit, first read"]
     assert first_tp2["read_mb_per_rank"] == pytest.approx(first_tp1["read_mb_per_rank"] / 2, rel=0.05)
     assert rows[2, "cold prefill"]["ttft_s"] > 0
+
+
+def test_slow_store_steps_the_delay_and_the_planner_switches_to_recompute_and_back(tiny_model, tmp_path):
+    run("slow_store.py", "--model", str(tiny_model), "--shape", "tiny", "--length", "300", "--delays", "0,0.3",
+        "--reps", "1", "--policies", "measured", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "slow_store_tiny.json").read_text())
+    fast, slow = result["rows"]
+    assert fast["loaded"] == "1/1 loaded" and slow["loaded"] == "recomputed", result["rows"]
+    requests, seconds = result["requests_to_resume"]["measured"]
+    assert requests is not None and seconds < 60, result["requests_to_resume"]

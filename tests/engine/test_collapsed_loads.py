@@ -40,7 +40,7 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
     questions = [query("first", prompts["first"], 8), query("second", prompts["second"], 8)]
     served = run_engine({
         "model": str(tiny_model), "store_url": f"file://{store}", "prefix_caching": True, "inproc": True,
-        "engine_args": {"max_num_seqs": 1}, "extra_config": {"load_policy": "always"},  # slow loads, wanted
+        "engine_args": {"max_num_seqs": 1},
         "env": {TEST_FAULTS_ENV: "chunk_get_delay_s=0.5"},
         "ops": [{"name": "pub", "op": "publish", "ids": prompts["doc"]},
                 {"name": "reset", "op": "reset"},  # the publish's own blocks out of vLLM's prefix cache

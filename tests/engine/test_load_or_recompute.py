@@ -40,7 +40,8 @@ def run(tmp_path_factory, run_engine, tiny_model, tokenizer) -> dict:
     settle = {"name": "settle", "op": "settle"}
     return run_engine({
         "model": str(tiny_model), "store_url": f"file://{work / 'store'}", "prefix_caching": False,
-        "inproc": True, "extra_config": {"ram_tier_gib": 0}, "env": {TEST_FAULTS_ENV: f"chunk_get_delay_file={delay}"},
+        "inproc": True, "extra_config": {"ram_tier_gib": 0, "load_policy": "measured"},
+        "env": {TEST_FAULTS_ENV: f"chunk_get_delay_file={delay}"},
         "ops": [{"name": "pub", "op": "publish", "ids": doc},
                 ask("cold", salt="no-document"),
                 ask("fast"), slow("0.3"), ask("slowed"),

@@ -54,7 +54,7 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
     data[-1] ^= 0x01
     part.write_bytes(bytes(data))
 
-    reader = run_engine({**common, "store_url": f"file://{store}", "extra_config": {"load_policy": "always"}, "ops": [
+    reader = run_engine({**common, "store_url": f"file://{store}", "ops": [
         query("intact_q1", prompts["intact_q1"], NEW_TOKENS),
         {"name": "intact_loaded", "op": "kv_blocks", "of": "load", "tokens": DOC_TOKENS},
         query("tail_q2", prompts["tail_q2"], NEW_TOKENS),

@@ -29,15 +29,14 @@ def vllm_server(model: Path, log: Path) -> Server:
 def kvcdn_server(model: Path, store: Path | str, key: str, log: Path, vllm_args: tuple[str, ...] = (),
                  **extra_config) -> Server:
     """`kvcdn serve` on ``store`` (a directory, or a store URL), with more vLLM flags
-    ``vllm_args``; ``extra_config``: more connector settings (kv_connector_extra_config).
+    ``vllm_args``; ``extra_config``: more connector settings (kv_connector_extra_config;
+    ``load_policy`` "always" unless given: see ``tests/conftest.py`` ``ALWAYS_LOAD``).
     Its ledger is a file of its own, beside its log (kept across its restarts)."""
     kvcdn = Path(sys.executable).with_name("kvcdn")
     url = f"file://{store}" if isinstance(store, Path) else store
-    config = []
-    if extra_config:
-        transfer = kv_transfer_config(url, None, None)
-        transfer["kv_connector_extra_config"].update(extra_config)
-        config = ["--kv-transfer-config", json.dumps(transfer)]
+    transfer = kv_transfer_config(url, None, None)
+    transfer["kv_connector_extra_config"].update({"load_policy": "always", **extra_config})
+    config = ["--kv-transfer-config", json.dumps(transfer)]
     return Server([str(kvcdn), "serve", str(model), "--kvcdn-store", url, *config, *COMMON_ARGS, *vllm_args], log,
                   env={**SERVER_ENV, "KVCDN_PUBLISHER_KEY": key, LEDGER_ENV: str(log.with_suffix(".ledger.sqlite3"))})
 

@@ -162,7 +162,7 @@ def test_whole_block_images_move_between_block_ids(layout):
     block_size = 128
     caches, _, kernel_bs, _ = _allocate(FlashInferDeclared, layout, block_size)
     ours = SplitKVLayout(block_size, kernel_bs, DIM)
-    src, dst = [6, 2], [0, 4]
+    src, dst = [6, 2], [0, 4]  # a run of one id each (runs of several: test_kv_layout)
     slots = _slots(src, 2 * block_size, block_size)
     kv = [(torch.randn(2 * block_size, HEADS, DIM).to(DTYPE), torch.randn(2 * block_size, HEADS, DIM).to(DTYPE))
           for _ in caches]
@@ -172,7 +172,7 @@ def test_whole_block_images_move_between_block_ids(layout):
     ram.put("chunk", [ours.blocks(c) for c in caches], torch.tensor(src))
     image = ram.get("chunk", 0, 2)
     for cache, layer_image in zip(caches, image):
-        ours.write_blocks(cache, torch.tensor(dst), layer_image)
+        ours.write_blocks(cache, dst, layer_image)
     for cache, (k, v) in zip(caches, kv):
         assert all(torch.equal(a, b) for a, b in zip(ours.read(cache, _slots(dst, 2 * block_size, block_size)), (k, v)))
 

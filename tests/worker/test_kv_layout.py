@@ -87,3 +87,17 @@ def test_the_gpu_layout_agrees_with_reshape_and_cache_flash(stride_order):
     raw = torch.zeros(physical, dtype=torch.bfloat16, device="cuda")
     cache = raw.transpose(1, 2) if stride_order == "NHD" else raw  # the logical [B, H, N, 2D] view
     assert probe_layout(SplitKVLayout(bs, bs, dim), cache, num_kv_heads=heads, head_dim=dim) is None
+
+
+def test_block_images_go_back_by_runs_of_consecutive_ids():
+    """``write_blocks`` copies one slice per run of consecutive block ids: runs of several,
+    single ids, and a run that wraps back, all land where the ids say."""
+    layout = SplitKVLayout(16, 16, 8)
+    cache = torch.zeros(12, 2, 16, 16, dtype=torch.bfloat16)
+    image = torch.randn(6, 2, 16, 16).to(torch.bfloat16)
+    ids = [3, 4, 5, 9, 0, 1]
+    layout.write_blocks(cache, ids, image)
+    for row, block in enumerate(ids):
+        assert torch.equal(cache[block], image[row]), block
+    untouched = [b for b in range(12) if b not in ids]
+    assert torch.count_nonzero(cache[untouched]) == 0

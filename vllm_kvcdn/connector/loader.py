@@ -261,7 +261,7 @@ class ChunkLoader:
         todo = [(chunk.write_from, chunk.write_to)]
         if self.tier is not None and first < last:
             def write_blocks(image: torch.Tensor) -> None:
-                ids = self.device.index(g.block_ids(spec.block_ids, first, last))
+                ids = spec.block_ids[first // g.block_size : last // g.block_size]
                 for cache, layer_image in zip(self.caches, self.device.upload_view(image)):
                     self.layout.write_blocks(cache, ids, layer_image)
 
