@@ -171,8 +171,7 @@ def test_whole_block_images_move_between_block_ids(layout):
     ram = PackedBlockCache(1 << 22, [ours.blocks(c) for c in caches], blocks_per_chunk=2)
     ram.put("chunk", [ours.blocks(c) for c in caches], torch.tensor(src))
     image = ram.get("chunk", 0, 2)
-    for cache, layer_image in zip(caches, image):
-        ours.write_blocks(cache, dst, layer_image)
+    ours.write_blocks(caches, dst, image)
     for cache, (k, v) in zip(caches, kv):
         assert all(torch.equal(a, b) for a, b in zip(ours.read(cache, _slots(dst, 2 * block_size, block_size)), (k, v)))
 

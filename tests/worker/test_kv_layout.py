@@ -93,11 +93,12 @@ def test_block_images_go_back_by_runs_of_consecutive_ids():
     """``write_blocks`` copies one slice per run of consecutive block ids: runs of several,
     single ids, and a run that wraps back, all land where the ids say."""
     layout = SplitKVLayout(16, 16, 8)
-    cache = torch.zeros(12, 2, 16, 16, dtype=torch.bfloat16)
-    image = torch.randn(6, 2, 16, 16).to(torch.bfloat16)
+    caches = [torch.zeros(12, 2, 16, 16, dtype=torch.bfloat16) for _ in range(3)]
+    images = torch.randn(3, 6, 2, 16, 16).to(torch.bfloat16)  # layers x blocks x ...
     ids = [3, 4, 5, 9, 0, 1]
-    layout.write_blocks(cache, ids, image)
-    for row, block in enumerate(ids):
-        assert torch.equal(cache[block], image[row]), block
-    untouched = [b for b in range(12) if b not in ids]
-    assert torch.count_nonzero(cache[untouched]) == 0
+    layout.write_blocks(caches, ids, images)
+    for cache, image in zip(caches, images):
+        for row, block in enumerate(ids):
+            assert torch.equal(cache[block], image[row]), block
+        untouched = [b for b in range(12) if b not in ids]
+        assert torch.count_nonzero(cache[untouched]) == 0

@@ -262,8 +262,7 @@ class ChunkLoader:
         if self.tier is not None and first < last:
             def write_blocks(image: torch.Tensor) -> None:
                 ids = spec.block_ids[first // g.block_size : last // g.block_size]
-                for cache, layer_image in zip(self.caches, self.device.upload_view(image)):
-                    self.layout.write_blocks(cache, ids, layer_image)
+                self.layout.write_blocks(self.caches, ids, self.device.upload_view(image))
 
             bs = g.block_size
             if self.tier.copy_into(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
