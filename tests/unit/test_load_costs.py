@@ -48,11 +48,22 @@ def test_one_outlier_read_does_not_flip_the_verdict():
     assert not costs.verdict("store", 1, 256).load
 
 
-def test_decode_steps_do_not_set_the_prefill_rate():
+def test_decode_steps_alone_do_not_set_the_prefill_rate():
     costs = LoadCosts(parallel_reads=1)
     costs.observe_read("store", 1.0)
     costs.observe_step(MIN_STEP_TOKENS - 1, 10.0)
     assert costs.verdict("store", 1, 100).compute_s is None
+
+
+def test_a_steps_fixed_cost_is_not_taken_for_prefill():
+    """Step time = 80 ms + 1 ms a token: question-sized steps alone would say 6 ms a token."""
+    costs = LoadCosts(parallel_reads=1)
+    for tokens in (16, 17, 1, 2, 16, 271, 1, 16):
+        costs.observe_step(tokens, 0.08 + 0.001 * tokens)
+    assert abs(costs.prefill_s_per_token() - 0.001) < 1e-9
+    costs.observe_read("store", 1.6)
+    verdict = costs.verdict("store", 1, 255)
+    assert not verdict.load and abs(verdict.compute_s - 0.255) < 1e-6
 
 
 def test_one_probe_per_source_at_a_time():

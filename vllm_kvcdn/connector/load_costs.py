@@ -9,8 +9,12 @@ learns, online:
 - each source's chunk read time (``store``: a chunk object, whatever tiers the store has
   in front; ``image``: a block image on the node's disk), the median of its last reads;
   ``io_threads`` reads run at once, so n chunks take ceil(n / io_threads) read times;
-- the engine's prefill time per token, from the forward passes of steps that computed
-  at least ``MIN_STEP_TOKENS`` tokens (``step_clock``).
+- the engine's prefill time per token, from its last forward passes (``step_clock``): the
+  slope of step time against tokens computed, so a step's fixed cost does not count as
+  prefill (measured on this CPU, Qwen3-0.6B shape: a 16-token step costs ~6 ms a token, a
+  271-token one ~1.3; the per-token average of small steps made a 1.6 s read look faster
+  than a 0.35 s prefill). With one step size seen, its time per token; none until a step
+  computed ``MIN_STEP_TOKENS``.
 A load goes ahead unless both are known and the source's chunks would arrive later than
 computing them by more than ``margin_s`` (a step's round trip and noise): until then it
 loads, as before. RAM-tier chunks always load (a memory copy beats any prefill).
@@ -30,8 +34,9 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
-MIN_STEP_TOKENS = 16  # a step computing fewer tokens is mostly decode: no prefill rate from it
+MIN_STEP_TOKENS = 16  # no prefill rate until a step computed this many tokens
 READS_KEPT = 3  # the median of the last three: one outlier neither starts nor stops loads
+STEPS_KEPT = 64  # forward passes the prefill rate is fitted on
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class LoadCosts:
     def __init__(self, parallel_reads: int, margin_s: float = 0.05, enabled: bool = True):
         self.parallel_reads, self.margin_s, self.enabled = parallel_reads, margin_s, enabled
         self._reads: dict[str, deque[float]] = {}  # source -> seconds of its last chunk reads
-        self._prefill_s_per_token: float | None = None
+        self._steps: deque[tuple[int, float]] = deque(maxlen=STEPS_KEPT)  # (tokens, seconds) of forward passes
         self._probing: set[str] = set()
         self._lock = threading.Condition()
 
@@ -59,12 +64,23 @@ class LoadCosts:
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """A forward pass that computed ``tokens`` tokens in ``seconds``."""
-        if tokens < MIN_STEP_TOKENS or seconds <= 0:
-            return
-        per_token = seconds / tokens
+        if tokens > 0 and seconds > 0:
+            with self._lock:
+                self._steps.append((tokens, seconds))
+
+    def prefill_s_per_token(self) -> float | None:
         with self._lock:
-            old = self._prefill_s_per_token
-            self._prefill_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+            steps = list(self._steps)
+        if not steps or max(t for t, _ in steps) < MIN_STEP_TOKENS:
+            return None
+        n = len(steps)
+        mean_t, mean_s = sum(t for t, _ in steps) / n, sum(s for _, s in steps) / n
+        spread = sum((t - mean_t) ** 2 for t, _ in steps)
+        slope = sum((t - mean_t) * (s - mean_s) for t, s in steps) / spread if spread else 0.0
+        if slope > 0 and max(t for t, _ in steps) >= 2 * min(t for t, _ in steps):
+            return slope
+        tokens, seconds = max(steps)  # one step size: its time per token
+        return seconds / tokens
 
     def read_seconds(self, source: str) -> float | None:
         with self._lock:
@@ -74,9 +90,7 @@ class LoadCosts:
     def verdict(self, source: str, chunks: int, tokens: int) -> Verdict:
         """Whether ``chunks`` chunks (``tokens`` tokens) of ``source`` arrive sooner than
         their tokens would be computed (or too little is known to say no)."""
-        read_s = self.read_seconds(source)
-        with self._lock:
-            per_token = self._prefill_s_per_token
+        read_s, per_token = self.read_seconds(source), self.prefill_s_per_token()
         if read_s is None or per_token is None:
             return Verdict(True)
         load_s = read_s * math.ceil(chunks / self.parallel_reads)
