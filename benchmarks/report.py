@@ -94,3 +94,22 @@ def run_child(spec_path: str | None, phase) -> bool:
     Path(spec["out"]).write_text(json.dumps(phase(spec)))
     return True
 
+
+
+def spawn_child(script: str, spec: dict, work: Path, name: str, env: dict, timeout: float = 3600):
+    """In the parent: run ``script --child SPEC`` (``spec`` written to ``work/NAME.spec.json``,
+    its output to ``work/NAME.json``, its log to ``work/NAME.log``) and return its result;
+    a child that fails ends the run with the tail of its log."""
+    import subprocess
+    import sys
+
+    spec = {**spec, "out": str(work / f"{name}.json")}
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log = work / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, script, "--child", str(spec_path)], env=env, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed; log {log}:\n{log.read_text()[-3000:]}")
+    return json.loads(Path(spec["out"]).read_text())

@@ -17,10 +17,8 @@ TTFT is never above cold by more than 10 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,7 +85,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from report import run_child, write_report
+    from report import run_child, spawn_child, write_report
 
     if run_child(args.child, run_phase):
         return
@@ -102,18 +100,10 @@ def main() -> None:
     for policy in args.policies.split(","):
         delay_file = work / f"delay-{policy}"
         spec = {"model": str(model), "store_url": f"file://{work / f'store-{policy}'}", "length": args.length,
-                "delays": delays, "reps": args.reps, "policy": policy, "delay_file": str(delay_file),
-                "out": str(work / f"{policy}.json")}
-        (work / f"{policy}.spec.json").write_text(json.dumps(spec))
+                "delays": delays, "reps": args.reps, "policy": policy, "delay_file": str(delay_file)}
         env = {**os.environ, **cpu_engine_env(), TEST_FAULTS_ENV: f"chunk_get_delay_file={delay_file}"}
-        log = work / f"{policy}.log"
-        print(f"[slow-store] policy {policy}: running (log {log}) ...", flush=True)
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(work / f"{policy}.spec.json")], env=env,
-                                  stdout=f, stderr=subprocess.STDOUT, timeout=3600)
-        if proc.returncode:
-            raise SystemExit(f"policy {policy} failed; log {log}:\n{log.read_text()[-3000:]}")
-        rows += json.loads(Path(spec["out"]).read_text())
+        print(f"[slow-store] policy {policy}: running (log {work / policy}.log) ...", flush=True)
+        rows += spawn_child(__file__, spec, work, policy, env)
     table = summarize(rows)
     for row in table:
         print(f"[slow-store] {row['policy']:>8} delay {row['delay_s']:.2f}s: hit {row['hit_s']:.3f}s "

@@ -18,10 +18,8 @@ with vLLM's counters (only the question computed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from report import run_child, write_report
+    from report import run_child, spawn_child, write_report
 
     if run_child(args.child, run_phase):
         return
@@ -84,16 +82,9 @@ def main() -> None:
     rows = []
     for tp, bind in VARIANTS.items():
         spec = {"model": str(model), "store_url": f"file://{work / f'store-tp{tp}'}", "lengths": lengths, "tp": tp,
-                "reps": args.reps, "out": str(work / f"tp{tp}.json")}
-        (work / f"tp{tp}.spec.json").write_text(json.dumps(spec))
+                "reps": args.reps}
         env = {**os.environ, **cpu_engine_env(), "VLLM_CPU_OMP_THREADS_BIND": bind}
-        log = work / f"tp{tp}.log"
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(work / f"tp{tp}.spec.json")], env=env,
-                                  stdout=f, stderr=subprocess.STDOUT, timeout=3600)
-        if proc.returncode:
-            raise SystemExit(f"TP={tp} failed; log {log}:\n{log.read_text()[-3000:]}")
-        rows += json.loads(Path(spec["out"]).read_text())
+        rows += spawn_child(__file__, spec, work, f"tp{tp}", env)
         print(f"[tp-ttft] TP={tp} done")
     if not all(r["ok"] for r in rows):
         raise SystemExit(f"a hit did not load the whole document, or computed more than the question: {rows}")

@@ -5,8 +5,9 @@ Collapsed loads (a CDN's request collapsing): with vLLM's prefix cache on, a req
 chunks another request is loading right now waits for that load ("ask again later")
 instead of reading them again; once the load ends vLLM caches its whole blocks, the
 waiting request finds them as a local prefix-cache hit, and only what vLLM does not keep
-(the partial last block) is loaded for it. Measured (issue 29): 32 clients at once on one
-3774-token document each read their own 433 MB without it.
+(the partial last block) is loaded for it. Measured (issue 29, vLLM's serving harness): 32
+clients at once on one 3,774-token document load it once and 31 tails of 62 tokens, p99
+TTFT 2.6 s, against 32 loads of 433 MB and 10.4 s without vLLM's prefix cache.
 
 No tensor work and no store I/O on the request path (the index refreshes itself in a
 background thread, see ``index``)."""
