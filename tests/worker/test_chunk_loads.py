@@ -292,6 +292,8 @@ def test_a_slowed_store_gets_recompute_and_a_recovered_one_gets_loads_again(tmp_
     assert _failed_for_recompute(worker) == 3
     spec = _spec("back", spans, tokens, 20)
     assert _load(worker, spec) == set()  # two fast probes of three reads: loads again
+    # What the planner believes goes out as gauges (vllm:kvcdn_store_read_seconds, ...).
+    assert worker.stats.data["store_read_seconds"] < 0.2 and worker.stats.data["prefill_seconds_per_token"] == 1e-6
     for layer in range(LAYERS):
         k, v = _cached(worker, spec, layer, 2 * CHUNK)
         assert torch.equal(k, kv[layer][0][: 2 * CHUNK]) and torch.equal(v, kv[layer][1][: 2 * CHUNK])

@@ -87,6 +87,12 @@ class LoadCosts:
             reads = self._reads.get(source)
             return median(reads) if reads else None
 
+    def estimates(self) -> dict[str, float]:
+        """What is measured so far, by gauge name (``stats.GAUGES``)."""
+        found = {"prefill_seconds_per_token": self.prefill_s_per_token(),
+                 **{f"{source}_read_seconds": self.read_seconds(source) for source in ("store", "image")}}
+        return {name: value for name, value in found.items() if value is not None}
+
     def verdict(self, source: str, chunks: int, tokens: int) -> Verdict:
         """Whether ``chunks`` chunks (``tokens`` tokens) of ``source`` arrive sooner than
         their tokens would be computed (or too little is known to say no)."""

@@ -44,6 +44,15 @@ OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background on one rank (read, verify, copy)",
     "publish_duration_seconds": "Time one published document's encode and write took in the background",
 }
+# Gauges: data[name] = the latest value (the largest over ranks): what the load-or-recompute
+# planner believes (connector/load_costs.py), so an operator sees why hits are recomputed.
+GAUGES = {
+    "prefill_seconds_per_token": "The engine's prefill time per token, as the worker measures it from its forward "
+    "passes (the load-or-recompute planner's estimate)",
+    "store_read_seconds": "Median time of the worker's last chunk reads from the store (the planner's estimate)",
+    "image_read_seconds": "Median time of the worker's last block-image reads from the node's disk (the planner's "
+    "estimate)",
+}
 LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -63,6 +72,9 @@ class KVCDNStats(KVConnectorStats):
     def observe(self, name: str, value: float) -> None:
         self.data.setdefault(name, []).append(value)
 
+    def set_gauge(self, name: str, value: float) -> None:
+        self.data[name] = value
+
     def reset(self):
         self.data = {}
 
@@ -73,6 +85,8 @@ class KVCDNStats(KVConnectorStats):
                     self.add_labelled(name, label, n)
             elif name in OBSERVED:
                 self.data.setdefault(name, []).extend(value)
+            elif name in GAUGES:
+                self.data[name] = max(self.data.get(name, value), value)
             else:
                 self.add(name, value)
         return self
@@ -114,6 +128,11 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
             metric = self._histogram_cls(name=f"vllm:kvcdn_{name}", documentation=doc, buckets=LOAD_BUCKETS,
                                          labelnames=labelnames)
             self._histograms[name] = create_metric_per_engine(metric, per_engine_labelvalues)
+        self._gauges = {}
+        for name, doc in GAUGES.items():
+            metric = self._gauge_cls(name=f"vllm:kvcdn_{name}", documentation=doc, multiprocess_mode="mostrecent",
+                                     labelnames=labelnames)
+            self._gauges[name] = create_metric_per_engine(metric, per_engine_labelvalues)
         self._labelled = {
             "failures": self._counter_cls(
                 name="vllm:kvcdn_load_failures",
@@ -143,6 +162,8 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
                 engine_labels = self.per_engine_labelvalues[engine_idx]
                 for label, n in value.items():
                     self._labelled[name].labels(*engine_labels, label).inc(n)
+            elif name in self._gauges:
+                self._gauges[name][engine_idx].set(value)
             elif name in self._counters and value:
                 self._counters[name][engine_idx].inc(value)
 

@@ -79,6 +79,7 @@ class KVCDNWorker:
         self._finished_loads: set[str] = set()  # loads ended (failed or not) since vLLM last asked
         self._tier_counts: dict[str, int] = {}  # every tier's counters, as last reported
         self.costs = LoadCosts(config.io_threads, config.recompute_margin_s, enabled=config.load_policy == "measured")
+        self._estimates: dict[str, float] = {}  # the costs' estimates, as last reported
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         g, config = self.geometry, self.config
@@ -187,6 +188,10 @@ class KVCDNWorker:
                     self._report.loads.setdefault(outcome.req_id, []).append(outcome.receipt)
             else:
                 self._report.documents.setdefault(outcome.req_id, []).append(outcome.result)
+        for name, value in self.costs.estimates().items():  # the planner's view, for /metrics
+            if value != self._estimates.get(name):
+                self.stats.set_gauge(name, value)
+                self._estimates[name] = value
         # After the outcomes: a job's tier counts are in before its outcome is queued.
         counts = {**self.store.tier_counts(), **(self.tier.tier_counts() if self.tier is not None else {})}
         for name, n in counts.items():
