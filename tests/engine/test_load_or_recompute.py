@@ -4,7 +4,7 @@ core; vLLM's prefix cache and the RAM tier off, so every hit reads the store).
 The store's chunk reads are slowed and healed while the engine runs (a delay file,
 ``KVCDN_TEST_FAULTS=chunk_get_delay_file``); the worker learns the reads' time from its
 loads and probes, and the engine's prefill rate from its own forward passes:
-- measured fast: a hit loads; the store slowed to 0.3 s a read: the next hit still loads
+- measured fast: a hit loads; the store slowed to 1 s a read: the next hit still loads
   (it knows no better) and measures it;
 - known slow: hits are computed instead (counted as ``recompute_faster``), bit-equal to a
   cold prefill, each one probing the store once in the background;
@@ -44,7 +44,7 @@ def run(tmp_path_factory, run_engine, tiny_model, tokenizer) -> dict:
         "env": {TEST_FAULTS_ENV: f"chunk_get_delay_file={delay}"},
         "ops": [{"name": "pub", "op": "publish", "ids": doc},
                 ask("cold", salt="no-document"),
-                ask("fast"), slow("0.3"), ask("slowed"),
+                ask("fast"), slow("1.0"), ask("slowed"),
                 ask("skipped"), settle, slow("0"),
                 ask("probing1"), settle, ask("probing2"), settle,
                 ask("back")],
@@ -57,11 +57,12 @@ def _hit(result: dict) -> bool:
 
 def test_a_store_measured_slow_gets_recompute_and_a_healed_one_loads_again(run):
     assert _hit(run["fast"]) and _hit(run["slowed"])
-    assert run["slowed"]["seconds"] > 0.3  # it did wait for the slow reads
+    assert run["slowed"]["seconds"] > 1.0  # it did wait for the slow reads
     for name in ("skipped", "probing1", "probing2"):
         counters = run[name]["counters"]
         assert not _hit(run[name]) and counters.get(EXTERNAL, 0) == 0, (name, counters)
         assert counters[SKIPPED] == 1, (name, counters)
         assert identical(run[name]["answer"], run["cold"]["answer"]), name
-    assert run["skipped"]["seconds"] < 0.3  # did not wait for the store
+    # Did not wait for the store (a read takes 1 s); the cold prefill's own time differs by CPU.
+    assert run["skipped"]["seconds"] < run["cold"]["seconds"] + 0.5
     assert _hit(run["back"]) and run["back"]["counters"][EXTERNAL] == DOC_TOKENS
