@@ -24,6 +24,7 @@ Every hit is checked with vLLM's own counters (only the question computed) and k
 (``loaded_tokens`` = L; disk-tier misses, image-tier hits as expected).
 
     python benchmarks/s3_tiers.py [--shape kv-0.6b] [--lengths 255,945,3774,8192] [--reps 3]
+    python benchmarks/s3_tiers.py --get-only 24 --reps 5    # no engines: the client's CPU per byte
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def run_phase(spec: dict) -> list[dict]:
 
 def throughput(store_url: str, endpoint: str, bucket: str, reps: int, concurrency: int = 4) -> dict:
     """GB/s and client CPU s/GB of the store's GET vs one plain GET of each chunk object (a
-    presigned URL read with urllib: no boto3 on that path), ``concurrency`` objects at a time."""
+    presigned URL read with urllib: no boto3 on that path), ``concurrency`` objects at a time.
+    "kvcdn, whole objects" is the store with parts as large as a chunk (one GET each)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
@@ -132,6 +134,7 @@ def throughput(store_url: str, endpoint: str, bucket: str, reps: int, concurrenc
     from vllm_kvcdn.store import open_store
 
     store = open_store(store_url)
+    whole = open_store(store_url + "&part_mib=64")
     keys = [info.key for info in store.scan("chunks/")]
     client = boto3.client("s3", endpoint_url=endpoint)
     urls = [client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": store.prefix + k})
@@ -142,10 +145,12 @@ def throughput(store_url: str, endpoint: str, bucket: str, reps: int, concurrenc
         with urllib.request.urlopen(url) as r:
             r.read()
 
-    timings = {"kvcdn": [], "raw": []}
+    variants = (("kvcdn", store.get, keys), ("kvcdn, whole objects", whole.get, keys), ("raw", plain_get, urls))
+    timings = {name: [] for name, _, _ in variants}
     with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(reps):
-            for name, read, items in (("kvcdn", store.get, keys), ("raw", plain_get, urls)):
+        for rep in range(reps):
+            # Interleaved, each round in another order: no client always follows the same one.
+            for name, read, items in variants[rep % len(variants):] + variants[:rep % len(variants)]:
                 wall, cpu = time.perf_counter(), time.process_time()
                 list(pool.map(read, items))
                 timings[name].append((time.perf_counter() - wall, time.process_time() - cpu))
@@ -155,6 +160,35 @@ def throughput(store_url: str, endpoint: str, bucket: str, reps: int, concurrenc
         out[f"{name}_gbps"] = nbytes / statistics.median(w for w, _ in runs) / 1e9
         out[f"{name}_cpu_s_per_gb"] = statistics.median(c for _, c in runs) / (nbytes / 1e9)
     return out
+
+
+def get_only(args, store_url: str, endpoint: str, bucket: str) -> None:
+    """``--get-only N``: N chunk-sized objects of random bytes, then only ``throughput``."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    size = CHUNK_TOKENS * 114_688  # one 256-token chunk of Qwen3-0.6B's KV (28 x 2 x 8 x 128 x 2 B a token)
+    for n in range(args.get_only):
+        client.put_object(Bucket=bucket, Key=f"{args.shape}/chunks/{n:04d}", Body=os.urandom(size))
+    tput = throughput(store_url, endpoint, bucket, reps=args.reps)
+    from report import write_report
+
+    rows = [{"client": name, "gbps": tput[f"{name}_gbps"], "cpu_s_per_gb": tput[f"{name}_cpu_s_per_gb"],
+             "cpu_vs_plain": tput[f"{name}_cpu_s_per_gb"] / tput["raw_cpu_s_per_gb"]}
+            for name in ("kvcdn", "kvcdn, whole objects", "raw")]
+
+    def plot(ax):
+        ax.bar([r["client"] for r in rows], [r["cpu_s_per_gb"] for r in rows])
+        ax.set_ylabel("client CPU s per GB")
+
+    notes = (f"{args.get_only} objects of {size / 1e6:.1f} MB (one 256-token Qwen3-0.6B chunk each) on moto's S3 "
+             f"server (loopback, its own process), {tput['concurrency']} GETs at a time as the loader reads, "
+             f"{tput['part_mib']} MiB ranged parts; raw = one presigned GET per object read with urllib. Medians "
+             f"of {args.reps} interleaved rounds. Goal (issue 29): kvcdn's CPU per byte within 1.5x of raw.")
+    print(write_report(args.out, f"s3_get_{args.shape}", title="S3 GETs: the client's CPU per byte", rows=rows,
+                       columns=[("client", "client"), ("gbps", "GB/s"), ("cpu_s_per_gb", "client CPU s/GB"),
+                                ("cpu_vs_plain", "CPU vs plain GET")],
+                       notes=notes, extra={"throughput": tput}, plot=plot).read_text())
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -186,6 +220,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="RAM-tier hits per length (median)")
     ap.add_argument("--kv-cache-gib", default="4")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--get-only", type=int, default=0, metavar="N",
+                    help="no engines: N chunk-sized objects, then only the GET throughput and CPU per byte")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from report import run_child
@@ -201,6 +237,8 @@ def main() -> None:
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         store_url = f"s3://{bucket}/{args.shape}?endpoint_url={endpoint}"
+        if args.get_only:
+            return get_only(args, store_url, endpoint, bucket)
         work = Path(tempfile.mkdtemp(prefix="kvcdn-s3-tiers-"))
         model = args.model
         if not model:

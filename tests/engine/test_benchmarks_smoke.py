@@ -25,7 +25,7 @@ def test_paper_table_runs_and_every_hit_is_checked(tiny_model, tmp_path):
         "--kv-cache-gib", "1", "--out", str(tmp_path))
     result = json.loads((tmp_path / "paper_table_tiny.json").read_text())
     (row,) = result["rows"]
-    assert row["failed"] == "" and row["kvcdn_s"] > 0 and row["cold_s"] > 0
+    assert row["failed"] == "" and row["kvcdn_s"] > 0 and row["cold_s"] > 0 and row["kvcdn_image_s"] > 0
     assert (tmp_path / "paper_table_tiny.png").stat().st_size > 0 and (tmp_path / "paper_table_tiny.md").exists()
 
 
@@ -76,6 +76,13 @@ def test_s3_tiers_runs_and_every_tier_is_checked(tiny_model, tmp_path):
     assert {r["variant"] for r in result["raw"]} == {"cold prefill", "hit, from S3 (cold node)", "hit, RAM tier",
                                                      "hit, disk tier: chunks", "hit, disk tier: block images"}
     assert result["throughput"]["kvcdn_gbps"] > 0
+
+
+def test_s3_get_only_measures_every_client(tmp_path):
+    run("s3_tiers.py", "--shape", "tiny", "--get-only", "2", "--reps", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "s3_get_tiny.json").read_text())["rows"]
+    assert [r["client"] for r in rows] == ["kvcdn", "kvcdn, whole objects", "raw"]
+    assert all(r["gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in rows)
 
 
 def test_gpu_load_runs_on_the_cpu_and_loads_exactly(tmp_path):

@@ -68,6 +68,7 @@ class FaultProxy:
         self.upstream = upstream.removeprefix("http://")
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
+        self.client_ports: list[int] = []  # the client's port of each request: one per TCP connection
         self.faulted = 0
         self._lock = threading.Lock()
         proxy = self
@@ -80,7 +81,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy._take(self.command, self.path)
+                fault = proxy._take(self.command, self.path, self.client_address[1])
                 if fault and fault.kind == "delay":
                     time.sleep(fault.value)
                 if fault and fault.kind == "status":
@@ -134,9 +135,10 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
 
-    def _take(self, method: str, path: str) -> Fault | None:
+    def _take(self, method: str, path: str, client_port: int) -> Fault | None:
         with self._lock:
             self.requests.append((method, path))
+            self.client_ports.append(client_port)
             for fault in self.faults:
                 if (not fault.method or fault.method == method) and re.search(fault.path, path):
                     fault.times -= 1

@@ -51,6 +51,17 @@ def test_large_objects_are_read_in_parallel_ranged_parts(s3, bucket, s3_proxy):
     assert got == data and got.obj is into.obj and bytes(into[: len(data)]) == data
 
 
+def test_connections_are_kept_between_gets(s3, bucket, s3_proxy):
+    """A body read to its end into our buffer leaves the connection to the next GET: a
+    TCP (on AWS, TLS) handshake per chunk would cost more than the read."""
+    data = os.urandom(2**20 + 7)
+    s3_store(bucket, s3.endpoint).put("chunks/aa/d.safetensors", data)
+    store = s3_store(bucket, s3_proxy.endpoint, part_mib=4)
+    for _ in range(3):
+        assert store.get("chunks/aa/d.safetensors") == data
+    assert len(s3_proxy.client_ports) == 3 and len(set(s3_proxy.client_ports)) == 1
+
+
 def test_put_if_absent_keeps_the_first_writer(s3, bucket):
     store = s3_store(bucket, s3.endpoint)
     assert store.put_if_absent("chunks/ab/k.safetensors", b"first")

@@ -21,7 +21,26 @@ def test_an_image_round_trips_and_survives_a_restart(tmp_path):
     restarted = BlockImageFiles(tmp_path, 1 << 20)
     dst = torch.zeros_like(src)
     assert restarted.read_into("ab" * 16, dst) == 3
-    assert torch.equal(dst.view(torch.int16), src.view(torch.int16))  # bit for bit
+    assert torch.equal(dst[:, :3].view(torch.int16), src[:, :3].view(torch.int16))  # bit for bit
+    assert not dst[:, 3:].any()  # the slot's fourth block was not part of the image
+    assert (tmp_path / "ab").is_dir() and next((tmp_path / "ab").glob("*.img")).stat().st_size \
+        == 3 * 3 * src[0, 0].nbytes + 92  # layers x held blocks, and the 92-byte header
+
+
+def test_an_image_reads_straight_into_scattered_blocks(tmp_path):
+    """On CPU a load reads an image straight into the request's blocks of the paged cache
+    (``BlockTier.read_image``): the payload lands in any list of views, layer after layer."""
+    images = BlockImageFiles(tmp_path, 1 << 20)
+    src = slot(5)
+    images.write("ef" * 16, src, blocks=2)
+    cache = [torch.zeros(9, *src.shape[2:], dtype=src.dtype) for _ in range(3)]  # 3 layers, 9 blocks
+    ids = [7, 2]  # no run: two views per layer
+    views = [memoryview(c[i].view(torch.uint8).view(-1).numpy()) for c in cache for i in ids]
+    assert images.read("ef" * 16, views)
+    for layer, c in enumerate(cache):
+        assert torch.equal(c[ids].view(torch.int16), src[layer, :2].view(torch.int16))
+    short = views[:-1]  # a reader expecting other bytes than the header states: refused, dropped
+    assert not images.read("ef" * 16, short) and images.blocks("ef" * 16) == 0 and images.damaged == 1
 
 
 def test_a_damaged_image_is_dropped_and_reads_as_none(tmp_path):

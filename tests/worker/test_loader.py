@@ -18,6 +18,7 @@ from vllm_kvcdn.connector.kv_layout import SplitKVLayout
 from vllm_kvcdn.connector.loader import ChunkLoader
 from vllm_kvcdn.connector.read_buffers import ReadBuffers
 from vllm_kvcdn.connector.wire import ChunkLoad, LoadSpec
+from vllm_kvcdn.store.lru import DiskLRU
 
 BLOCK, HEADS, DIM, LAYERS, CHUNK = 16, 2, 8, 2, 32
 GEOMETRY = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
@@ -34,8 +35,10 @@ def _chunks(n: int, tail: int = 0) -> tuple[list[ChunkLoad], dict[str, list[torc
     return loads, kv
 
 
-def _loader(kv: dict, bad: set[str] = frozenset(), ram_tier_bytes: int = 0, reads: list | None = None) -> ChunkLoader:
-    """``reads``: the keys of the chunks read, appended to as they are."""
+def _loader(kv: dict, bad: set[str] = frozenset(), ram_tier_bytes: int = 0, reads: list | None = None,
+            images_dir=None) -> ChunkLoader:
+    """``reads``: the keys of the chunks read, appended to as they are; ``images_dir``:
+    the node's disk tier of block images (written inline)."""
     caches = [torch.zeros(16, HEADS, BLOCK, 2 * DIM, dtype=torch.bfloat16) for _ in range(LAYERS)]
 
     def read_chunk(chunk: ChunkLoad, into):
@@ -47,8 +50,8 @@ def _loader(kv: dict, bad: set[str] = frozenset(), ram_tier_bytes: int = 0, read
         return SimpleNamespace(keys=tensors[:LAYERS], values=tensors[LAYERS:]), 1000
 
     layout = SplitKVLayout(BLOCK, BLOCK, DIM)
-    tier = BlockTier([layout.blocks(c) for c in caches], ram_tier_bytes, CHUNK // BLOCK, None, None,
-                     InlineExecutor()) if ram_tier_bytes else None
+    tier = BlockTier([layout.blocks(c) for c in caches], ram_tier_bytes, CHUNK // BLOCK, images_dir,
+                     DiskLRU(1 << 20) if images_dir else None, InlineExecutor()) if ram_tier_bytes else None
     return ChunkLoader(geometry=GEOMETRY, caches=caches, layout=layout, tier=tier,
                        device=CacheDevice(torch.device("cpu")), buffers=ReadBuffers(2, 64),
                        read_chunk=read_chunk, reads=InlineExecutor(), timeout_s=5)
@@ -135,3 +138,34 @@ def test_a_plan_that_starts_at_the_tail_block_takes_it_from_ram():
     assert loader.load(spec).receipt.loaded_tokens == 4 and len(reads) == 2
     k, v = loader.layout.read(loader.caches[1], GEOMETRY.slots(spec.block_ids, tail.start + BLOCK, tail.write_to))
     assert torch.equal(k, kv[tail.key][1][BLOCK:]) and torch.equal(v, kv[tail.key][LAYERS + 1][BLOCK:])
+
+
+def test_a_restarted_node_reads_block_images_straight_into_the_requests_blocks(tmp_path):
+    """On CPU a chunk's disk image goes straight into the request's blocks (no RAM slot,
+    no packing): nothing but the tail chunk is read, the bytes equal the chunks'. A damaged
+    image is dropped and its chunk read instead, over the garbage the read left."""
+    chunks, kv = _chunks(2, tail=BLOCK + 4)
+    first = _loader(kv, ram_tier_bytes=1 << 20, images_dir=tmp_path)
+    assert first.load(LoadSpec("cold", list(range(6)), chunks)).receipt is not None
+    assert len(list(tmp_path.glob("*/*.img"))) == 3  # the tail chunk's whole block too
+    reads: list[str] = []
+    restarted = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
+    spec = LoadSpec("after restart", [9, 5, 12, 7, 3, 14], chunks)  # scattered blocks
+    assert restarted.load(spec).receipt is not None
+    _assert_loaded(restarted, spec, kv)
+    assert reads == [chunks[-1].key]  # for its partial block: tails are kept in RAM only
+    counts = restarted.tier.tier_counts()
+    assert (counts["image_tier_hits"], counts["ram_tier_hits"]) == (2, 0)  # read direct, not via RAM slots
+
+    image = next(tmp_path.glob(f"*/{chunks[0].key}.*.img"))
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 1
+    image.write_bytes(bytes(data))
+    reads.clear()
+    damaged = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
+    spec = LoadSpec("damaged", [9, 5, 12, 7, 3, 14], chunks)
+    for cache in damaged.caches:
+        cache.fill_(1.0)
+    assert damaged.load(spec).receipt is not None
+    _assert_loaded(damaged, spec, kv)
+    assert sorted(reads) == [chunks[0].key, chunks[-1].key] and damaged.tier.images.damaged == 1

@@ -4,9 +4,10 @@ documents' partial last blocks in RAM (``tail_cache``, an eighth of the RAM budg
 object with one lock.
 
 A load asks ``where`` a chunk's whole blocks are; ``promote`` reads a disk image into a
-RAM slot; ``copy_into`` hands a RAM image to the caller's write while no eviction can
-reuse the slot; ``keep`` copies a freshly written chunk's blocks into a slot and writes
-the slot to disk in the background (pinned meanwhile, so it is not evicted mid-write).
+RAM slot; on CPU, ``read_image`` reads it straight into the request's blocks instead (one
+copy less); ``copy_into`` hands a RAM image to the caller's write while no eviction can
+reuse the slot; ``keep`` copies a chunk's blocks (loaded or published) into a slot and
+writes the slot to disk in the background (pinned meanwhile, so it is not evicted mid-write).
 Loads of several requests run at once: every call takes the lock.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 from vllm_kvcdn.connector.block_cache import PackedBlockCache
-from vllm_kvcdn.connector.image_tier import BlockImageFiles
+from vllm_kvcdn.connector.image_tier import BlockImageFiles, bytes_of
+from vllm_kvcdn.connector.kv_layout import runs
 from vllm_kvcdn.connector.tail_cache import TailCache
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store.lru import DiskLRU
@@ -57,6 +59,27 @@ class BlockTier:
         if self.images is not None and self.images.blocks(key) >= blocks:
             return "image"
         return None
+
+    def reads_direct(self, key: str, blocks: int) -> bool:
+        """Whether ``read_image`` can fill ``blocks`` whole blocks of the chunk from its disk
+        image: the caches are host memory and the image holds exactly those blocks."""
+        return self.images is not None and not self._blocks[0].is_cuda and self.images.blocks(key) == blocks
+
+    def read_image(self, key: str, block_ids: list[int]) -> bool:
+        """Read the chunk's disk image into the blocks ``block_ids`` (its whole blocks, in
+        order); whether they hold it now. False: those blocks hold garbage, and the caller
+        writes them from the chunk object."""
+        views = []
+        for layer in self._blocks:
+            for _, first, count in runs(block_ids):
+                run = layer.narrow(0, first, count)
+                if not run.is_contiguous():
+                    return False
+                views.append(bytes_of(run))
+        done = self.images.read(key, views)
+        with self._lock:
+            self._counts["image_tier_hits" if done else "image_tier_misses"] += 1
+        return done
 
     def promote(self, key: str) -> bool:
         """Read the chunk's disk image into a RAM slot; whether it is there now."""

@@ -1,20 +1,23 @@
 """A node's disk tier of block images: the RAM tier's slots (``block_cache``), on disk.
 
 A first read from the canonical format costs the platform's packing op (on CPU it
-transposes K; a third of a first read) and a fresh buffer per chunk. This tier keeps what
-the RAM tier holds, the engine's own packed blocks, one file per chunk, so a node that
-restarts reads a chunk straight into a RAM-tier slot and copies blocks from there. The
-shared store keeps the portable canonical format; images are only valid for the engine
-layout that made them, so each layout (model, dtype, packing, block size, rank) has a
-directory of its own.
+transposes K; 70 % of a first read, issue 29) and a fresh buffer per chunk. This tier keeps
+the engine's own packed blocks, one file per chunk (written when a chunk is loaded from its
+object or published by this node), so a node reads a chunk back without the op: into a
+RAM-tier slot, or on CPU straight into the request's blocks of the paged cache (``read``
+takes the destination as a list of views: one ``preadv``, no copy between). The shared
+store keeps the portable canonical format; images are only valid for the engine layout that
+made them, so each layout (model, dtype, packing, block size, rank) has a directory of its
+own.
 
-A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3-64 of
-the key and the payload) and the slot's bytes. Every read checks the header's key against
-the chunk the load asked for and the checksum against both: a file name is no proof (a
-valid image of another chunk renamed to this one is caught), and a file that fails is
-deleted. Bounded by the node's one disk budget (``store.lru``, shared with the chunk tier),
-least recently used first out, the order rebuilt from mtimes on restart (every hit
-refreshes the file's mtime).
+A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3-64 of the
+key and the payload) and the payload: every layer's held blocks, layer after layer. Every
+read checks the header's key against the chunk the load asked for and the checksum against
+both: a file name is no proof (a valid image of another chunk renamed to this one is
+caught), and a file that fails is deleted (a caller that read it into the paged cache writes
+those blocks again from the chunk object). Bounded by the node's one disk budget
+(``store.lru``, shared with the chunk tier), least recently used first out, the order
+rebuilt from mtimes on restart (every hit refreshes the file's mtime).
 """
 
 from __future__ import annotations
@@ -36,21 +39,46 @@ from vllm_kvcdn.store.lru import DiskLRU
 
 logger = get_logger(__name__)
 
-_MAGIC = b"KVCDNIM2"  # KVCDNIMG files (no key in the header) fail the check and are replaced
+_MAGIC = b"KVCDNIM3"  # older files (IMG: no key; IM2: whole slots) fail the check and are replaced
 _HEADER = struct.Struct("<8sIQ64sQ")  # magic, blocks held, payload bytes, chunk key, xxh3-64 of key + payload
 _SUFFIX = ".img"
 _TAG = "image:"  # this tier's keys in the node's disk budget
 
 
-def _bytes_of(slot: torch.Tensor) -> memoryview:
-    """The slot's memory as one flat byte view (no copy; the slot is contiguous)."""
-    return memoryview(slot.view(torch.uint8).view(-1).numpy())  # raises if not contiguous
+_MAX_IOV = 512  # views per preadv call (Linux allows 1024)
 
 
-def _checksum(key: bytes, payload: memoryview) -> int:
+def bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as one flat byte view (no copy)."""
+    return memoryview(tensor.view(torch.uint8).view(-1).numpy())  # raises if not contiguous
+
+
+def _slot_views(slot: torch.Tensor, blocks: int) -> list[memoryview]:
+    """The payload's order in a RAM-tier slot ``[layers, blocks, ...]``: each layer's first ``blocks``."""
+    return [bytes_of(layer.narrow(0, 0, blocks)) for layer in slot]
+
+
+def _checksum(key: bytes, payload: list[memoryview]) -> int:
     h = xxhash.xxh3_64(key)
-    h.update(payload)
+    for view in payload:
+        h.update(view)  # releases the GIL: reads of other chunks go on meanwhile
     return h.intdigest()
+
+
+def _read_fully(fd: int, views: list[memoryview], offset: int) -> None:
+    """Fill ``views``, in order, from the file at ``offset``; ValueError if it ends first."""
+    views = [v for v in views if len(v)]
+    while views:
+        batch = views[:_MAX_IOV]
+        n = os.preadv(fd, batch, offset)
+        if n == 0:
+            raise ValueError(f"truncated at byte {offset - _HEADER.size}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def layout_id(**fields) -> str:
@@ -94,34 +122,39 @@ class BlockImageFiles:
         return self._blocks.get(key, 0)
 
     def read_into(self, key: str, slot: torch.Tensor) -> int:
-        """Fill ``slot`` (a contiguous RAM-tier slot) with the image of chunk ``key``;
-        the blocks it holds, or 0 when there is none or it fails its checksum."""
+        """Fill ``slot`` (a RAM-tier slot) with the image of chunk ``key``; the blocks it
+        holds, or 0 when there is none or it fails its checks."""
+        blocks = self.blocks(key)
+        return blocks if blocks and self.read(key, _slot_views(slot, blocks)) else 0
+
+    def read(self, key: str, views: list[memoryview]) -> bool:
+        """Fill ``views`` (the payload's destination, in file order: each layer's held
+        blocks) with the image of chunk ``key`` and check it; False when there is none or
+        it fails (``views`` then hold garbage)."""
         blocks = self.blocks(key)
         if not blocks:
-            return 0
+            return False
         path = self._path(key, blocks)
-        payload = _bytes_of(slot)
+        size = sum(len(v) for v in views)
         try:
-            with open(path, "rb", buffering=0) as f:
-                magic, held, size, named, digest = _HEADER.unpack(f.read(_HEADER.size))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                magic, held, stated, named, digest = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
                 if magic != _MAGIC:
                     raise ValueError(f"not a block image of this format ({magic!r})")
                 named = named.rstrip(b"\0")
                 if named != key.encode():
                     raise ValueError(f"the file holds chunk {named[:16].decode(errors='replace')}, not {key[:16]}")
-                if held != blocks or size != len(payload):
-                    raise ValueError(f"header says {held} blocks / {size} bytes, slot is {len(payload)} bytes")
-                got = 0
-                while got < size:
-                    n = f.readinto(payload[got:])
-                    if not n:
-                        raise ValueError(f"truncated at byte {got} of {size}")
-                    got += n
-            if _checksum(named, payload) != digest:
+                if held != blocks or stated != size:
+                    raise ValueError(f"header says {held} blocks / {stated} bytes, the reader expects {size} bytes")
+                _read_fully(fd, views, _HEADER.size)
+            finally:
+                os.close(fd)
+            if _checksum(named, views) != digest:
                 raise ValueError("checksum mismatch")
         except FileNotFoundError:
             self._forget(key)
-            return 0
+            return False
         except (OSError, ValueError, struct.error) as e:
             with self._lock:
                 self.damaged += 1
@@ -129,18 +162,19 @@ class BlockImageFiles:
                            key[:16], e)
             self._forget(key)
             path.unlink(missing_ok=True)
-            return 0
+            return False
         self.budget.touch(_TAG + key)
         try:
             os.utime(path)  # the order survives a restart
         except OSError:
             pass
-        return blocks
+        return True
 
     def write(self, key: str, slot: torch.Tensor, blocks: int) -> None:
         """Keep ``slot`` (holding ``blocks`` whole blocks of chunk ``key``) as its image."""
-        payload = _bytes_of(slot)
-        size = _HEADER.size + len(payload)
+        payload = _slot_views(slot, blocks)
+        nbytes = sum(len(v) for v in payload)
+        size = _HEADER.size + nbytes
         if not self.budget.fits(size) or self.blocks(key) >= blocks:
             return
         path = self._path(key, blocks)
@@ -149,8 +183,10 @@ class BlockImageFiles:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb", buffering=0) as f:
                 named = key.encode()
-                f.write(_HEADER.pack(_MAGIC, blocks, len(payload), named, _checksum(named, payload)))
-                f.write(payload)
+                f.write(_HEADER.pack(_MAGIC, blocks, nbytes, named, _checksum(named, payload)))
+                for view in payload:
+                    while view:  # an unbuffered write may take part of it
+                        view = view[f.write(view):]
             os.replace(tmp, path)  # readers see the whole file or none
         except OSError as e:  # a full or broken disk costs speed, never a load
             tmp.unlink(missing_ok=True)

@@ -76,7 +76,7 @@ class PagedKVLayout(ABC):
         dst, src = [], []
         for cache, image in zip(caches, images):
             blocks, image = self.blocks(cache), image.to(cache.device, non_blocking=True)
-            for at, first, count in _runs(block_ids):
+            for at, first, count in runs(block_ids):
                 dst.append(blocks.narrow(0, first, count))
                 src.append(image.narrow(0, at, count))
         torch._foreach_copy_(dst, src, non_blocking=True)
@@ -162,7 +162,7 @@ class CpuAttnLayout(PagedKVLayout):
         return k, v
 
 
-def _runs(ids: list[int]):
+def runs(ids: list[int]):
     """(position in ``ids``, first id, length) of each run of consecutive ids."""
     at = 0
     while at < len(ids):

@@ -3,8 +3,9 @@ KV cache (a background job of the worker; ``worker`` reports the outcome to vLLM
 
 Reads run ahead, in parallel, as far as free read buffers allow; chunks are written in
 order as their reads end, each one's buffer freed once written. A chunk's whole blocks
-come from the block tier (RAM slots, or their disk image promoted into one) when it holds
-them; everything else from the chunk object, verified against the plan (key, tokens,
+come from the block tier when it holds them: a RAM slot, or the node's disk image (on CPU
+read straight into the request's blocks by a read thread, else promoted into a RAM slot
+first); everything else from the chunk object, verified against the plan (key, tokens,
 fingerprint, checksum) before a byte is written. The first chunk that fails (missing,
 truncated, corrupt, another model's, too slow) fails itself and every chunk after it:
 their blocks are reported to vLLM, which recomputes them. So do the chunks a source would
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from concurrent.futures import TimeoutError as ReadTimeout  # not the builtin before 3.11
 from dataclasses import dataclass, field
 
@@ -56,7 +57,10 @@ class LoadOutcome:
 
 @dataclass(frozen=True)
 class _Read:
-    source: str  # "chunk": (DocumentKV, bytes read); "image": whether it is now in a RAM slot
+    # "chunk": (DocumentKV, bytes read); "image": whether it is now in a RAM slot; "direct":
+    # whether the image is now in the request's blocks (a read that writes them: always
+    # waited for before the load ends, ``_let_go``)
+    source: str
     future: Future
     buffer: memoryview | None = None  # the pooled read buffer a chunk read fills (its tensors view it)
 
@@ -86,7 +90,7 @@ class ChunkLoader:
         chunks = self._worth_loading(spec, outcome)
         for n, chunk in enumerate(chunks):
             try:
-                self._read_ahead(chunks, n, reads, deadline)
+                self._read_ahead(spec, chunks, n, reads, deadline)
                 with self.device.side_stream():  # waits for its copies: then the buffer may go back
                     self._write_chunk(spec, n, reads, outcome.stats, deadline)
             except (ArtifactError, StoreError) as e:
@@ -191,6 +195,13 @@ class ChunkLoader:
             self.costs.observe_read("image", time.perf_counter() - started)
         return promoted
 
+    def _timed_image_read(self, key: str, block_ids: list[int]) -> bool:
+        started = time.perf_counter()
+        done = self.tier.read_image(key, block_ids)
+        if done:
+            self.costs.observe_read("image", time.perf_counter() - started)
+        return done
+
     def _tier_blocks(self, chunk: ChunkLoad) -> int | None:
         """How many of the chunk's whole blocks the tier must hold (with, past the last
         whole block, its tail) for the chunk's write range to need no chunk read; None
@@ -206,29 +217,36 @@ class ChunkLoader:
             return None
         return (head_end - chunk.start) // bs if chunk.write_from < head_end else 0
 
-    def _read_ahead(self, chunks: list[ChunkLoad], n: int, reads: list[_Read | None], deadline: float) -> None:
+    def _read_ahead(self, spec: LoadSpec, chunks: list[ChunkLoad], n: int, reads: list[_Read | None],
+                    deadline: float) -> None:
         """Start the reads after ``reads`` (those started, in chunk order) while read
         buffers are free. When chunk ``n``, written next, has none started, wait for a
         buffer: this job then holds none (the chunks before it are written), and the jobs
         holding the others write and free theirs without waiting for any."""
         while len(reads) < len(chunks):
             must = len(reads) == n
-            read = self._start_read(chunks[len(reads)], max(0.0, deadline - time.perf_counter()) if must else 0.0)
+            read = self._start_read(spec, chunks[len(reads)],
+                                    max(0.0, deadline - time.perf_counter()) if must else 0.0)
             if read is _NO_BUFFER:
                 if must:
                     raise ReadTimeout()
                 return
             reads.append(read)
 
-    def _start_read(self, chunk: ChunkLoad, wait_s: float = 0.0):
-        """Nothing when a RAM slot holds what the chunk needs; else its block image (into a
-        RAM slot) when the node's disk holds one, else the chunk itself, into a read buffer
-        free within ``wait_s`` (``_NO_BUFFER`` if none)."""
+    def _start_read(self, spec: LoadSpec, chunk: ChunkLoad, wait_s: float = 0.0):
+        """Nothing when a RAM slot holds what the chunk needs; else its block image when the
+        node's disk holds one (into the request's blocks where it can, else into a RAM
+        slot), else the chunk itself, into a read buffer free within ``wait_s``
+        (``_NO_BUFFER`` if none)."""
         blocks = self._tier_blocks(chunk)
         if blocks is not None:
             where = self.tier.where(chunk.key, blocks) if blocks else "ram"
             if where == "ram":
                 return None
+            if where == "image" and chunk.write_from == chunk.start and self.tier.reads_direct(chunk.key, blocks):
+                first = chunk.start // self.geometry.block_size
+                ids = spec.block_ids[first : first + blocks]
+                return _Read("direct", self._reads.submit(self._timed_image_read, chunk.key, ids))
             if where == "image":
                 return _Read("image", self._reads.submit(self._timed_promote, chunk.key))
         buffer = self.buffers.acquire(wait_s)
@@ -238,10 +256,12 @@ class ChunkLoader:
 
     def _let_go(self, read: _Read | None) -> None:
         """Cancel the read if it has not started; its buffer goes back once it has ended
-        (the caller no longer uses what it read)."""
+        (the caller no longer uses what it read). A read into the request's blocks that has
+        started is waited for: vLLM may reuse them once the load is reported."""
         if read is None:
             return
-        read.future.cancel()
+        if not read.future.cancel() and read.source == "direct":
+            wait([read.future])
         if read.buffer is not None:
             read.future.add_done_callback(lambda _: self.buffers.release(read.buffer))
 
@@ -253,13 +273,15 @@ class ChunkLoader:
         chunk, read = spec.chunks[n], reads[n]
         if self._skip_partial_tail and chunk.is_tail:
             return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
-        if read is not None and read.source == "image":
-            read.future.result(timeout=max(0.0, deadline - time.perf_counter()))  # in a RAM slot now, or not
-            read = None
         g = self.geometry
         first, last = g.whole_blocks(chunk.write_from, chunk.write_to)
         todo = [(chunk.write_from, chunk.write_to)]
-        if self.tier is not None and first < last:
+        if read is not None and read.source in ("image", "direct"):
+            # In a RAM slot (or the request's blocks) now, or not: then from the chunk object.
+            if read.future.result(timeout=max(0.0, deadline - time.perf_counter())) and read.source == "direct":
+                todo = [(last, chunk.write_to)] if last < chunk.write_to else []
+            read = None
+        if self.tier is not None and first < last and todo and todo[0][0] == chunk.write_from:
             def write_blocks(image: torch.Tensor) -> None:
                 ids = spec.block_ids[first // g.block_size : last // g.block_size]
                 self.layout.write_blocks(self.caches, ids, self.device.upload_view(image))

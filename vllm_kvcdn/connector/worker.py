@@ -12,7 +12,11 @@ Nothing here holds the engine step for store I/O (``async_io``, the default):
   load-error channel, vLLM caches only the blocks before them and recomputes the rest
   (``kv_load_failure_policy="recompute"``).
 - A publish (``saver``) copies the document's KV out in the step that ends its prefill and
-  writes it in the background; its result goes back in the ``WorkerReport``.
+  writes it in the background; its result goes back in the ``WorkerReport``. On a node with
+  a disk tier of block images, the same step keeps the document's blocks in the block tier
+  (a RAM slot, whose image goes to disk): after a restart the node reads the document back
+  without the packing op, and until then serves it from RAM. Without one, a publish leaves
+  the RAM tier to the documents requests read.
 - At start the layout is checked against the engine's own cache-write op
   (``layout_probe``); if they differ, nothing loads or publishes.
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvcdn.artifact.documents import read_chunk
+from vllm_kvcdn.artifact.documents import DocumentKV, read_chunk
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.parts import KVPart
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
@@ -230,6 +234,21 @@ class KVCDNWorker:
             job = partial(self.loader.load, spec)
         self._outbox.run(self._loads, job, on_error)
 
+    def _keep_blocks(self, spec: SaveSpec, kv: DocumentKV) -> None:
+        """Each published chunk's whole blocks into the block tier (now: the blocks may be
+        reused next step; their image is written from the RAM slot) and its partial last
+        block into the tail cache. Keyed by the chunk keys the publish stores, and this
+        engine's own bytes for those tokens; a load only asks for keys a manifest lists, so
+        a publish that fails later leaves nothing a load can reach."""
+        g = self.geometry
+        for span in spec.spans:
+            tail_start = span.start + span.num_tokens // g.block_size * g.block_size
+            if tail_start > span.start:
+                self.tier.keep(span.key, self.device.index(g.block_ids(spec.block_ids, span.start, tail_start)))
+            if tail_start < span.end:
+                self.tier.keep_tail(span.key, tail_start - span.start,
+                                    [k[tail_start:span.end] for k, _ in kv] + [v[tail_start:span.end] for _, v in kv])
+
     def _submit_save(self, spec: SaveSpec) -> None:
         if self.refusal is not None:
             logger.warning("kvcdn: request %s not %s: %s", spec.req_id, "verified" if spec.verify else "published",
@@ -243,6 +262,8 @@ class KVCDNWorker:
             self.stats.fail("publish_error")
             self._report.documents.setdefault(spec.req_id, []).append(DocumentResult.failed(spec, repr(e)))
             return
+        if not spec.verify and self.tier is not None and self.tier.images is not None:
+            self._keep_blocks(spec, kv)
 
         def on_error(e: BaseException) -> DocumentOutcome:
             logger.error("kvcdn: %s of request %s failed: %r", "verify" if spec.verify else "publish",
