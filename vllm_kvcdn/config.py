@@ -80,10 +80,10 @@ class KVCDNConfig:
         0.005, doc="how long a worker step that computes nothing waits for a background job before vLLM steps "
                    "again (longer: fewer idle steps, later reports)")
     disk_cache_gib: float = setting(
-        0.0, shown="0 (off)", doc="the node's disk budget: chunks read from an `s3://` store stay on local disk, "
-                                  "least recently used out first, across restarts; the block images below count "
-                                  "against it too (store/lru.py); the node's workers (tensor-parallel ranks) "
-                                  "each keep an equal share")
+        0.0, shown="0 (off)", doc="the node's disk budget: chunks read from (or published to) an `s3://` store "
+                                  "stay on local disk, least recently used out first, across restarts; the block "
+                                  "images below count against it too (store/lru.py); the node's workers "
+                                  "(tensor-parallel ranks) each keep an equal share")
     disk_cache_dir: str = setting(factory=lambda: str(disk_tier_dir()), shown="`~/.cache/kvcdn/disk-tier`",
                                   doc="where the disk tier keeps its files")
     disk_images: bool = setting(

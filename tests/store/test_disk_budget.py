@@ -61,3 +61,18 @@ def test_the_order_across_tiers_survives_a_restart(tmp_path):
     images.write("b" * 32, _slot(2), blocks=4)  # over budget: the oldest file of either tier goes
     assert images.blocks("a" * 32) == 0 and "disk:chunks/00/old" in restarted
     assert chunks.get("chunks/00/old") is not None and chunks.tier_counts()["disk_tier_hits"] == 1
+
+
+def test_a_publishing_node_keeps_the_chunks_it_writes_in_its_disk_tier(tmp_path):
+    """A publish writes chunks with ``put_if_absent``: they stay on the node's disk too, so
+    after a restart it reads them (a tail chunk above all: its blocks have no image) without
+    going to the shared store; manifests always go to the store."""
+    origin = FileStore(tmp_path / "origin")
+    node = DiskCachedStore(origin, tmp_path / "disk", 1 << 20)
+    assert node.put_if_absent("chunks/ab/k.safetensors", b"x" * 10)
+    assert not node.put_if_absent("chunks/ab/k.safetensors", b"y" * 10)  # the first writer's stays
+    assert node.put_if_absent("manifests/m.json", b"{}")
+    restarted = DiskCachedStore(origin, tmp_path / "disk", 1 << 20)
+    assert bytes(restarted.get("chunks/ab/k.safetensors")) == b"x" * 10
+    assert restarted.tier_counts() == {"disk_tier_hits": 1, "disk_tier_misses": 0}
+    assert bytes(restarted.get("manifests/m.json")) == b"{}" and not list((tmp_path / "disk").rglob("*.json"))

@@ -65,6 +65,12 @@ class DiskCachedStore(StoreWrapper):
         if key.startswith(CHUNK_PREFIX):
             self._admit(key, data)  # the publishing node reads its documents first
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        written = self.inner.put_if_absent(key, data)  # how a publish writes its chunks
+        if written and key.startswith(CHUNK_PREFIX):
+            self._admit(key, data)  # as ``put``: its RAM tier serves them until a restart, then this
+        return written
+
     def delete(self, key: str) -> bool:
         self.drop_cached(key)
         return self.inner.delete(key)
