@@ -63,7 +63,7 @@ class BlockTier:
     def reads_direct(self, key: str, blocks: int) -> bool:
         """Whether ``read_image`` can fill ``blocks`` whole blocks of the chunk from its disk
         image: the caches are host memory and the image holds exactly those blocks."""
-        return self.images is not None and not self._blocks[0].is_cuda and self.images.blocks(key) == blocks
+        return self.images is not None and self._blocks[0].device.type == "cpu" and self.images.blocks(key) == blocks
 
     def read_image(self, key: str, block_ids: list[int]) -> bool:
         """Read the chunk's disk image into the blocks ``block_ids`` (its whole blocks, in
