@@ -88,8 +88,8 @@ class KVCDNConfig:
                                   doc="where the disk tier keeps its files")
     disk_images: bool = setting(
         True, doc="with the disk tier on, each worker also keeps there the block images of the chunks it loads or "
-                  "publishes, read back without the packing op (on CPU straight into the paged cache; false: "
-                  "canonical chunks only)")
+                  "publishes (and the documents' partial last blocks), read back without the packing op (on CPU "
+                  "straight into the paged cache; false: canonical chunks only)")
     index_refresh_s: float = setting(
         2.0, doc="how soon documents other servers publish or delete are seen (one listing of the manifests per "
                  "refresh; only new or changed ones are read)")

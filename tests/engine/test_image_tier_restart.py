@@ -28,9 +28,9 @@ def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, t
     published = run_engine({**publisher, "ops": ask})
     first = run_engine({**node, "ops": ask})
     images = list((disk / "images").glob("*/*/*.img"))
-    # Two whole chunks and the tail's whole block; the tail is read from its chunk anyway
-    # (for its partial block), so its image waits for a load that needs only whole blocks.
+    # Two whole chunks and the tail chunk's whole block, and its partial block as a tail file.
     assert len(doc) == 700 and sorted(p.name.split(".")[1] for p in images) == ["1", "2", "2"]
+    assert [p.name.split(".")[1] for p in (disk / "images").glob("*/*/*.tail")] == [str(700 % 128)]
     restarted = run_engine({**node, "ops": ask})
     whole_chunk = next(p for p in images if p.name.endswith(".2.img"))
     data = bytearray(whole_chunk.read_bytes())
@@ -42,10 +42,11 @@ def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, t
         return run["q"]["counters"].get(f"vllm:kvcdn_{name}", 0)
 
     assert counter(first, "image_tier_hits") == 0 and counter(first, "loaded_tokens") == len(doc)
-    assert counter(restarted, "image_tier_hits") == 2 and counter(restarted, "loaded_tokens") == len(doc)
-    assert (counter(damaged, "image_tier_hits"), counter(damaged, "image_tier_misses")) == (1, 1)
+    for run in (restarted, published):  # every chunk from the node's disk: nothing read from the store
+        assert (counter(run, "image_tier_hits"), counter(run, "image_tier_tail_hits")) == (3, 1)
+        assert counter(run, "loaded_tokens") == len(doc) and not counter(run, "store_read_bytes")
+    assert (counter(damaged, "image_tier_hits"), counter(damaged, "image_tier_misses")) == (2, 1)
     assert counter(damaged, "loaded_tokens") == len(doc)
-    assert counter(published, "image_tier_hits") == 2 and counter(published, "loaded_tokens") == len(doc)
     # The publishing engine serves it hot at once: every block and the tail from RAM, nothing read.
     assert (counter(at_publish, "ram_tier_hits"), counter(at_publish, "ram_tier_tail_hits")) == (3, 1)
     assert counter(at_publish, "loaded_tokens") == len(doc) and not counter(at_publish, "store_read_bytes")

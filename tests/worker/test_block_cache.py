@@ -64,8 +64,8 @@ def test_a_second_commit_of_one_chunk_gives_its_slot_back():
 def test_tails_are_kept_least_recently_used_out_within_their_bytes():
     from vllm_kvcdn.connector.tail_cache import TailCache
 
-    def tail(n: int, value: float) -> list[torch.Tensor]:
-        return [torch.full((n, 2, 4), value, dtype=torch.bfloat16) for _ in range(4)]  # 2 layers' K, V
+    def tail(n: int, value: float) -> torch.Tensor:
+        return torch.full((4, n, 2, 4), value, dtype=torch.bfloat16)  # 2 layers' K, V
 
     one = 4 * 10 * 2 * 4 * 2  # bytes of a 10-token tail
     tails = TailCache(2 * one)

@@ -51,7 +51,8 @@ def _loader(kv: dict, bad: set[str] = frozenset(), ram_tier_bytes: int = 0, read
 
     layout = SplitKVLayout(BLOCK, BLOCK, DIM)
     tier = BlockTier([layout.blocks(c) for c in caches], ram_tier_bytes, CHUNK // BLOCK, images_dir,
-                     DiskLRU(1 << 20) if images_dir else None, InlineExecutor()) if ram_tier_bytes else None
+                     DiskLRU(1 << 20) if images_dir else None, InlineExecutor(),
+                     tail_token=((2 * LAYERS, HEADS, DIM), torch.bfloat16)) if ram_tier_bytes else None
     return ChunkLoader(geometry=GEOMETRY, caches=caches, layout=layout, tier=tier,
                        device=CacheDevice(torch.device("cpu")), buffers=ReadBuffers(2, 64),
                        read_chunk=read_chunk, reads=InlineExecutor(), timeout_s=5)
@@ -142,30 +143,34 @@ def test_a_plan_that_starts_at_the_tail_block_takes_it_from_ram():
 
 def test_a_restarted_node_reads_block_images_straight_into_the_requests_blocks(tmp_path):
     """On CPU a chunk's disk image goes straight into the request's blocks (no RAM slot,
-    no packing): nothing but the tail chunk is read, the bytes equal the chunks'. A damaged
-    image is dropped and its chunk read instead, over the garbage the read left."""
+    no packing) and its tail comes from its tail file: no chunk is read, the bytes equal
+    the chunks'. A damaged image or tail file is dropped and its chunk read instead (over
+    the garbage an image read left)."""
     chunks, kv = _chunks(2, tail=BLOCK + 4)
     first = _loader(kv, ram_tier_bytes=1 << 20, images_dir=tmp_path)
     assert first.load(LoadSpec("cold", list(range(6)), chunks)).receipt is not None
     assert len(list(tmp_path.glob("*/*.img"))) == 3  # the tail chunk's whole block too
+    assert [p.name for p in tmp_path.glob("*/*.tail")] == [f"{chunks[-1].key}.4.tail"]
     reads: list[str] = []
     restarted = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
     spec = LoadSpec("after restart", [9, 5, 12, 7, 3, 14], chunks)  # scattered blocks
     assert restarted.load(spec).receipt is not None
     _assert_loaded(restarted, spec, kv)
-    assert reads == [chunks[-1].key]  # for its partial block: tails are kept in RAM only
+    assert reads == []
     counts = restarted.tier.tier_counts()
-    assert (counts["image_tier_hits"], counts["ram_tier_hits"]) == (2, 0)  # read direct, not via RAM slots
+    assert (counts["image_tier_hits"], counts["ram_tier_hits"]) == (3, 0)  # read direct, not via RAM slots
+    assert (counts["image_tier_tail_hits"], counts["ram_tier_tail_hits"]) == (1, 1)
 
-    image = next(tmp_path.glob(f"*/{chunks[0].key}.*.img"))
-    data = bytearray(image.read_bytes())
-    data[-1] ^= 1
-    image.write_bytes(bytes(data))
-    reads.clear()
+    for path in (next(tmp_path.glob(f"*/{chunks[0].key}.*.img")), next(tmp_path.glob("*/*.tail"))):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
     damaged = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
     spec = LoadSpec("damaged", [9, 5, 12, 7, 3, 14], chunks)
     for cache in damaged.caches:
         cache.fill_(1.0)
     assert damaged.load(spec).receipt is not None
     _assert_loaded(damaged, spec, kv)
-    assert sorted(reads) == [chunks[0].key, chunks[-1].key] and damaged.tier.images.damaged == 1
+    assert sorted(reads) == sorted([chunks[0].key, chunks[-1].key])
+    assert damaged.tier.images.damaged == 1 and damaged.tier.tail_files.damaged == 1
+    assert damaged.tier.tail_files.blocks(chunks[-1].key) == 4  # written again from the chunk read

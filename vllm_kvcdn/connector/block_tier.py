@@ -1,7 +1,7 @@
 """The worker's tier of engine-native block images: host-RAM slots (``block_cache``) and,
 behind them, the same slots as files on the node's disk (``image_tier``), plus the
-documents' partial last blocks in RAM (``tail_cache``, an eighth of the RAM budget), one
-object with one lock.
+documents' partial last blocks in RAM (``tail_cache``, an eighth of the RAM budget) and,
+with the images, on disk: one object with one lock.
 
 A load asks ``where`` a chunk's whole blocks are; ``promote`` reads a disk image into a
 RAM slot; on CPU, ``read_image`` reads it straight into the request's blocks instead (one
@@ -32,18 +32,25 @@ logger = get_logger(__name__)
 
 class BlockTier:
     def __init__(self, blocks: list[torch.Tensor], ram_bytes: int, blocks_per_chunk: int,
-                 images_dir: Path | None, disk_budget: DiskLRU | None, image_writer: Executor):
+                 images_dir: Path | None, disk_budget: DiskLRU | None, image_writer: Executor,
+                 tail_token: tuple[tuple[int, int, int], torch.dtype] | None = None):
         """``blocks``: each layer's cache indexed by block id (``PagedKVLayout.blocks``);
-        ``images_dir`` None: RAM slots only; ``disk_budget``: the node's (``store.lru``)."""
+        ``images_dir`` None: RAM slots only; ``disk_budget``: the node's (``store.lru``);
+        ``tail_token``: one token's tail shape ``(2 * layers, kv_heads, head_dim)`` and
+        dtype (``tail_cache``'s form), for the tails on disk (None: tails in RAM only)."""
         self._blocks = blocks
         self.tails = TailCache(ram_bytes // 8)
         self.ram = PackedBlockCache(ram_bytes - self.tails.capacity_bytes, blocks, blocks_per_chunk)
-        self.images = None
+        self.images = self.tail_files = None
         if images_dir is not None and disk_budget is not None and self.ram.num_slots:
             self.images = BlockImageFiles(images_dir, budget=disk_budget)
+            if tail_token is not None:
+                self.tail_files = BlockImageFiles(images_dir, budget=disk_budget, kind="tail")
+        self._tail_token = tail_token
         self._image_writer = image_writer
         self._lock = threading.Lock()
-        self._counts = {"ram_tier_hits": 0, "ram_tier_tail_hits": 0, "image_tier_hits": 0, "image_tier_misses": 0}
+        self._counts = {"ram_tier_hits": 0, "ram_tier_tail_hits": 0, "image_tier_hits": 0, "image_tier_misses": 0,
+                        "image_tier_tail_hits": 0}
 
     def tier_counts(self) -> dict[str, int]:
         """Totals since start, as the store's tiers count theirs (``Store.tier_counts``)."""
@@ -112,24 +119,59 @@ class BlockTier:
         return True
 
     def holds_tail(self, key: str, lo: int, hi: int) -> bool:
+        """Whether the chunk's positions [lo, hi) past its last whole block are held: in
+        RAM, or on disk (a tail file holds them all, from the last whole block on)."""
         with self._lock:
-            return self.tails.holds(key, lo, hi)
+            if self.tails.holds(key, lo, hi):
+                return True
+        return self.tail_files is not None and self.tail_files.blocks(key) > 0
 
-    def copy_tail(self, key: str, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
+    def copy_tail(self, key: str, offset: int, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
         """Call ``write`` with the chunk's positions [lo, hi) past its last whole block
-        (``tail_cache.get``) if held; whether it did."""
+        (which ends at ``offset``; ``tail_cache.get``) if held, reading its tail file into
+        RAM first when only the disk holds it; whether it did."""
         with self._lock:  # no eviction while we copy from it
-            tail = self.tails.get(key, lo, hi)
-            if tail is None:
-                return False
-            write(tail)
-            self._counts["ram_tier_tail_hits"] += 1
+            if self._copy_tail(key, lo, hi, write):
+                return True
+        tail = self._read_tail_file(key)
+        with self._lock:
+            if tail is not None:
+                self.tails.put(key, offset, tail)
+                self._counts["image_tier_tail_hits"] += 1
+            return self._copy_tail(key, lo, hi, write)
+
+    def _copy_tail(self, key: str, lo: int, hi: int, write: Callable[[torch.Tensor], None]) -> bool:
+        tail = self.tails.get(key, lo, hi)
+        if tail is None:
+            return False
+        write(tail)
+        self._counts["ram_tier_tail_hits"] += 1
         return True
 
+    def _read_tail_file(self, key: str) -> torch.Tensor | None:
+        """The chunk's tail from its file (checked), or None."""
+        tokens = self.tail_files.blocks(key) if self.tail_files is not None else 0
+        if not tokens:
+            return None
+        (rows, heads, head_dim), dtype = self._tail_token
+        tail = torch.empty((rows, tokens, heads, head_dim), dtype=dtype)
+        return tail if self.tail_files.read(key, [bytes_of(tail)]) else None
+
     def keep_tail(self, key: str, offset: int, tensors: list[torch.Tensor]) -> None:
-        """Copy the chunk's positions from ``offset`` (its last whole block's end) on."""
+        """Copy the chunk's positions from ``offset`` (its last whole block's end) on
+        (every layer's K, then every layer's V), and to disk in the background."""
+        tail = torch.stack([t.cpu() for t in tensors])
         with self._lock:
-            self.tails.put(key, offset, tensors)
+            self.tails.put(key, offset, tail)
+        if (self.tail_files is not None and not self.tail_files.blocks(key)
+                and (tuple(tail.shape[:1] + tail.shape[2:]), tail.dtype) == self._tail_token):
+            self._image_writer.submit(self._write_tail, key, tail)
+
+    def _write_tail(self, key: str, tail: torch.Tensor) -> None:
+        try:
+            self.tail_files.write_views(key, [bytes_of(tail)], tail.shape[1])
+        except Exception:  # a background copy: it costs a later read speed, never a load
+            logger.exception("kvcdn: could not write the tail of chunk %s", key[:16])
 
     def keep(self, key: str, block_ids: torch.Tensor) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order, on the cache's device)

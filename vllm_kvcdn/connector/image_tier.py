@@ -11,7 +11,10 @@ made them, so each layout (model, dtype, packing, block size, rank) has a direct
 own.
 
 A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3-64 of the
-key and the payload) and the payload: every layer's held blocks, layer after layer. Every
+key and the payload) and the payload: every layer's held blocks, layer after layer. The
+same files keep the documents' partial last blocks (``kind="tail"``, the tail cache's
+canonical form: "held" counts tokens), so a restarted node reads no chunk object for a
+document of any length. Every
 read checks the header's key against the chunk the load asked for and the checksum against
 both: a file name is no proof (a valid image of another chunk renamed to this one is
 caught), and a file that fails is deleted (a caller that read it into the paged cache writes
@@ -39,10 +42,10 @@ from vllm_kvcdn.store.lru import DiskLRU
 
 logger = get_logger(__name__)
 
-_MAGIC = b"KVCDNIM3"  # older files (IMG: no key; IM2: whole slots) fail the check and are replaced
-_HEADER = struct.Struct("<8sIQ64sQ")  # magic, blocks held, payload bytes, chunk key, xxh3-64 of key + payload
-_SUFFIX = ".img"
-_TAG = "image:"  # this tier's keys in the node's disk budget
+_HEADER = struct.Struct("<8sIQ64sQ")  # magic, units held, payload bytes, chunk key, xxh3-64 of key + payload
+# kind -> (magic, file suffix, tag of its keys in the node's disk budget). Older image files
+# (IMG: no key; IM2: whole slots) fail the magic check and are replaced.
+_KINDS = {"image": (b"KVCDNIM3", ".img", "image:"), "tail": (b"KVCDNTL1", ".tail", "tail:")}
 
 
 _MAX_IOV = 512  # views per preadv call (Linux allows 1024)
@@ -87,14 +90,17 @@ def layout_id(**fields) -> str:
 
 
 class BlockImageFiles:
-    def __init__(self, directory: str | os.PathLike, capacity_bytes: int = 0, budget: DiskLRU | None = None):
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int = 0, budget: DiskLRU | None = None,
+                 kind: str = "image"):
         """``budget``: the node's disk budget, shared with its chunk tier (``store.lru``);
-        else one of ``capacity_bytes`` of its own."""
+        else one of ``capacity_bytes`` of its own. ``kind``: "image" (whole blocks) or
+        "tail" (partial last blocks): one directory may hold both."""
+        self._magic, self._suffix, self._tag = _KINDS[kind]
         self.root = Path(directory)
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget = budget if budget is not None else DiskLRU(capacity_bytes)
         self._lock = threading.Lock()
-        self._blocks: dict[str, int] = {}  # chunk key -> whole blocks its image holds
+        self._blocks: dict[str, int] = {}  # chunk key -> units (blocks, or a tail's tokens) its file holds
         self.damaged = 0
         for tmp in self.root.glob("*/.*.tmp"):  # a write cut by a crash
             try:
@@ -103,22 +109,22 @@ class BlockImageFiles:
             except OSError:
                 pass
         found = []
-        for path in self.root.glob(f"*/*{_SUFFIX}"):
+        for path in self.root.glob(f"*/*{self._suffix}"):
             try:
                 stat = path.stat()
-                key, blocks = path.name.removesuffix(_SUFFIX).rsplit(".", 1)
+                key, blocks = path.name.removesuffix(self._suffix).rsplit(".", 1)
                 found.append((stat.st_mtime, key, stat.st_size, int(blocks)))
             except (OSError, ValueError):
                 continue  # a stray file, or one removed meanwhile
         with self._lock:
             self._blocks = {key: blocks for _, key, _, blocks in sorted(found)}
-        self.budget.restore((mtime, _TAG + key, size, partial(self._remove, key, blocks))
+        self.budget.restore((mtime, self._tag + key, size, partial(self._remove, key, blocks))
                             for mtime, key, size, blocks in found)
-        logger.info("kvcdn: block-image tier %s: %d chunks; the node's disk budget: %.2f of %.2f GiB in use",
-                    self.root, len(self), self.budget.nbytes / 2**30, self.budget.capacity_bytes / 2**30)
+        logger.info("kvcdn: block-image tier %s: %d chunks' %ss; the node's disk budget: %.2f of %.2f GiB in use",
+                    self.root, len(self), kind, self.budget.nbytes / 2**30, self.budget.capacity_bytes / 2**30)
 
     def blocks(self, key: str) -> int:
-        """Whole blocks the image of chunk ``key`` holds (0: none)."""
+        """What the file of chunk ``key`` holds: whole blocks, or a tail's tokens (0: none)."""
         return self._blocks.get(key, 0)
 
     def read_into(self, key: str, slot: torch.Tensor) -> int:
@@ -140,7 +146,7 @@ class BlockImageFiles:
             fd = os.open(path, os.O_RDONLY)
             try:
                 magic, held, stated, named, digest = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
-                if magic != _MAGIC:
+                if magic != self._magic:
                     raise ValueError(f"not a block image of this format ({magic!r})")
                 named = named.rstrip(b"\0")
                 if named != key.encode():
@@ -163,7 +169,7 @@ class BlockImageFiles:
             self._forget(key)
             path.unlink(missing_ok=True)
             return False
-        self.budget.touch(_TAG + key)
+        self.budget.touch(self._tag + key)
         try:
             os.utime(path)  # the order survives a restart
         except OSError:
@@ -172,7 +178,10 @@ class BlockImageFiles:
 
     def write(self, key: str, slot: torch.Tensor, blocks: int) -> None:
         """Keep ``slot`` (holding ``blocks`` whole blocks of chunk ``key``) as its image."""
-        payload = _slot_views(slot, blocks)
+        self.write_views(key, _slot_views(slot, blocks), blocks)
+
+    def write_views(self, key: str, payload: list[memoryview], blocks: int) -> None:
+        """Keep ``payload`` (in file order) as the file of chunk ``key``, holding ``blocks``."""
         nbytes = sum(len(v) for v in payload)
         size = _HEADER.size + nbytes
         if not self.budget.fits(size) or self.blocks(key) >= blocks:
@@ -183,7 +192,7 @@ class BlockImageFiles:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb", buffering=0) as f:
                 named = key.encode()
-                f.write(_HEADER.pack(_MAGIC, blocks, nbytes, named, _checksum(named, payload)))
+                f.write(_HEADER.pack(self._magic, blocks, nbytes, named, _checksum(named, payload)))
                 for view in payload:
                     while view:  # an unbuffered write may take part of it
                         view = view[f.write(view):]
@@ -197,18 +206,18 @@ class BlockImageFiles:
             self._blocks[key] = blocks
         if old and old != blocks:
             self._path(key, old).unlink(missing_ok=True)
-        self.budget.add(_TAG + key, size, partial(self._remove, key, blocks))
+        self.budget.add(self._tag + key, size, partial(self._remove, key, blocks))
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def _path(self, key: str, blocks: int) -> Path:
-        return self.root / key[:2] / f"{key}.{blocks}{_SUFFIX}"
+        return self.root / key[:2] / f"{key}.{blocks}{self._suffix}"
 
     def _forget(self, key: str) -> None:
         with self._lock:
             self._blocks.pop(key, None)
-        self.budget.discard(_TAG + key)
+        self.budget.discard(self._tag + key)
 
     def _remove(self, key: str, blocks: int) -> None:
         """Evicted by the node's disk budget."""

@@ -296,7 +296,7 @@ class ChunkLoader:
             def write_tail(tail: torch.Tensor) -> None:
                 self._write_tokens(spec, lo, hi, list(self.device.upload_view(tail)))
 
-            if self.tier.copy_tail(chunk.key, lo - chunk.start, hi - chunk.start, write_tail):
+            if self.tier.copy_tail(chunk.key, tail_start - chunk.start, lo - chunk.start, hi - chunk.start, write_tail):
                 todo = todo[:-1]
         if not todo:
             return

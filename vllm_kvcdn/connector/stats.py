@@ -26,7 +26,10 @@ COUNTERS = {
     "tier (no chunk read for them)",
     "disk_tier_hits": "Chunk reads served by the node's disk tier (no request to the shared store)",
     "disk_tier_misses": "Chunk reads the disk tier sent on to the shared store",
-    "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier (no packing op)",
+    "image_tier_hits": "Chunks read from the node's block-image files into the RAM tier or the request's blocks "
+    "(no packing op)",
+    "image_tier_tail_hits": "Partial last blocks of documents read back from the node's disk into the RAM tier "
+    "(no chunk read for them)",
     "image_tier_misses": "Block images not loaded (damaged and dropped, gone, or no free RAM-tier slot): chunk read",
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",

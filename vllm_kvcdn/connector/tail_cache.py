@@ -7,6 +7,7 @@ issue 29: +0.12 s per hot hit of a 255-token document on ``s3://``). Those posit
 kept here in the canonical ``[tokens, kv_heads, head_dim]`` form, every layer's K then V in
 one tensor, and written with the layout's own op on a hit (at most one block of tokens:
 the packing op's cost there is small). Least recently used out first, bounded in bytes.
+On a node with a disk tier of block images the tails are kept there too (``block_tier``).
 The caller serializes every call (``block_tier`` holds its lock).
 """
 
@@ -37,16 +38,16 @@ class TailCache:
         offset, tail = self._tails[chunk_key]
         return tail.narrow(1, lo - offset, hi - lo)
 
-    def put(self, chunk_key: str, offset: int, tensors: list[torch.Tensor]) -> None:
-        """Copy the chunk's positions from ``offset`` to its end (``tensors``: every
-        layer's K, then every layer's V, each ``[n, kv_heads, head_dim]``)."""
-        size = sum(t.nbytes for t in tensors)
+    def put(self, chunk_key: str, offset: int, tail: torch.Tensor) -> None:
+        """Keep the chunk's positions from ``offset`` to its end: ``tail`` is
+        ``[2 * layers, n, kv_heads, head_dim]`` in host memory, kept as it is (not copied)."""
+        size = tail.nbytes
         if chunk_key in self._tails or not size or size > self.capacity_bytes:
             return
         while self.nbytes + size > self.capacity_bytes:
             _, (_, evicted) = self._tails.popitem(last=False)
             self.nbytes -= evicted.nbytes
-        self._tails[chunk_key] = (offset, torch.stack([t.cpu() for t in tensors]))
+        self._tails[chunk_key] = (offset, tail)
         self.nbytes += size
 
     def __len__(self) -> int:

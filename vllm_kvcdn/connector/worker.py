@@ -101,7 +101,8 @@ class KVCDNWorker:
             self.tier = BlockTier([self.layout.blocks(c) for c in self.caches], int(config.ram_tier_gib * (1 << 30)),
                                   config.chunk_size // g.block_size,
                                   Path(config.disk_cache_dir) / "images" / self._layout_id() if images else None,
-                                  budget, self._image_writes)
+                                  budget, self._image_writes,
+                                  tail_token=((2 * len(self.caches), g.num_kv_heads, g.head_dim), g.kv_dtype))
         # Every read thread busy, and two chunks read ahead of the ones being written.
         self.buffers = ReadBuffers(config.io_threads + 2, g.chunk_object_bytes(config.chunk_size, len(self.caches)),
                                    pin=self.device.is_cuda)
