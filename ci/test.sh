@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(.venv/bin/python -m vllm_kvcdn.defaults cpu-env)"  # small CPU engines, one thread setup for all
-exec .venv/bin/python -m pytest -q -ra -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=25 -p no:cacheprovider "$@"  # the slowest: where CI time goes

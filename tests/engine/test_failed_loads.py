@@ -53,6 +53,8 @@ def prompts(tokenizer) -> dict[str, list[int]]:
         out[f"doc_{kind}"] = doc
         out[f"{kind}_aborted"] = doc + tokenizer(" Question: who kept the ledger? Answer:").input_ids
         out[f"{kind}_later"] = doc + tokenizer(" Q: where does the road end? A:").input_ids
+    out["doc_prefix"] = document(tokenizer, 3800, DOC_TOKENS)  # its second chunk is damaged
+    out["prefix_query"] = out["doc_prefix"] + tokenizer(" Q: which chunk broke? A:").input_ids
     out["doc_intact"] = document(tokenizer, 3600, DOC_TOKENS)
     out["intact_query"] = out["doc_intact"] + tokenizer(" Q: who pays? A:").input_ids
     return out
@@ -67,12 +69,14 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
     model = str(tiny_model)
     published = run_engine({"model": model, "store_url": f"file://{store}", "engine_args": ENGINE_ARGS,
                             "ops": [{"name": k, "op": "publish", "ids": prompts[f"doc_{k}"]}
-                                    for k in [*DAMAGE, "intact"]]})
+                                    for k in [*DAMAGE, "prefix", "intact"]]})
     for kind in DAMAGE:
         report = published[kind]["answer"]["kvcdn"]
         assert report["published"], report
         first = document_chunks(prompts[f"doc_{kind}"], report["fingerprint"], None, 256)[0]
         _damage(store, first.key, kind)
+    second = document_chunks(prompts["doc_prefix"], published["prefix"]["answer"]["kvcdn"]["fingerprint"], None, 256)[1]
+    _damage(store, second.key, "flip")
     ops = []
     for kind in DAMAGE:
         ops += [{"name": f"reset_{kind}", "op": "reset"},
@@ -83,6 +87,7 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
                     {"name": f"{kind}_abort_{k}", "op": "abort", "ids": prompts[f"{kind}_aborted"],
                      "max_tokens": NEW_TOKENS, "after_steps": k, "pause_s": 0.2},
                     _query(f"{kind}_later_{k}", prompts[f"{kind}_later"])]
+    ops += [{"name": "reset_prefix", "op": "reset"}, _query("prefix", prompts["prefix_query"])]  # its prefix billed
     ops += [{"name": "reset_intact", "op": "reset"}, _query("intact", prompts["intact_query"])]  # billed
     ledger_path = tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"
     kvcdn = run_engine({"model": model, "store_url": f"file://{store}", "inproc": True, "engine_args": ENGINE_ARGS,
@@ -95,6 +100,9 @@ def runs(tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
                     {"name": f"reset2_{kind}", "op": "reset"},
                     _query(f"{kind}_first", prompts[f"{kind}_aborted"]),
                     _query(f"{kind}_warm", prompts[f"{kind}_later"])]
+    first_chunk = prompts["doc_prefix"][:256]  # vLLM's prefix cache then holds its two blocks
+    ref_ops += [{"name": "reset_prefix", "op": "reset"}, _query("prefix_chunk", first_chunk + [13]),
+                _query("prefix_resident", prompts["prefix_query"])]
     plain = run_engine({"model": model, "store_url": None, "inproc": True,
                         "engine_args": ENGINE_ARGS, "ops": ref_ops})
     return {"kvcdn": kvcdn, "plain": plain}
@@ -111,14 +119,32 @@ def test_failed_load_is_recomputed_and_never_claimed(runs, kind):
     assert identical(done["answer"], cold_same_prompt)
 
 
+def test_a_load_failing_after_its_first_chunk_serves_and_bills_that_chunk(runs, prompts):
+    """The second chunk is damaged: vLLM keeps the first chunk's blocks and recomputes from
+    there. The answer is bit-equal to plain vLLM with those 256 tokens in its own prefix
+    cache; the response and the ledger name the 256 tokens served."""
+    from vllm_kvcdn.market import ledger
+
+    done = runs["kvcdn"]["prefix"]["answer"]
+    assert done["kvcdn"]["hit"] is False and done["kvcdn"]["loaded_tokens"] == 256, done["kvcdn"]
+    reference = runs["plain"]["prefix_resident"]["answer"]
+    assert reference["num_cached_tokens"] == 256
+    assert identical(done, reference)
+    (row,) = [r for r in ledger.reads(runs["kvcdn"]["ledger"]) if r.document == done["kvcdn"]["document"]]
+    assert (row.loaded_tokens, row.computed_tokens) == (256, len(prompts["prefix_query"]) - 256)
+
+
 def test_failed_loads_are_not_billed(runs):
-    """Of every load in the run, only the one that succeeded is in the ledger."""
+    """Of every load in the run, only what was served is in the ledger: the intact document,
+    and the first chunk of the one damaged after it; nothing of those damaged at the start."""
     from vllm_kvcdn.market import ledger
 
     intact = runs["kvcdn"]["intact"]["answer"]["kvcdn"]
+    prefix = runs["kvcdn"]["prefix"]["answer"]["kvcdn"]
     assert intact["hit"] is True and intact["loaded_tokens"] == DOC_TOKENS, intact
     reads = ledger.reads(runs["kvcdn"]["ledger"])
-    assert [(r.document, r.loaded_tokens) for r in reads] == [(intact["document"], DOC_TOKENS)], reads
+    assert [(r.document, r.loaded_tokens) for r in reads] == [(prefix["document"], 256),
+                                                              (intact["document"], DOC_TOKENS)], reads
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))

@@ -4,7 +4,9 @@ real engine act on it in ``tests/worker/test_chunk_loads.py`` and
 
 from __future__ import annotations
 
-from vllm_kvcdn.connector.load_costs import MIN_STEP_TOKENS, LoadCosts
+import random
+
+from vllm_kvcdn.connector.load_costs import MIN_STEP_TOKENS, STEPS_KEPT, LoadCosts
 
 
 def test_nothing_measured_means_load():
@@ -64,6 +66,18 @@ def test_a_steps_fixed_cost_is_not_taken_for_prefill():
     costs.observe_read("store", 1.6)
     verdict = costs.verdict("store", 1, 255)
     assert not verdict.load and abs(verdict.compute_s - 0.255) < 1e-6
+
+
+def test_the_rate_is_fitted_on_the_last_steps_only():
+    """The running sums give the exact fit of the last ``STEPS_KEPT`` steps, after
+    thousands of adds and removals: a slower engine (2 ms a token, then 5) is seen once
+    its steps fill the window."""
+    costs, rng = LoadCosts(parallel_reads=1), random.Random(7)
+    for per_token in (0.002, 0.005):
+        for _ in range(50 * STEPS_KEPT + 3):
+            tokens = rng.choice((1, 16, 128, 2048))
+            costs.observe_step(tokens, 0.03 + per_token * tokens + rng.uniform(0, 1e-6))
+        assert abs(costs.prefill_s_per_token() - per_token) < 1e-8
 
 
 def test_one_probe_per_source_at_a_time():

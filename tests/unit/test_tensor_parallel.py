@@ -196,6 +196,21 @@ def test_one_rank_failing_a_load_makes_it_a_miss_for_every_rank(tp2):
     assert ledger.reads(tp2.config.ledger_path, ledger.Filters(), 10) == []
 
 
+def test_a_load_that_failed_after_a_prefix_meters_the_prefix_every_rank_wrote(tp2):
+    """vLLM keeps what was written before a rank's first failed block and recomputes the
+    rest: the tokens every rank wrote are served, and metered (the least of the ranks)."""
+    request = _hit(tp2)
+    rid = request.request_id
+    tp2.update_connector_output(WorkerReport(loads={rid: [LoadReceipt(2 * CHUNK, 200, 150, 0.2)]},
+                                             failed_loads={rid}))
+    tp2.update_connector_output(WorkerReport(loads={rid: [LoadReceipt(CHUNK, 100, 80, 0.3)]}, failed_loads={rid}))
+    _, params = tp2.request_finished(request)
+    assert params["kvcdn"]["hit"] is False and params["kvcdn"]["loaded_tokens"] == CHUNK
+    assert "after 256 tokens" in params["kvcdn"]["error"]
+    (row,) = ledger.reads(tp2.config.ledger_path, ledger.Filters(), 10)
+    assert (row.loaded_tokens, row.computed_tokens) == (CHUNK, len(PROMPT) - CHUNK)
+
+
 def test_the_node_disk_budget_is_shared_by_its_workers(tiny_model, monkeypatch):
     """``disk_cache_gib`` is the node's: under TP=2 each rank's worker keeps half (each
     worker process runs its own LRU over its own files)."""

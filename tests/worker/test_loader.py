@@ -83,7 +83,8 @@ def test_a_failing_chunk_fails_itself_and_every_later_one_and_leaves_the_earlier
     loader = _loader(kv, bad={chunks[2].key})
     outcome = loader.load(spec)
     assert outcome.failed_blocks == {4, 5, 6, 7}  # chunks 2 and 3: two 16-token blocks each
-    assert outcome.receipt is None and outcome.stats.data["failures"] == {"checksum": 1}
+    assert outcome.stats.data["failures"] == {"checksum": 1}
+    assert outcome.receipt.loaded_tokens == 2 * CHUNK  # the chunks vLLM keeps: they are metered
     k, _ = _read_back(loader, spec, 0, 2 * CHUNK)
     assert torch.equal(k, torch.cat([kv[c.key][0] for c in chunks[:2]]))
 

@@ -54,7 +54,7 @@ class LoadCosts:
     def __init__(self, parallel_reads: int, margin_s: float = 0.05, enabled: bool = True):
         self.parallel_reads, self.margin_s, self.enabled = parallel_reads, margin_s, enabled
         self._reads: dict[str, deque[float]] = {}  # source -> seconds of its last chunk reads
-        self._steps: deque[tuple[int, float]] = deque(maxlen=STEPS_KEPT)  # (tokens, seconds) of forward passes
+        self._steps = _StepFit()
         self._probing: set[str] = set()
         self._lock = threading.Condition()
 
@@ -66,21 +66,11 @@ class LoadCosts:
         """A forward pass that computed ``tokens`` tokens in ``seconds``."""
         if tokens > 0 and seconds > 0:
             with self._lock:
-                self._steps.append((tokens, seconds))
+                self._steps.add(tokens, seconds)
 
     def prefill_s_per_token(self) -> float | None:
         with self._lock:
-            steps = list(self._steps)
-        if not steps or max(t for t, _ in steps) < MIN_STEP_TOKENS:
-            return None
-        n = len(steps)
-        mean_t, mean_s = sum(t for t, _ in steps) / n, sum(s for _, s in steps) / n
-        spread = sum((t - mean_t) ** 2 for t, _ in steps)
-        slope = sum((t - mean_t) * (s - mean_s) for t, s in steps) / spread if spread else 0.0
-        if slope > 0 and max(t for t, _ in steps) >= 2 * min(t for t, _ in steps):
-            return slope
-        tokens, seconds = max(steps)  # one step size: its time per token
-        return seconds / tokens
+            return self._steps.seconds_per_token()
 
     def read_seconds(self, source: str) -> float | None:
         with self._lock:
@@ -120,3 +110,48 @@ class LoadCosts:
         """Wait until no probe is in flight (tests, benchmarks); whether none is."""
         with self._lock:
             return self._lock.wait_for(lambda: not self._probing, timeout_s)
+
+
+class _StepFit:
+    """The last ``STEPS_KEPT`` forward passes and the least-squares line of their time
+    against tokens, kept as running sums: the worker reads it every engine step (for its
+    gauges), and a read then does no regression over the window."""
+
+    def __init__(self):
+        self._steps: deque[tuple[int, float]] = deque()
+        self._sums = [0.0] * 4  # tokens, seconds, tokens², tokens x seconds
+        self._since_exact = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._steps.append((tokens, seconds))
+        self._update(tokens, seconds, 1)
+        if len(self._steps) > STEPS_KEPT:
+            self._update(*self._steps.popleft(), -1)
+        self._since_exact += 1
+        if self._since_exact >= STEPS_KEPT:  # no rounding drift from endless adds and removals
+            self._sums = [0.0] * 4
+            for step in self._steps:
+                self._update(*step, 1)
+            self._since_exact = 0
+
+    def _update(self, tokens: int, seconds: float, sign: int) -> None:
+        for i, value in enumerate((tokens, seconds, tokens * tokens, tokens * seconds)):
+            self._sums[i] += sign * value
+
+    def seconds_per_token(self) -> float | None:
+        """The slope of time against tokens (a step's fixed cost is not prefill); with one
+        step size seen (or a slope that is no slope), the largest step's time per token;
+        None until a step computed ``MIN_STEP_TOKENS``."""
+        if not self._steps:
+            return None
+        most, fewest = max(t for t, _ in self._steps), min(t for t, _ in self._steps)
+        if most < MIN_STEP_TOKENS:
+            return None
+        n = len(self._steps)
+        t, s, tt, ts = self._sums
+        spread = tt - t * t / n
+        slope = (ts - t * s / n) / spread if spread > 0 else 0.0
+        if slope > 0 and most >= 2 * fewest:
+            return slope
+        tokens, seconds = max(self._steps)
+        return seconds / tokens

@@ -39,8 +39,9 @@ class Hit:
     loaded_tokens: int  # from the store
     prompt_tokens: int
     tenant: str  # ledger.tenant_of(cache_salt)
-    failed: bool = False  # its load failed on some rank: recomputed by every rank, never retried
-    receipts: list[LoadReceipt] = field(default_factory=list)  # one per rank whose load wrote every chunk
+    failed: bool = False  # its load failed on some rank: recomputed from there by every rank, never retried
+    receipts: list[LoadReceipt] = field(default_factory=list)  # one per rank whose load wrote something
+    served_tokens: int = 0  # what every rank wrote: metered (a failed load's prefix too)
 
 
 class LoadPlanner:
@@ -160,7 +161,9 @@ class LoadPlanner:
             if hit is None:  # gone: aborted while loading, not served
                 continue
             hit.receipts += receipts
-            if len(hit.receipts) == self.ranks and not hit.failed:  # every rank's part is in
+            # Every rank's part is in; a rank whose load failed sent its failure with its
+            # receipt, and one that wrote nothing sends none: nothing was served.
+            if len(hit.receipts) == self.ranks:
                 self._meter(req_id, hit, _joined(hit.receipts))
 
     def finish(self, req_id: str) -> dict:
@@ -171,30 +174,34 @@ class LoadPlanner:
         hit = self._hits.pop(req_id, None)
         if hit is None:
             return {"hit": False, "loaded_tokens": 0}
+        failed = {"error": f"load failed after {hit.served_tokens} tokens; the rest were recomputed"}
         return {
             "hit": not hit.failed,
             "document": hit.doc_id,
             "matched_tokens": hit.matched_tokens,
-            "loaded_tokens": 0 if hit.failed else hit.loaded_tokens,
-            **({"error": "load failed; tokens were recomputed"} if hit.failed else {}),
+            "loaded_tokens": hit.served_tokens,
+            **(failed if hit.failed else {}),
         }
 
     def _meter(self, req_id: str, hit: Hit, receipt: LoadReceipt) -> None:
-        """A read that succeeded on every rank: counted once, and one row in the ledger."""
+        """What every rank wrote (all of the hit, or the prefix before a failed chunk that
+        vLLM keeps): counted once, and one row in the ledger."""
+        hit.served_tokens = min(receipt.loaded_tokens, hit.loaded_tokens)
         self.stats.add("reads")
-        self.stats.add("loaded_tokens", hit.loaded_tokens)
+        self.stats.add("loaded_tokens", hit.served_tokens)
         if self.ledger is None:
             return
+        cached = hit.matched_tokens - hit.loaded_tokens  # vLLM's own prefix cache
         self.ledger.record(Read(
             time=time.time(), request_id=req_id, document=hit.doc_id or "", tenant=hit.tenant,
-            prompt_tokens=hit.prompt_tokens, loaded_tokens=hit.loaded_tokens,
-            cached_tokens=hit.matched_tokens - hit.loaded_tokens,
-            computed_tokens=hit.prompt_tokens - hit.matched_tokens,
+            prompt_tokens=hit.prompt_tokens, loaded_tokens=hit.served_tokens, cached_tokens=cached,
+            computed_tokens=hit.prompt_tokens - cached - hit.served_tokens,
             kv_bytes=receipt.kv_bytes, store_bytes=receipt.store_bytes, load_seconds=receipt.load_seconds,
         ))
 
 
 def _joined(receipts: list[LoadReceipt]) -> LoadReceipt:
-    """The ranks' receipts of one load as one: bytes add up, the slowest rank's time."""
-    return LoadReceipt(receipts[0].loaded_tokens, sum(r.kv_bytes for r in receipts),
+    """The ranks' receipts of one load as one: the tokens every rank wrote, bytes add up,
+    the slowest rank's time."""
+    return LoadReceipt(min(r.loaded_tokens for r in receipts), sum(r.kv_bytes for r in receipts),
                        sum(r.store_bytes for r in receipts), max(r.load_seconds for r in receipts))

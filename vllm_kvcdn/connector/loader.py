@@ -52,7 +52,9 @@ class LoadOutcome:
     req_id: str
     failed_blocks: set[int] = field(default_factory=set)  # vLLM recomputes them
     stats: KVCDNStats = field(default_factory=KVCDNStats)
-    receipt: LoadReceipt | None = None  # when every chunk was written
+    # What was written: every chunk, or those before the first failed one (vLLM keeps them and
+    # recomputes from its first failed block); None when nothing was.
+    receipt: LoadReceipt | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class ChunkLoader:
         seconds = time.perf_counter() - started
         outcome.stats.add("loaded_bytes", loaded_tokens * self.token_bytes)  # tokens: counted per request
         outcome.stats.observe("load_duration_seconds", seconds)
-        if not outcome.failed_blocks:
+        if loaded_tokens:
             outcome.receipt = LoadReceipt(loaded_tokens, loaded_tokens * self.token_bytes,
                                           outcome.stats.data.get("store_read_bytes", 0), seconds)
         return outcome

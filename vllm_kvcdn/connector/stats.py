@@ -14,7 +14,8 @@ COUNTERS = {
     "lookups": "Requests the connector looked up in the published index",
     "matched_requests": "Requests whose prompt matched published chunks (see loaded_tokens for what loaded)",
     "matched_tokens": "Prompt tokens planned for loading from published chunks",
-    "reads": "Requests whose load succeeded: cache reads, metered one row each in the ledger",
+    "reads": "Requests whose load served tokens (all of the hit, or the prefix before a failed chunk): cache reads, "
+    "metered one row each in the ledger",
     "loaded_tokens": "Tokens loaded by reads that succeeded on every rank (a failed load counts none)",
     "collapsed_loads": "Requests that waited for another request's load of the same chunks and took its blocks "
     "from vLLM's prefix cache instead of reading them again",
@@ -139,7 +140,8 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
         self._labelled = {
             "failures": self._counter_cls(
                 name="vllm:kvcdn_load_failures",
-                documentation="Chunks not used, by reason (a miss: those tokens were recomputed)",
+                documentation="Loads that fell short, by reason: one per load (its first chunk not used and every "
+                              "one after it were recomputed)",
                 labelnames=[*labelnames, "reason"],
             ),
             "rejected_params": self._counter_cls(

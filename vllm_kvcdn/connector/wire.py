@@ -85,7 +85,8 @@ class KVCDNMetadata(KVConnectorMetadata):
 
 @dataclass(frozen=True)
 class LoadReceipt:
-    """A load that wrote every chunk it planned (the scheduler meters it: ``ledger``)."""
+    """What a rank's load wrote: every chunk it planned, or the chunks before the first one
+    that failed (the scheduler meters what every rank wrote: ``ledger``)."""
 
     loaded_tokens: int
     kv_bytes: int  # bytes written into the KV cache
@@ -122,7 +123,7 @@ class WorkerReport(KVConnectorWorkerMetadata):
     # Per request, one entry per rank (tensor parallelism); a rank's entries may come in
     # another step than another rank's.
     failed_loads: set[str] = field(default_factory=set)  # their responses must not claim a hit
-    loads: dict[str, list[LoadReceipt]] = field(default_factory=dict)  # ranks' loads that wrote every chunk
+    loads: dict[str, list[LoadReceipt]] = field(default_factory=dict)  # what ranks' loads wrote (a failed one too)
     documents: dict[str, list[DocumentResult]] = field(default_factory=dict)  # publish/verify request -> results
     refusal: str | None = None  # this worker will not load (its layout probe failed): stop planning loads
 

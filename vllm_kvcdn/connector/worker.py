@@ -189,7 +189,7 @@ class KVCDNWorker:
                 if outcome.failed_blocks:
                     self._failed_blocks |= outcome.failed_blocks
                     self._report.failed_loads.add(outcome.req_id)
-                elif outcome.receipt is not None:
+                if outcome.receipt is not None:  # in the same report as its failure, if any
                     self._report.loads.setdefault(outcome.req_id, []).append(outcome.receipt)
             else:
                 self._report.documents.setdefault(outcome.req_id, []).append(outcome.result)
