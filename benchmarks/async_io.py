@@ -233,7 +233,9 @@ def main() -> None:
         for rnd in range(1 if phases else args.rounds):
             for mode, async_io in MODES.items():
                 name = f"{mode}-{run}" + (f"-{rnd}" if rnd else "")
-                if run not in redo:  # kept from the earlier run in --work
+                if run not in redo:  # kept from the earlier run in --work, if it has it
+                    if not (work / f"{name}.json").exists():
+                        continue
                     part = json.loads((work / f"{name}.json").read_text())
                 else:
                     part = _run_child(args, spec, work, name, run, extra, async_io)
@@ -278,7 +280,7 @@ def _report(args, results: dict) -> None:
 
     rows = []
     for mode, res in results.items():
-        for phase in PHASES:
+        for phase in PHASES if "phases" in res else ():
             rs = [r for r in res["phases"] if r["phase"] == phase]
             rows.append({"mode": mode, "phase": phase,
                          "itl_p99_ms": statistics.median(r["itl_p99_ms"] for r in rs),
@@ -286,13 +288,13 @@ def _report(args, results: dict) -> None:
                          "ttft_s": statistics.median(r["ttft_s"] for r in rs) if phase in ("load", "hot") else "",
                          "window_s": statistics.median(r["window_s"] for r in rs)})
         for run, where, first in (("files", "from local files", 0), ("ram", "RAM tier", 1)):
-            for n, times in _pooled(res[run], first).items():
+            for n, times in _pooled(res.get(run, []), first).items():
                 rows.append({"mode": mode, "phase": f"hit alone, L={n}, {where}", "ttft_s": statistics.median(times)})
     columns = [("mode", "I/O"), ("phase", "phase"), ("itl_p99_ms", "decoders' ITL p99 (ms)"),
                ("itl_median_ms", "ITL median (ms)"), ("ttft_s", "hit TTFT (s)"), ("window_s", "window (s)")]
 
     def plot(ax):
-        phases = list(PHASES)
+        phases = list(PHASES) if any("phases" in res for res in results.values()) else []
         for i, mode in enumerate(results):
             vals = [next(r["itl_p99_ms"] for r in rows if r["mode"] == mode and r["phase"] == p) for p in phases]
             ax.bar([x + 0.4 * i for x in range(len(phases))], vals, width=0.4, label=f"{mode} I/O")

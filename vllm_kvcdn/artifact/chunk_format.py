@@ -96,7 +96,7 @@ def encode_chunk(
     values: list[torch.Tensor],
     codec: str | None = None,
     part: str = "",
-) -> tuple[bytes, ChunkHeader]:
+) -> tuple[bytearray, ChunkHeader]:
     """Serialize one chunk (or one rank's ``part`` of it: its heads only): its token ids and
     per-layer K/V (CPU, ``[tokens, kv_heads, head_dim]``); with ``codec`` (e.g.
     ``"zstd:1"``), in format v2."""
@@ -115,16 +115,15 @@ def encode_chunk(
     tensors: list[tuple[str, torch.Tensor]] = [("tokens", torch.tensor(list(tokens), dtype=torch.int32))]
     for i, (k, v) in enumerate(zip(keys, values)):
         tensors += [(f"layers.{i}.k", k), (f"layers.{i}.v", v)]
-    data = bytearray()
+    raws = [_raw_bytes(t) for _, t in tensors]
     entries: dict[str, dict] = {}
-    for name, t in tensors:
-        raw = _raw_bytes(t)
-        entries[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [len(data), len(data) + len(raw)],
-        }
-        data += raw
+    size = 0
+    for (name, t), raw in zip(tensors, raws):
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [size, size + len(raw)]}
+        size += len(raw)
+    digest = xxhash.xxh3_128()
+    for raw in raws:  # the checksum of the bytes as stored, without joining them first
+        digest.update(raw)
     header = ChunkHeader(
         key=key,
         parent=parent,
@@ -134,7 +133,7 @@ def encode_chunk(
         num_layers=len(keys),
         num_kv_heads=shape[1],
         head_dim=shape[2],
-        checksum=checksum(data),
+        checksum=f"{CHECKSUM_ALGO}:{digest.hexdigest()}",
         part=part,
     )
     # A whole chunk's header has no "part": its bytes are those of readers that predate parts.
@@ -142,14 +141,25 @@ def encode_chunk(
                                        if k not in V2_FIELDS and (k != "part" or part)}}
     if codec:
         c = codecs.parse(codec)
-        raw_bytes, data = len(data), codecs.encode(data, dtype.itemsize, c)
-        header = ChunkHeader(**{**asdict(header), "codec": c.spec, "raw_bytes": raw_bytes, "stored_bytes": len(data)})
-        meta.update(format=COMPRESSED_FORMAT, codec=c.spec, planes=str(dtype.itemsize), raw_bytes=str(raw_bytes),
-                    stored_bytes=str(len(data)))
+        raws = [codecs.encode(b"".join(raws), dtype.itemsize, c)]
+        header = ChunkHeader(**{**asdict(header), "codec": c.spec, "raw_bytes": size, "stored_bytes": len(raws[0])})
+        meta.update(format=COMPRESSED_FORMAT, codec=c.spec, planes=str(dtype.itemsize), raw_bytes=str(size),
+                    stored_bytes=str(len(raws[0])))
     head = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), sort_keys=True)
     head_bytes = head.encode()
     head_bytes += b" " * (-len(head_bytes) % 8)
-    return struct.pack("<Q", len(head_bytes)) + head_bytes + bytes(data), header
+    # One buffer, each tensor's bytes copied into it once (a publish's memory traffic is
+    # what the decoding requests beside it feel: issue 29).
+    out = bytearray(8 + len(head_bytes) + sum(len(raw) for raw in raws))
+    struct.pack_into("<Q", out, 0, len(head_bytes))
+    at = 8 + len(head_bytes)
+    out[8:at] = head_bytes
+    view = memoryview(out)
+    for raw in raws:
+        view[at : at + len(raw)] = raw
+        at += len(raw)
+    view.release()  # the caller gets a plain bytearray
+    return out, header
 
 
 def read_chunk_header(data) -> tuple[ChunkHeader, dict, int]:
