@@ -85,6 +85,13 @@ def test_s3_get_only_measures_every_client(tmp_path):
     assert all(r["gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in rows)
 
 
+def test_publish_interference_measures_every_mode(tmp_path):
+    run("publish_interference.py", "--tokens", "256", "--documents", "12", "--seconds", "0.2", "--rounds", "1",
+        "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "publish_interference.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["alone", "thread", "process"] and all(r["median_ms"] > 0 for r in rows)
+
+
 def test_gpu_load_runs_on_the_cpu_and_loads_exactly(tmp_path):
     """The GPU benchmark's path (vLLM 0.32-shaped caches, one upload per chunk, per-layer scatter)
     on host memory: no GPU in CI, so only the code and the exactness are checked."""
