@@ -98,7 +98,8 @@ def one_round(mode: str, work: Path, tokens: int, documents: int, seconds: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of each published document")
-    ap.add_argument("--documents", type=int, default=6, help="documents each publish writes (it must outlast --seconds)")
+    ap.add_argument("--documents", type=int, default=6,
+                    help="documents each publish writes (it must outlast --seconds)")
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
