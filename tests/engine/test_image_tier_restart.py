@@ -9,7 +9,7 @@ def test_a_restarted_node_loads_block_images_bit_for_bit(tmp_path, run_engine, t
     in the KV cache and the same answer; a damaged image is dropped, counted, and the
     chunk read instead, still the same answer. The node that published the document kept
     its blocks at publish time: it serves them from RAM at once and, restarted, reads their
-    images from its disk."""
+    images and the tail file from its disk: no chunk object is read after a restart."""
     from vllm_kvcdn.testing.tiny_model import corpus
 
     doc = tokenizer(" ".join(corpus()[2400:2600])).input_ids[:700]  # 2 chunks; a tail: 1 whole block, 1 part

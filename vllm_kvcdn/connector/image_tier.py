@@ -14,9 +14,8 @@ A file is a fixed header (magic, blocks held, payload bytes, the chunk key, xxh3
 key and the payload) and the payload: every layer's held blocks, layer after layer. The
 same files keep the documents' partial last blocks (``kind="tail"``, the tail cache's
 canonical form: "held" counts tokens), so a restarted node reads no chunk object for a
-document of any length. Every
-read checks the header's key against the chunk the load asked for and the checksum against
-both: a file name is no proof (a valid image of another chunk renamed to this one is
+document of any length. Every read checks the header's key against the chunk the load asked
+for and the checksum against both: a file name is no proof (a valid image of another chunk renamed to this one is
 caught), and a file that fails is deleted (a caller that read it into the paged cache writes
 those blocks again from the chunk object). Bounded by the node's one disk budget
 (``store.lru``, shared with the chunk tier), least recently used first out, the order

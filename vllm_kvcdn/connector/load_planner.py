@@ -174,7 +174,8 @@ class LoadPlanner:
         hit = self._hits.pop(req_id, None)
         if hit is None:
             return {"hit": False, "loaded_tokens": 0}
-        failed = {"error": f"load failed after {hit.served_tokens} tokens; the rest were recomputed"}
+        # A load error, or the planner choosing to compute (``load_failures`` says which).
+        failed = {"error": f"loaded {hit.served_tokens} of {hit.loaded_tokens} tokens; the rest were recomputed"}
         return {
             "hit": not hit.failed,
             "document": hit.doc_id,
