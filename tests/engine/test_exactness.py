@@ -399,13 +399,14 @@ def test_model_differing_in_one_weight_never_hits(scenario):
     assert _answer(scenario, "variant", "d_q0")["kvcdn"]["hit"] is False
 
 
-@pytest.mark.parametrize("op,reason", [("d_q0", "checksum"), ("e_q0", "truncated")])
-def test_damaged_chunk_is_a_counted_miss_with_a_correct_answer(scenario, op, reason):
+@pytest.mark.parametrize("op,reason,damaged", [("d_q0", "checksum", 1), ("e_q0", "truncated", 2)])
+def test_damaged_chunk_is_a_counted_miss_with_a_correct_answer(scenario, op, reason, damaged):
     got = _answer(scenario, "damaged", op)
     counters = _counters(scenario, "damaged", op)
     assert counters[f"vllm:kvcdn_load_failures{{reason={reason}}}"] == 1
-    assert got["kvcdn"]["hit"] is False and got["kvcdn"]["loaded_tokens"] == 0
-    # The chunks before the damaged one loaded; vLLM recomputed the rest (level 3 applies).
+    # The chunks before the damaged one loaded (and are what the response names as served);
+    # vLLM recomputed the rest (level 3 applies).
+    assert got["kvcdn"]["hit"] is False and got["kvcdn"]["loaded_tokens"] == damaged * 256
     band = max(d for _, _, d in level3_table(scenario, "vllm", "apc_"))
     cold = _answer(scenario, "vllm", f"cold_{op}")
     assert agreement(got, cold) >= agreement(_answer(scenario, "vllm", f"apc_{op}"), cold)

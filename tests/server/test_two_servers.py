@@ -141,9 +141,10 @@ def test_restarted_b_serves_published_documents_from_its_disk_tier(fleet, tiny_m
     got = ask(b.url, str(tiny_model), conversation(3, 1))
     assert got["kvcdn"]["hit"] is True and got["cached"] == got["kvcdn"]["loaded_tokens"] > 0
     # Kept on disk across the restart: whole chunks as block images, the tail's partial
-    # block from the canonical chunk.
+    # block as a tail file; nothing read from the bucket.
     assert metric(b.url, "vllm:kvcdn_image_tier_hits_total") > 0
-    assert metric(b.url, "vllm:kvcdn_disk_tier_hits_total") > 0
+    assert metric(b.url, "vllm:kvcdn_image_tier_tail_hits_total") > 0
+    assert metric(b.url, "vllm:kvcdn_store_read_bytes_total") == 0
     reference.check(got, 2 * 3 + 1, "B's hit after a restart against plain vLLM")
 
 
