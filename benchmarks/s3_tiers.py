@@ -82,6 +82,7 @@ def run_phase(spec: dict) -> list[dict]:
                    max_num_batched_tokens=max_len, extra_config={
                        "ram_tier_gib": 4.0, "disk_cache_gib": 8.0, "disk_cache_dir": spec["disk_dir"],
                        "disk_images": spec["disk_images"], "publish_isolation_s": 0,
+                       "signing_key": spec["signing_key"],  # a bucket serves signed documents only
                        "load_policy": "always"})  # it measures every tier's loads, even one that loses
     timed(llm, tokens(64, "warmup"), cache_salt="warmup")
     rows, published = [], []
@@ -246,13 +247,17 @@ def main() -> None:
 
             model = str(make_model(work / "model", args.shape))
         lengths = [int(x) for x in args.lengths.split(",") if x]
+        from vllm_kvcdn.artifact.provenance import PublisherKey
+
+        PublisherKey.generate().save(work / "publisher.pem")  # the publisher's and every node's (trusted) key
         rows = []
         env = {**os.environ, **cpu_engine_env(kvcache_gib=args.kv_cache_gib)}
         phases = (("publisher", "disk-publisher", True), ("node", "disk-node", True),
                   ("node-restarted-chunks", "disk-node", False), ("node-restarted-images", "disk-node", True))
         for phase, disk, images in phases:
             spec = {"phase": phase, "model": model, "lengths": lengths, "reps": args.reps, "store_url": store_url,
-                    "disk_dir": str(work / disk), "disk_images": images, "out": str(work / f"{phase}.json")}
+                    "disk_dir": str(work / disk), "disk_images": images, "out": str(work / f"{phase}.json"),
+                    "signing_key": str(work / "publisher.pem")}
             (work / f"{phase}.spec").write_text(json.dumps(spec))
             print(f"[s3_tiers] {phase}: running...", flush=True)
             subprocess.run([sys.executable, __file__, "--child", str(work / f"{phase}.spec")], env=env, check=True)

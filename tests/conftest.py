@@ -139,6 +139,18 @@ def run_engine(tmp_path_factory) -> EngineRunner:
 
 
 @pytest.fixture(scope="session")
+def signing_key(tmp_path_factory) -> str:
+    """A publisher's Ed25519 key file, made by ``kvcdn keygen`` (its public key beside it,
+    ``.pub``): a shared bucket serves signed documents only, so every test that publishes
+    to S3 signs with it."""
+    from vllm_kvcdn.cli.main import main as kvcdn
+
+    path = tmp_path_factory.mktemp("keys") / "publisher.pem"
+    kvcdn(["keygen", str(path)])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on loopback (tests/rigs/s3.py), with credentials in the environment
     for this process and the servers it starts."""

@@ -9,6 +9,7 @@ from vllm_kvcdn.defaults import (
     DEFAULT_CHUNK_SIZE,
     ENVIRONMENT,
     PUBLISHER_KEY_ENV,
+    SIGNING_KEY_ENV,
     TEST_FAULTS_ENV,
     default_ledger_path,
     default_store_url,
@@ -51,6 +52,19 @@ class KVCDNConfig:
         "", repr=False, shown="`$KVCDN_PUBLISHER_KEY`, else none",
         doc="the key a request must carry to publish, verify or `wait_for` through `kv_transfer_params` (none: "
             "no request may); vLLM logs its arguments, so prefer the environment variable")
+    signing_key: str = setting(
+        "", shown="`$KVCDN_SIGNING_KEY`, else none",
+        doc="this server's Ed25519 key file (`kvcdn keygen`): every manifest it publishes is signed with it, and "
+            "its own documents are trusted (artifact/provenance.py)")
+    trusted_publishers: list = setting(
+        factory=list, shown="`[]`",
+        doc="the publishers whose documents this server serves: Ed25519 public keys (64 hex digits) or files "
+            "holding one (`kvcdn keygen` writes `KEY.pub`); a manifest signed by anyone else is never matched "
+            "(counted: `vllm:kvcdn_untrusted_documents`)")
+    allow_unsigned: bool | None = setting(
+        None, shown="true for `file://`, false for `s3://`",
+        doc="serve unsigned documents too (one party owns the store); a shared bucket needs signatures: anyone "
+            "who can write one object could otherwise make every server load other KV")
     publish_isolation_s: float = setting(
         10.0, doc="how long a publish may hold new requests back so its prefill runs alone and its bytes depend "
                   "only on the tokens and the compute profile (connector/publish_gate.py); 0: publishes share "
@@ -58,7 +72,10 @@ class KVCDNConfig:
     ram_tier_gib: float = setting(
         1.0, doc="per-worker host-RAM tier of hot chunks' engine-native block images, allocated at start, an "
                  "eighth of it for documents' partial last blocks (0: off)")
-    verify_checksums: bool = setting(True, doc="check every chunk's checksum before it enters the KV cache")
+    verify_checksums: bool = setting(
+        True, doc="hash every chunk's data before it enters the KV cache and check it against the checksum its "
+                  "manifest records (false skips the hash where unsigned documents are allowed; a store that "
+                  "needs signatures is always checked)")
     async_io: bool = setting(
         True, doc="store reads, checks and writes in background threads, never holding an engine step (false: "
                   "inside the step, kept so benchmarks compare both)")
@@ -124,6 +141,10 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: ram_tier_gib must be >= 0, got {self.ram_tier_gib!r}")
         if not isinstance(self.publish_key, str):
             raise ValueError("kvcdn: publish_key must be a string")
+        if not isinstance(self.trusted_publishers, list):
+            raise ValueError(f"kvcdn: trusted_publishers must be a list of public keys or key files, got "
+                             f"{self.trusted_publishers!r}")
+        self.trust_policy()  # names the unreadable key
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"kvcdn: io_threads must be a positive integer, got {self.io_threads!r}")
         if not self.load_timeout_s > 0:
@@ -155,6 +176,21 @@ class KVCDNConfig:
 
         return for_store(self.store_url, self.codec)
 
+    def trust_policy(self):
+        """The manifests this server may match (``provenance.TrustPolicy``): its own key's and
+        the trusted publishers' signed ones, and unsigned ones where ``allow_unsigned``."""
+        return self._provenance()[1]
+
+    def signer(self):
+        """The key this server signs its manifests with (None: it publishes unsigned)."""
+        return self._provenance()[0]
+
+    def _provenance(self):
+        from vllm_kvcdn.artifact.provenance import policy_for
+
+        return policy_for(self.store_url, signing_key=self.signing_key, trusted_publishers=self.trusted_publishers,
+                          allow_unsigned=self.allow_unsigned)
+
     @property
     def prices(self) -> Tariff:
         return Tariff.from_dict(self.tariff)
@@ -167,8 +203,9 @@ class KVCDNConfig:
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":
-        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE`` and ``KVCDN_PUBLISHER_KEY``
-        stand in for an absent store_url (see ``defaults``) and publish_key."""
+        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE``, ``KVCDN_PUBLISHER_KEY`` and
+        ``KVCDN_SIGNING_KEY`` stand in for an absent store_url (see ``defaults``), publish_key
+        and signing_key."""
         extra = dict(extra or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(extra) - known)
@@ -178,6 +215,8 @@ class KVCDNConfig:
             )
         if "publish_key" not in extra and os.environ.get(PUBLISHER_KEY_ENV):
             extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
+        if "signing_key" not in extra and os.environ.get(SIGNING_KEY_ENV):
+            extra["signing_key"] = os.environ[SIGNING_KEY_ENV]
         return cls(**extra)
 
     def for_worker(self, workers_per_node: int) -> "KVCDNConfig":

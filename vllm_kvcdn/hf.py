@@ -29,6 +29,7 @@ from vllm_kvcdn.artifact.fingerprint import (
 )
 from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.artifact.manifest import Manifest
+from vllm_kvcdn.artifact.provenance import policy_for
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE
 from vllm_kvcdn.store import open_store
 
@@ -64,6 +65,10 @@ class FingerprintMismatch(ValueError):
     pass
 
 
+class UntrustedDocument(ValueError):
+    """A manifest this party's trust policy refuses (``artifact.provenance``)."""
+
+
 @dataclass
 class Generation:
     token_ids: list[int]  # the new tokens only
@@ -75,7 +80,11 @@ class Generation:
 class HFKVCDN:
     def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
                  device: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, allow_cross_profile: bool = False,
-                 attn_implementation: str = "eager", codec: str = "auto"):
+                 attn_implementation: str = "eager", codec: str = "auto", signing_key: str = "",
+                 trusted_publishers: tuple[str, ...] = (), allow_unsigned: bool | None = None):
+        """``signing_key``, ``trusted_publishers``, ``allow_unsigned``: as the connector's
+        settings of those names (``artifact.provenance``): what this party signs with, and
+        whose documents it loads."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
@@ -92,6 +101,8 @@ class HFKVCDN:
         self.codec = codec_for_store(self.store.url, codec)  # how published chunks are stored (codec.py)
         self.chunk_size = chunk_size
         self.allow_cross_profile = allow_cross_profile
+        self.signer, self.trust = policy_for(self.store.url, signing_key=signing_key,
+                                             trusted_publishers=trusted_publishers, allow_unsigned=allow_unsigned)
         self.fingerprint = model_fingerprint(
             hf_config=self.model.config.to_dict(),
             model=model,
@@ -125,10 +136,11 @@ class HFKVCDN:
         producer = {"engine": "transformers", "transformers": transformers.__version__,
                     "torch": torch.__version__, "device": self.device.type}
         spans = document_chunks(tokens, self.fingerprint.digest, cache_salt, self.chunk_size)
+        vouched = {key: list(parts.values()) for key, parts in self._index().vouched([s.key for s in spans]).items()}
         manifest = write_document(
             self.store, spans=spans, tokens=tokens, kv=layers, fingerprint=self.fingerprint.digest,
             profile=self.fingerprint.fields, chunk_size=self.chunk_size, producer=producer,
-            salted=bool(cache_salt), title=title, codec=self.codec,
+            salted=bool(cache_salt), title=title, codec=self.codec, signer=self.signer, vouched=vouched,
         ).manifest
         return manifest
 
@@ -149,10 +161,14 @@ class HFKVCDN:
 
     def find_document(self, prompt: list[int], cache_salt: str | None = None) -> str | None:
         """The published document (of this fingerprint) covering the longest prefix of ``prompt``."""
-        index = ChunkIndex(self.store, self.fingerprint.digest, self.chunk_size)
-        index.refresh(force=True)
-        match = index.match(prompt, cache_salt)
+        match = self._index().match(prompt, cache_salt)
         return match.doc_id if match.num_tokens else None
+
+    def _index(self) -> ChunkIndex:
+        """The store's trusted documents of this fingerprint, read now."""
+        index = ChunkIndex(self.store, self.fingerprint.digest, self.chunk_size, trust=self.trust)
+        index.refresh(force=True)
+        return index
 
     def load(self, doc_id: str) -> tuple[list[int], "object"]:
         """(document tokens, a transformers cache holding their KV on this device)."""
@@ -161,6 +177,12 @@ class HFKVCDN:
         manifest = catalog.get_manifest(self.store, doc_id)
         if manifest is None:
             raise KeyError(f"no document {doc_id} in {self.store.url}")
+        distrust = self.trust.verdict(manifest)
+        if distrust is not None:
+            raise UntrustedDocument(
+                f"document {doc_id[:16]} is not loaded: its manifest is {distrust.replace('_', ' ')} (publisher "
+                f"{manifest.publisher[:16] or 'none'}); trust its publisher's key (trusted_publishers=) or, for a "
+                f"store only you write, allow_unsigned=True")
         self.check_fingerprint(manifest)
         cfg = self.model.config
         kv_heads = cfg.num_key_value_heads

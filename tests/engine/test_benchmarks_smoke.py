@@ -163,3 +163,14 @@ def test_slow_store_steps_the_delay_and_the_planner_switches_to_recompute_and_ba
     assert fast["loaded"] == "1/1 loaded" and slow["loaded"] == "recomputed", result["rows"]
     requests, seconds = result["requests_to_resume"]["measured"]
     assert requests is not None and seconds < 60, result["requests_to_resume"]
+
+
+def test_provenance_cost_measures_both_modes_and_the_per_gb_steps(tmp_path):
+    run("provenance_cost.py", "--shape", "kv-tiny", "--lengths", "300", "--reps", "1", "--hash-mib", "4",
+        "--out", str(tmp_path))
+    loads = json.loads((tmp_path / "provenance_loads_kv-tiny.json").read_text())["rows"]
+    assert sorted((r["read"], r["mode"]) for r in loads) == sorted(
+        (read, mode) for read in ("first", "hot") for mode in ("unhashed", "signed"))
+    assert all(r["gbps"] > 0 for r in loads)
+    costs = json.loads((tmp_path / "provenance_costs.json").read_text())["rows"]
+    assert len(costs) == 5 and all(r.get("gbps", 0) > 0 or r.get("us", 0) > 0 for r in costs)

@@ -1,9 +1,13 @@
 """Faults on the S3 path, end to end: a real engine reads published documents from moto's
 S3 server (the real protocol, tests/rigs/s3.py) through a node disk tier and the fault proxy.
 
-One engine publishes five documents; then, in the bucket or at the HTTP boundary:
+One engine publishes six documents, signed (the consumer trusts its public key); then, in
+the bucket or at the HTTP boundary:
 - ``flip`` / ``truncate``: the first chunk object is replaced by a damaged copy (a
   corrupt object, a cut upload);
+- ``forge``: it is replaced by a self-consistent chunk with other KV (same key, parent,
+  fingerprint and tokens, a correct checksum of its new data), as anyone who can write one
+  object of the bucket could: the signed manifest's checksum refuses it;
 - ``delete``: the chunk object is deleted after the manifest was listed;
 - ``reset``: the first GET of a chunk is cut mid-body by a connection reset;
 - ``during``: the document is deleted while the request's read is held up at the proxy
@@ -23,12 +27,13 @@ from functools import partial
 import pytest
 
 from tests.rigs.documents import EXTERNAL, document, query
+from tests.rigs.forgery import forged_chunk
 from tests.rigs.s3 import FaultProxy
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.store.keys import chunk_object_key
 from vllm_kvcdn.testing.exactness import identical
 
-DAMAGE = {"flip": "checksum", "truncate": "truncated", "delete": "missing"}  # kind -> failure reason
+DAMAGE = {"flip": "checksum", "truncate": "truncated", "delete": "missing", "forge": "provenance"}  # -> reason
 DOCS = (*DAMAGE, "reset", "during")
 DOC_TOKENS = 512  # whole blocks: plain vLLM's prefix cache then reuses exactly the document
 NEW_TOKENS = 8
@@ -54,7 +59,9 @@ def _damage(client, bucket: str, key: str, kind: str) -> None:
         client.delete_object(Bucket=bucket, Key=key)
         return
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    if kind == "flip":
+    if kind == "forge":
+        data = forged_chunk(data)
+    elif kind == "flip":
         data[-1] ^= 0x01  # in the KV data: the header still parses
     else:
         data = data[: len(data) // 2]
@@ -62,11 +69,11 @@ def _damage(client, bucket: str, key: str, kind: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
+def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts, signing_key) -> dict:
     bucket, model = s3.new_bucket(), str(tiny_model)
     published = run_engine({
         "model": model, "store_url": f"s3://{bucket}/{PREFIX}?endpoint_url={s3.endpoint}",
-        "engine_args": ENGINE_ARGS,
+        "engine_args": ENGINE_ARGS, "extra_config": {"signing_key": signing_key},
         "ops": [{"name": name, "op": "publish", "ids": prompts[name]} for name in DOCS]})
     first_chunk = {}
     for name in DOCS:
@@ -86,7 +93,8 @@ def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts) -> dict:
         consumer = run_engine({
             "model": model, "store_url": f"s3://{bucket}/{PREFIX}?endpoint_url={proxy.endpoint}",
             "inproc": True, "engine_args": ENGINE_ARGS,
-            "extra_config": {"disk_cache_gib": 1, "disk_cache_dir": str(tmp_path_factory.mktemp("disk-tier"))},
+            "extra_config": {"disk_cache_gib": 1, "disk_cache_dir": str(tmp_path_factory.mktemp("disk-tier")),
+                             "trusted_publishers": [f"{signing_key}.pub"]},
             "ops": [*(_query(kind, prompts[f"{kind}_q"]) for kind in (*DAMAGE, "reset")),
                     {"name": "during", "op": "delete_during", "ids": prompts["during_q"],
                      "doc": published["during"]["answer"]["kvcdn"]["document"],

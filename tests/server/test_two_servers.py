@@ -3,9 +3,11 @@ protocol, tests/rigs/s3.py): what one publishes the other serves within the refr
 what one deletes the other stops serving, a restart keeps everything, and both serve
 concurrent traffic over documents published on either.
 
-Server B reads through a disk tier. Hits are compared bit for bit across the two servers
-(same artifact, same engine settings) and with a plain vLLM server (no connector) at
-level 3 of the contract, within the spread plain vLLM shows itself (test_server.py).
+Each server signs what it publishes with its own key and trusts the other's (a shared
+bucket serves signed documents only). Server B reads through a disk tier. Hits are
+compared bit for bit across the two servers (same artifact, same engine settings) and
+with a plain vLLM server (no connector) at level 3 of the contract, within the spread
+plain vLLM shows itself (test_server.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from tests.rigs.s3 import FaultProxy
 from tests.rigs.servers import ask, kvcdn_server, reference_answers, start_all, vllm_server
 from vllm_kvcdn.api.client import SideAPIClient
+from vllm_kvcdn.cli.main import main as kvcdn
 
 KEY = "fleet-publisher-key"
 REFRESH_S = 2.0  # the default bound: index_refresh_s
@@ -46,12 +49,15 @@ def b_proxy(s3):
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_model, s3, b_proxy, tmp_path_factory):
+def fleet(tiny_model, s3, b_proxy, tmp_path_factory, signing_key):
     base = tmp_path_factory.mktemp("fleet")
     bucket = s3.new_bucket()
-    a = kvcdn_server(tiny_model, f"s3://{bucket}/qwen3-tiny?endpoint_url={s3.endpoint}", KEY, base / "a.log")
+    kvcdn(["keygen", str(base / "b.pem")])  # each server signs with its own key and trusts the other's
+    a = kvcdn_server(tiny_model, f"s3://{bucket}/qwen3-tiny?endpoint_url={s3.endpoint}", KEY, base / "a.log",
+                     signing_key=signing_key, trusted_publishers=[str(base / "b.pem.pub")])
     b = kvcdn_server(tiny_model, f"s3://{bucket}/qwen3-tiny?endpoint_url={b_proxy.endpoint}", KEY, base / "b.log",
-                     disk_cache_gib=1, disk_cache_dir=str(base / "b-disk"))
+                     disk_cache_gib=1, disk_cache_dir=str(base / "b-disk"), signing_key=str(base / "b.pem"),
+                     trusted_publishers=[f"{signing_key}.pub"])
     plain = vllm_server(tiny_model, base / "plain.log")
     start_all(a, b, plain)
     try:

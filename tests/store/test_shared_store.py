@@ -26,8 +26,8 @@ def bucket_url(s3) -> str:
 
 
 @pytest.fixture
-def producer(tiny_model, bucket_url) -> HFKVCDN:
-    return HFKVCDN(str(tiny_model), store_url=bucket_url, device="cpu", chunk_size=128)
+def producer(tiny_model, bucket_url, signing_key) -> HFKVCDN:
+    return HFKVCDN(str(tiny_model), store_url=bucket_url, device="cpu", chunk_size=128, signing_key=signing_key)
 
 
 def via_proxy(url: str, s3, proxy) -> str:
@@ -77,7 +77,8 @@ def test_the_disk_tier_stays_within_its_bound(producer, bucket_url, tmp_path):
 
 def test_another_node_sees_publishes_and_deletions_and_reads_only_new_manifests(producer, bucket_url, s3,
                                                                                s3_proxy):
-    node = ChunkIndex(open_store(via_proxy(bucket_url, s3, s3_proxy)), producer.fingerprint.digest, 128)
+    node = ChunkIndex(open_store(via_proxy(bucket_url, s3, s3_proxy)), producer.fingerprint.digest, 128,
+                      trust=producer.trust)  # the producer's key, no unsigned documents (s3://)
     node.refresh(force=True)
     assert node.match(TOKENS, None).num_tokens == 0
     doc = producer.publish(TOKENS)
@@ -95,8 +96,9 @@ def test_another_node_sees_publishes_and_deletions_and_reads_only_new_manifests(
     assert node.match(TOKENS + [1, 2], None).num_tokens == 0 and node.num_documents == 1
 
 
-def test_concurrent_publishes_of_one_document_end_in_one_consistent_manifest(tiny_model, bucket_url):
-    producers = [HFKVCDN(str(tiny_model), store_url=bucket_url, device="cpu", chunk_size=128) for _ in range(2)]
+def test_concurrent_publishes_of_one_document_end_in_one_consistent_manifest(tiny_model, bucket_url, signing_key):
+    producers = [HFKVCDN(str(tiny_model), store_url=bucket_url, device="cpu", chunk_size=128, signing_key=signing_key)
+                 for _ in range(2)]
     results, errors = [], []
 
     def publish(p: HFKVCDN) -> None:

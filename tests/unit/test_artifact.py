@@ -10,8 +10,8 @@ from safetensors import safe_open
 from vllm_kvcdn.artifact.chunk_format import decode_chunk, encode_chunk, read_chunk_header
 from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest, ManifestChunk
 
-PINNED_SHA256 = "0d23b88e22b9d243ea0245eb6e183dd5d2d2bb8b6a4445a4d8c89c8c4939199e"
-PINNED_CHECKSUM = "1668af9f071a979f9bc3d3b3f0a2d7e4"
+PINNED_SHA256 = "88ed90cebc5dcb07376a555693cc203c2f89aa524f4448982ea9d1c452192fa1"
+PINNED_CHECKSUM = "57691d3c00eefbcf44ed5a18ced633fb5b93705fa11ba960fc6ac850b295d237"
 
 
 def tiny_kv(layers=2, tokens=3, heads=2, dim=4, dtype=torch.bfloat16):
@@ -30,7 +30,7 @@ def test_exact_bytes_are_pinned():
     data, header = encode()
     # Canonical output: same KV, same bytes. A change here is a format change.
     assert hashlib.sha256(data).hexdigest() == PINNED_SHA256
-    assert header.checksum == "xxh3_128:" + PINNED_CHECKSUM
+    assert header.checksum == "blake3:" + PINNED_CHECKSUM
     (head_len,) = struct.unpack("<Q", data[:8])
     assert head_len % 8 == 0 and len(data) == 8 + head_len + 3 * 4 + 2 * 2 * 3 * 2 * 4 * 2
 

@@ -5,6 +5,7 @@ read threads that run inline. No worker, no engine, no private name patched."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -29,7 +30,8 @@ def _chunks(n: int, tail: int = 0) -> tuple[list[ChunkLoad], dict[str, list[torc
     loads, kv, start = [], {}, 0
     for i, size in enumerate([CHUNK] * n + ([tail] if tail else [])):
         key = f"{i:064x}"
-        loads.append(ChunkLoad(key, start, size, start, start + size, size < CHUNK, list(range(size))))
+        loads.append(ChunkLoad(key, start, size, start, start + size, size < CHUNK, list(range(size)),
+                               {"": f"blake3:{i:064x}"}))
         kv[key] = [torch.randn(size, HEADS, DIM).to(torch.bfloat16) for _ in range(2 * LAYERS)]
         start += size
     return loads, kv
@@ -135,7 +137,7 @@ def test_a_plan_that_starts_at_the_tail_block_takes_it_from_ram():
     loader.load(LoadSpec("first", [1, 2, 3, 4], chunks))
     tail = chunks[-1]
     tail_only = [ChunkLoad(tail.key, tail.start, tail.num_tokens, tail.start + BLOCK, tail.write_to, True,
-                           tail.tokens)]
+                           tail.tokens, tail.checksums)]
     spec = LoadSpec("second", [1, 2, 3, 8], tail_only)
     assert loader.load(spec).receipt.loaded_tokens == 4 and len(reads) == 2
     k, v = loader.layout.read(loader.caches[1], GEOMETRY.slots(spec.block_ids, tail.start + BLOCK, tail.write_to))
@@ -151,7 +153,7 @@ def test_a_restarted_node_reads_block_images_straight_into_the_requests_blocks(t
     first = _loader(kv, ram_tier_bytes=1 << 20, images_dir=tmp_path)
     assert first.load(LoadSpec("cold", list(range(6)), chunks)).receipt is not None
     assert len(list(tmp_path.glob("*/*.img"))) == 3  # the tail chunk's whole block too
-    assert [p.name for p in tmp_path.glob("*/*.tail")] == [f"{chunks[-1].key}.4.tail"]
+    assert [p.name for p in tmp_path.glob("*/*.tail")] == [f"{first.tier_key(chunks[-1])}.4.tail"]
     reads: list[str] = []
     restarted = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
     spec = LoadSpec("after restart", [9, 5, 12, 7, 3, 14], chunks)  # scattered blocks
@@ -162,7 +164,7 @@ def test_a_restarted_node_reads_block_images_straight_into_the_requests_blocks(t
     assert (counts["image_tier_hits"], counts["ram_tier_hits"]) == (3, 0)  # read direct, not via RAM slots
     assert (counts["image_tier_tail_hits"], counts["ram_tier_tail_hits"]) == (1, 1)
 
-    for path in (next(tmp_path.glob(f"*/{chunks[0].key}.*.img")), next(tmp_path.glob("*/*.tail"))):
+    for path in (next(tmp_path.glob(f"*/{first.tier_key(chunks[0])}.*.img")), next(tmp_path.glob("*/*.tail"))):
         data = bytearray(path.read_bytes())
         data[-1] ^= 1
         path.write_bytes(bytes(data))
@@ -174,4 +176,24 @@ def test_a_restarted_node_reads_block_images_straight_into_the_requests_blocks(t
     _assert_loaded(damaged, spec, kv)
     assert sorted(reads) == sorted([chunks[0].key, chunks[-1].key])
     assert damaged.tier.images.damaged == 1 and damaged.tier.tail_files.damaged == 1
-    assert damaged.tier.tail_files.blocks(chunks[-1].key) == 4  # written again from the chunk read
+    assert damaged.tier.tail_files.blocks(damaged.tier_key(chunks[-1])) == 4  # written again from the chunk read
+
+
+def test_the_tiers_hold_a_chunk_under_its_checksum_a_plan_for_other_bytes_reads_the_chunk(tmp_path):
+    """A RAM slot, a disk image and a tail made from one version of a chunk never serve a
+    manifest that records another (the chunk was replaced and republished: a plan names
+    the new checksum): the chunk object is read and checked instead."""
+    chunks, kv = _chunks(1, tail=BLOCK + 4)
+    reads: list[str] = []
+    loader = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
+    loader.load(LoadSpec("first", [1, 2, 3, 4], chunks))
+    assert len(reads) == 2
+    loader.load(LoadSpec("hot", [5, 6, 7, 8], chunks))
+    assert len(reads) == 2  # RAM and images
+    other = [replace(c, checksums={"": "blake3:" + "e" * 64}) for c in chunks]
+    loader.load(LoadSpec("other bytes", [5, 6, 7, 8], other))
+    assert reads[2:] == [c.key for c in chunks]
+    restarted = _loader(kv, ram_tier_bytes=1 << 20, reads=reads, images_dir=tmp_path)
+    restarted.load(LoadSpec("restarted", [5, 6, 7, 8], [replace(c, checksums={"": "blake3:" + "f" * 64})
+                                                         for c in chunks]))
+    assert reads[4:] == [c.key for c in chunks] and restarted.tier.tier_counts()["image_tier_hits"] == 0

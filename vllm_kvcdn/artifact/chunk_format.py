@@ -5,8 +5,11 @@ holding the chunk's token ids (``tokens``, int32) and, per layer ``i``,
 ``layers.{i}.k`` and ``layers.{i}.v`` shaped
 ``[tokens, kv_heads, head_dim]``: independent of any engine's paged layout or block
 size. Its ``__metadata__`` carries the format version, the chunk key and parent, the
-model fingerprint, the dtype, the shape and an xxh3-128 checksum of the data section.
-Everything in the header is checked before a single value is used.
+model fingerprint, the dtype, the shape and a checksum of the data section: BLAKE3 (a
+cryptographic hash, so a signed manifest that records it binds the chunk's bytes: a forgery
+cannot be made to match; ``artifact.provenance``); chunks written before it carry xxh3-128,
+still read, never accepted under a signature. Everything in the header is checked before a
+single value is used.
 
 We write the file ourselves (the format is an 8-byte header length, a JSON header and
 the raw data) so the bytes are canonical: the same KV always gives the same file.
@@ -34,7 +37,15 @@ from vllm_kvcdn.artifact.manifest import ArtifactError
 CHUNK_FORMAT = "kvcdn.chunk/1"
 COMPRESSED_FORMAT = "kvcdn.chunk/2"
 V2_FIELDS = ("codec", "raw_bytes", "stored_bytes")
-CHECKSUM_ALGO = "xxh3_128"
+try:  # a dependency of ours and of vLLM; a bare transformers box without it writes xxh3 (unsignable)
+    import blake3
+
+    CHECKSUM_ALGO = "blake3"
+except ImportError:  # pragma: no cover
+    blake3 = None
+    CHECKSUM_ALGO = "xxh3_128"
+# Checksums a signature may vouch for: a forger cannot find other bytes with the same digest.
+CRYPTOGRAPHIC_CHECKSUMS = ("blake3",)
 
 _ST_DTYPES = {
     torch.bfloat16: "BF16",
@@ -57,7 +68,7 @@ class ChunkHeader:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    checksum: str = ""  # "xxh3_128:<hex>" of the (uncompressed) data section
+    checksum: str = ""  # "blake3:<hex>" (older chunks "xxh3_128:<hex>") of the (uncompressed) data section
     codec: str = ""  # v2: how the data section is compressed ("zstd:1"); "": stored raw (v1)
     raw_bytes: int = 0  # v2: the data section's uncompressed length
     stored_bytes: int = 0  # v2: its compressed length
@@ -78,8 +89,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def checksum(data) -> str:
-    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_128_hexdigest(data)}"
+def _hasher(algo: str):
+    if algo == "blake3" and blake3 is not None:
+        return blake3.blake3(max_threads=1)  # the I/O threads already run in parallel
+    if algo == "xxh3_128":
+        return xxhash.xxh3_128()
+    raise ArtifactError("format", f"checksum algorithm {algo!r} is unknown to this reader")
+
+
+def checksum(data, algo: str = CHECKSUM_ALGO) -> str:
+    """``"<algo>:<hex>"`` of ``data`` (a bytes-like object)."""
+    digest = _hasher(algo)
+    digest.update(data)
+    return f"{algo}:{digest.hexdigest()}"
+
+
+def checksum_algo(value: str) -> str:
+    """The algorithm a checksum string names ("blake3" of "blake3:9f...")."""
+    return value.partition(":")[0]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
@@ -121,7 +148,7 @@ def encode_chunk(
     for (name, t), raw in zip(tensors, raws):
         entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [size, size + len(raw)]}
         size += len(raw)
-    digest = xxhash.xxh3_128()
+    digest = _hasher(CHECKSUM_ALGO)
     for raw in raws:  # the checksum of the bytes as stored, without joining them first
         digest.update(raw)
     header = ChunkHeader(
@@ -214,11 +241,17 @@ def decode_chunk(
     verify: bool = True,
     out: memoryview | None = None,
     part: str | None = None,
+    expected_checksum: str | None = None,
 ) -> ChunkKV:
     """Decode a chunk, checking every expectation given. Tensors view ``data`` (a v1
     chunk) or the decompressed data section (v2: written into ``out`` when it is a
-    writable buffer large enough, which may be the one ``data`` views)."""
+    writable buffer large enough, which may be the one ``data`` views). ``expected_checksum``:
+    the one the document's manifest records (it proves the data only when ``verify`` hashes
+    it: a header is written by whoever wrote the object)."""
     header, entries, offset = read_chunk_header(data)
+    if expected_checksum is not None and header.checksum != expected_checksum:
+        raise ArtifactError("provenance", f"chunk {header.key[:16]}: its checksum is not the one its manifest "
+                                          f"records ({header.checksum[:24]}... vs {expected_checksum[:24]}...)")
     expected = {
         "key": key,
         "fingerprint": fingerprint,
@@ -247,7 +280,7 @@ def decode_chunk(
         raise ArtifactError(
             "truncated", f"chunk {header.key[:16]}: data is {len(body)} bytes, header says {expected_bytes}"
         )
-    if verify and checksum(body) != header.checksum:
+    if verify and checksum(body, checksum_algo(header.checksum)) != header.checksum:
         raise ArtifactError("checksum", f"chunk {header.key[:16]}: checksum mismatch (corrupt data)")
 
     def tensor(name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:

@@ -1,9 +1,13 @@
 """Reading and writing documents in a store: the one protocol every producer and reader uses
 (the vLLM worker, the transformers path, the catalog and the side API).
 
-Writing: chunks first, content-addressed (an intact stored chunk is kept: other
-documents' manifests record its checksum; a missing or damaged one is replaced), the
-manifest last, so a crash never leaves a manifest pointing at missing chunks.
+Writing: chunks first, content-addressed, the manifest last, so a crash never leaves a
+manifest pointing at missing chunks. A stored chunk is kept when it holds the very bytes
+computed, or bytes a trusted manifest already records for it (``vouched``: documents that
+share a prefix share its chunks, though a longer pass may differ in the last bits);
+a missing, damaged or unvouched one is replaced and the replacement logged: chunk keys
+are a public function of the tokens, so anyone who can write to the store could put
+other KV under a popular document's keys before its publisher does.
 Reading: one chunk at a time, every expectation given checked (checksum, fingerprint,
 dtype, shape, the request's tokens).
 """
@@ -11,8 +15,9 @@ dtype, shape, the request's tokens).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -46,7 +51,8 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, part: str
         try:
             return decode_chunk(data, key=key, out=into, part=part, **expect), len(data)
         except ArtifactError as e:
-            if attempt or e.reason not in ("checksum", "truncated", "format") or not store.drop_cached(object_key):
+            if attempt or e.reason not in ("checksum", "truncated", "format", "provenance") \
+                    or not store.drop_cached(object_key):
                 raise
             logger.warning("kvcdn: the local copy of chunk %s is damaged (%s); reading it from %s again",
                            key[:16], e, store.url)
@@ -56,13 +62,15 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, part: str
 def read_whole_chunk(store: Store, entry: ManifestChunk, num_kv_heads: int, **expect) -> ChunkKV:
     """A chunk with all ``num_kv_heads`` heads, from its one object or joined from its
     tensor-parallel parts (each checked, in head order): how a reader that runs every head
-    (the transformers path) uses a TP publish."""
+    (the transformers path) uses a TP publish). Each object is checked against the checksum
+    the manifest records."""
     if not entry.parts:
-        return read_chunk(store, entry.key, num_kv_heads=num_kv_heads, **expect)[0]
+        return read_chunk(store, entry.key, num_kv_heads=num_kv_heads, expected_checksum=entry.checksum, **expect)[0]
     pieces = []
     for part in entry.parts:
         heads = KVPart.parse(part.name, num_kv_heads)
-        pieces.append(read_chunk(store, entry.key, part=part.name, num_kv_heads=heads.num_heads, **expect)[0])
+        pieces.append(read_chunk(store, entry.key, part=part.name, num_kv_heads=heads.num_heads,
+                                 expected_checksum=part.checksum, **expect)[0])
     first = pieces[0]
     return ChunkKV(header=first.header, tokens=first.tokens,
                    keys=[torch.cat(ks, dim=1) for ks in zip(*(p.keys for p in pieces))],
@@ -80,26 +88,42 @@ def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: Do
 
 
 def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
-                      tokens: Sequence[int], part: str = "") -> tuple[ManifestChunk, bool]:
-    """Content-addressed write of one chunk (or part); returns the manifest entry of what
-    is stored, and whether it was written. The first writer wins: when another server
-    stores the chunk meanwhile, its copy is kept and recorded."""
+                      tokens: Sequence[int], part: str = "",
+                      vouched: Collection[str] = ()) -> tuple[ManifestChunk, str]:
+    """Content-addressed write of one chunk (or part) whose computed bytes are ``data``
+    (checksum ``entry.checksum``); ``vouched``: the checksums trusted manifests record for
+    it. Returns the manifest entry of what is stored and what happened: "kept" (the stored
+    chunk holds these bytes or vouched ones), "written" (it was missing; when another
+    server stores it meanwhile, its copy is kept on the same terms) or "replaced" (the
+    stored one was damaged, or held other, unvouched bytes: logged)."""
     object_key = chunk_object_key(entry.key, part)
 
     def stored() -> ManifestChunk:
         kept, nbytes = read_chunk(store, entry.key, part=part, fingerprint=fingerprint, tokens=tokens)  # checksum too
-        return replace(entry, nbytes=nbytes, checksum=kept.header.checksum)
+        return replace(entry, nbytes=nbytes, checksum=kept.header.checksum)  # its size: maybe another codec
+
+    def replace_with_ours(why: str) -> tuple[ManifestChunk, str]:
+        logger.warning("kvcdn: replacing chunk %s%s: %s", entry.key[:16], f" part {part}" if part else "", why)
+        store.put(object_key, data)
+        return entry, "replaced"
 
     try:
-        return stored(), False
+        found = stored()
     except ArtifactError as e:
         if e.reason != "missing":
-            logger.warning("kvcdn: replacing damaged chunk %s: %s", entry.key[:16], e)
-            store.put(object_key, data)
-            return entry, True
-    if store.put_if_absent(object_key, data):
-        return entry, True
-    return stored(), False
+            return replace_with_ours(f"the stored one is unusable ({e})")
+        if store.put_if_absent(object_key, data):
+            return entry, "written"
+        try:
+            found = stored()  # another writer's, stored meanwhile
+        except ArtifactError as e:
+            return replace_with_ours(f"the one stored meanwhile is unusable ({e})")
+    if found.checksum != entry.checksum and found.checksum not in vouched:
+        # Not what this engine computed for these tokens, and no trusted document uses it:
+        # a forgery, an orphan of a failed publish, or a chunk written before BLAKE3 checksums.
+        return replace_with_ours(f"its checksum {found.checksum[:24]}... is neither what this engine computed "
+                                 f"({entry.checksum[:24]}...) nor one a trusted manifest records")
+    return found, "kept"
 
 
 @dataclass
@@ -108,22 +132,28 @@ class Written:
     new_chunks: int  # chunks this write stored (the others were there, intact)
     new_bytes: int
     seconds: float
+    replaced_chunks: int = 0  # of ``new_chunks``: stored ones that were damaged or held other bytes
+    computed: list[str] = field(default_factory=list)  # each chunk's checksum as computed (a kept one may differ)
     manifest: Manifest | None = None  # written by ``write_document``, not by ``write_chunks``
 
 
 def write_chunks(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV, fingerprint: str,
-                 codec: str | None = None, part: str = "") -> Written:
-    """Store a document's chunks, or one rank's ``part`` of each, and no manifest."""
+                 codec: str | None = None, part: str = "", vouched: Mapping[str, Collection[str]] | None = None
+                 ) -> Written:
+    """Store a document's chunks, or one rank's ``part`` of each, and no manifest;
+    ``vouched``: chunk key -> the checksums (of this part) trusted manifests record."""
     started = time.perf_counter()
-    entries, new_chunks, new_bytes = [], 0, 0
+    entries, outcomes, computed = [], [], []
     for span in spans:
         data, header = encode_span(span, fingerprint, tokens, kv, codec, part)
         entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
-        entry, written = keep_or_put_chunk(store, entry, data, fingerprint, tokens[span.start : span.end], part)
+        entry, outcome = keep_or_put_chunk(store, entry, data, fingerprint, tokens[span.start : span.end], part,
+                                           (vouched or {}).get(span.key, ()))
         entries.append(entry)
-        new_chunks += written
-        new_bytes += len(data) if written else 0
-    return Written(entries, new_chunks, new_bytes, time.perf_counter() - started)
+        outcomes.append(outcome)
+        computed.append(header.checksum)
+    new = [e.nbytes for e, o in zip(entries, outcomes) if o != "kept"]
+    return Written(entries, len(new), sum(new), time.perf_counter() - started, outcomes.count("replaced"), computed)
 
 
 def join_parts(by_part: dict[str, list[ManifestChunk]]) -> list[ManifestChunk]:
@@ -159,18 +189,27 @@ def put_manifest(store: Store, manifest: Manifest) -> None:
     store.put(manifest_object_key(manifest.doc_id), manifest.to_json())
 
 
+class Signer(Protocol):
+    def sign(self, manifest: Manifest) -> Manifest: ...
+
+
 def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV,
                    fingerprint: str, profile: dict, chunk_size: int, producer: dict, salted: bool = False,
                    adapter: str = "", title: str = "", metadata: dict | None = None,
-                   codec: str | None = None) -> Written:
+                   codec: str | None = None, signer: Signer | None = None,
+                   vouched: Mapping[str, Collection[str]] | None = None) -> Written:
     """Store a whole document: its chunks (compressed with ``codec``, if given), then its
-    manifest (its id is the last chunk's key)."""
-    written = write_chunks(store, spans=spans, tokens=tokens, kv=kv, fingerprint=fingerprint, codec=codec)
+    manifest (its id is the last chunk's key), signed by ``signer`` if given
+    (``provenance.PublisherKey``)."""
+    written = write_chunks(store, spans=spans, tokens=tokens, kv=kv, fingerprint=fingerprint, codec=codec,
+                           vouched=vouched)
     written.manifest = new_manifest(
         doc_id=spans[-1].key, chunks=written.chunks, num_tokens=len(tokens), fingerprint=fingerprint,
         profile=profile, chunk_size=chunk_size, producer=producer, salted=salted, adapter=adapter, title=title,
         metadata=metadata,
     )
+    if signer is not None:
+        written.manifest = signer.sign(written.manifest)
     put_manifest(store, written.manifest)
     return written
 

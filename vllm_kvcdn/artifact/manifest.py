@@ -61,6 +61,8 @@ class Manifest:
     metadata: dict = field(default_factory=dict)
     parts: list[str] = field(default_factory=list)  # every chunk's part names, when stored in parts (TP)
     format: str = MANIFEST_FORMAT
+    publisher: str = ""  # the signer's Ed25519 public key, hex ("": unsigned; ``provenance``)
+    signature: str = ""  # Ed25519 over ``signed_bytes()``, hex
 
     @property
     def total_bytes(self) -> int:
@@ -69,11 +71,23 @@ class Manifest:
     def to_json(self) -> bytes:
         d = asdict(self)
         d["total_bytes"] = self.total_bytes
-        # A manifest of whole chunks has no "parts": readers that predate parts read it.
+        # A manifest of whole chunks has no "parts", an unsigned one no signature: readers that
+        # predate them read it.
         for c in [d, *d["chunks"]]:
             if not c["parts"]:
                 del c["parts"]
+        for name in ("publisher", "signature"):
+            if not d[name]:
+                del d[name]
         return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    def signed_bytes(self) -> bytes:
+        """What a signature covers: every field but the signature (the publisher's key
+        included), as canonical JSON. Computed from the parsed fields, never from the stored
+        text, so the signer and every reader hash the same bytes."""
+        d = asdict(self)
+        del d["signature"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":

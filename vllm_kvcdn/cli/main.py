@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.cli import side_api
-from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, default_store_url
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, SIGNING_KEY_ENV, default_store_url
 from vllm_kvcdn.store import open_store
 
 
@@ -123,6 +124,7 @@ def cmd_inspect(args) -> None:
         store = open_store(args.store)
         m = _find_manifest(store, args.doc)
         print(m.to_json().decode())
+        print(_signed_by(m))
         results = catalog.verify_chunks(store, m) if args.verify else []
         chunks = [{"num_tokens": c.num_tokens, "nbytes": c.nbytes} for c in m.chunks]
     for (key, status), c in zip(results, chunks):
@@ -131,6 +133,16 @@ def cmd_inspect(args) -> None:
     if bad:
         raise SystemExit(f"kvcdn: {bad} of {len(chunks)} chunks failed verification; publish the document "
                          f"again to repair it")
+
+
+def _signed_by(m: Manifest) -> str:
+    """Who signed the manifest, and whether the signature holds (trusting the signer named)."""
+    from vllm_kvcdn.artifact.provenance import TrustPolicy
+
+    if not m.signature:
+        return "unsigned (served only where allow_unsigned is on)"
+    why = TrustPolicy(frozenset({m.publisher}), allow_unsigned=False).verdict(m)
+    return f"signed by {m.publisher}: {'signature valid' if why is None else why.replace('_', ' ')}"
 
 
 def cmd_verify(args) -> None:
@@ -172,7 +184,24 @@ def _hf(args):
     from vllm_kvcdn.hf import HFKVCDN
 
     return HFKVCDN(args.model, store_url=args.store, dtype=args.dtype, device=args.device,
-                   allow_cross_profile=getattr(args, "allow_cross_profile", False))
+                   allow_cross_profile=getattr(args, "allow_cross_profile", False),
+                   signing_key=args.signing_key or os.environ.get(SIGNING_KEY_ENV, ""), trusted_publishers=args.trust,
+                   allow_unsigned=args.allow_unsigned)
+
+
+def cmd_keygen(args) -> None:
+    from vllm_kvcdn.artifact.provenance import PublisherKey
+
+    path = Path(args.path).expanduser()
+    public = Path(f"{path}.pub")
+    if path.exists() or public.exists():
+        raise SystemExit(f"kvcdn: {path} or {public} exists; keygen never overwrites a key")
+    key = PublisherKey.generate()
+    key.save(path)
+    public.write_text(key.public_hex + "\n")
+    print(f"signing key: {path} (keep it secret: set kv_connector_extra_config.signing_key or $KVCDN_SIGNING_KEY)")
+    print(f"public key:  {public}  {key.public_hex}")
+    print("servers that should serve this publisher's documents list it in trusted_publishers")
 
 
 def cmd_hf_publish(args) -> None:
@@ -226,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         _store_arg(p)
         p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
         p.add_argument("--device", default=None, help="mps, cuda or cpu (default: the first available, in that order)")
+        p.add_argument("--signing-key", default=None,
+                       help="Ed25519 key file to sign published manifests with (default: $KVCDN_SIGNING_KEY)")
+        p.add_argument("--trust", action="append", default=[], metavar="PUBLIC_KEY",
+                       help="a publisher whose documents may be loaded (64 hex digits or a .pub file; repeatable)")
+        p.add_argument("--allow-unsigned", action="store_true", default=None,
+                       help="load unsigned documents (default: yes for a local store, no for s3://)")
 
     p = sub.add_parser("hf-publish", help="publish documents with plain transformers (no server)")
     hf_args(p)
@@ -245,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-cross-profile", action="store_true",
                    help="accept artifacts of the same model made by another engine/device (exactness not promised)")
     p.set_defaults(func=cmd_hf_generate)
+
+    p = sub.add_parser("keygen", help="make a publisher's Ed25519 signing key (PATH) and its public key (PATH.pub)",
+                       description="Make a publisher's signing key. A server that publishes with it (signing_key) "
+                                   "signs every manifest; servers that list the public key in trusted_publishers "
+                                   "serve those documents, and no one else's.")
+    p.add_argument("path", help="where to write the private key (PKCS#8 PEM, mode 0600); the public key goes to "
+                                "PATH.pub")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("make-tiny-model", help="write a Qwen3-architecture model with seeded random weights")
     p.add_argument("dir", help="output directory")

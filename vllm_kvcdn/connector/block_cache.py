@@ -61,13 +61,17 @@ class PackedBlockCache:
         slot = self.reserve()
         if slot is None:
             return
+        self.fill(slot, caches, block_ids)
+        self._slots[chunk_key] = (slot, len(block_ids))
+
+    def fill(self, slot: int, caches: list[torch.Tensor], block_ids: torch.Tensor) -> None:
+        """Copy blocks (``block_ids``, in order) out of the paged caches into a reserved slot."""
         for layer, cache in zip(self.arena[slot], caches):
             dst = layer.narrow(0, 0, len(block_ids))
             if dst.is_contiguous() and dst.device == cache.device and cache.is_contiguous():
                 torch.index_select(cache, 0, block_ids, out=dst)  # no temporary
             else:
                 dst.copy_(cache.index_select(0, block_ids.to(cache.device)))
-        self._slots[chunk_key] = (slot, len(block_ids))
 
     def reserve(self) -> int | None:
         """A slot out of use (the least recently used unpinned image goes), or None."""

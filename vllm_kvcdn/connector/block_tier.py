@@ -6,8 +6,11 @@ with the images, on disk: one object with one lock.
 A load asks ``where`` a chunk's whole blocks are; ``promote`` reads a disk image into a
 RAM slot; on CPU, ``read_image`` reads it straight into the request's blocks instead (one
 copy less); ``copy_into`` hands a RAM image to the caller's write while no eviction can
-reuse the slot; ``keep`` copies a chunk's blocks (loaded or published) into a slot and
-writes the slot to disk in the background (pinned meanwhile, so it is not evicted mid-write).
+reuse the slot; ``keep`` copies a chunk's blocks (loaded) into a slot and writes the slot
+to disk in the background (pinned meanwhile, so it is not evicted mid-write). A publish
+copies its blocks out in its step (``stage``: a slot no load can see) and names them once
+its chunks are stored and their checksums known (``commit``), or lets them go (``drop``).
+Every entry is keyed by ``provenance.tier_key`` (chunk key and checksum).
 Loads of several requests run at once: every call takes the lock.
 """
 
@@ -172,6 +175,29 @@ class BlockTier:
             self.tail_files.write_views(key, [bytes_of(tail)], tail.shape[1])
         except Exception:  # a background copy: it costs a later read speed, never a load
             logger.exception("kvcdn: could not write the tail of chunk %s", key[:16])
+
+    def stage(self, block_ids: torch.Tensor) -> int | None:
+        """Copy whole blocks (``block_ids``, in order) into a slot no load sees until
+        ``commit``; the slot, or None when none is free."""
+        with self._lock:
+            slot = self.ram.reserve()
+            if slot is not None:
+                self.ram.fill(slot, self._blocks, block_ids)
+        return slot
+
+    def commit(self, key: str, slot: int, blocks: int) -> None:
+        """A staged slot holds the chunk ``key``'s first ``blocks`` whole blocks: into the RAM
+        tier, and its image to disk in the background."""
+        with self._lock:
+            self.ram.commit(key, slot, blocks)
+            pinned = self.ram.pin(key) if self.images is not None else None
+        if pinned is not None:
+            self._image_writer.submit(self._write_image, key, *pinned)
+
+    def drop(self, slot: int) -> None:
+        """Let a staged slot go (its publish failed)."""
+        with self._lock:
+            self.ram.release(slot)
 
     def keep(self, key: str, block_ids: torch.Tensor) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order, on the cache's device)

@@ -102,8 +102,9 @@ class LoadPlanner:
         chunks = [
             ChunkLoad(key=span.key, start=span.start, num_tokens=span.num_tokens,
                       write_from=max(span.start, write_start), write_to=min(span.end, tokens),
-                      is_tail=span.num_tokens < self.chunk_size, tokens=list(prompt[span.start : span.end]))
-            for span in match.spans
+                      is_tail=span.num_tokens < self.chunk_size, tokens=list(prompt[span.start : span.end]),
+                      checksums=dict(entry.checksums))
+            for span, entry in zip(match.spans, match.chunks)
             if span.end > write_start and span.start < tokens
         ]
         self._loads.append(LoadSpec(req_id=req_id, block_ids=list(blocks.get_block_ids()[0]), chunks=chunks))

@@ -5,10 +5,12 @@ Reads run ahead, in parallel, as far as free read buffers allow; chunks are writ
 order as their reads end, each one's buffer freed once written. A chunk's whole blocks
 come from the block tier when it holds them: a RAM slot, or the node's disk image (on CPU
 read straight into the request's blocks by a read thread, else promoted into a RAM slot
-first); everything else from the chunk object, verified against the plan (key, tokens,
-fingerprint, checksum) before a byte is written. The first chunk that fails (missing,
-truncated, corrupt, another model's, too slow) fails itself and every chunk after it:
-their blocks are reported to vLLM, which recomputes them. So do the chunks a source would
+first), found under the chunk's key *and* the checksum the plan's (signed) manifest
+records (``provenance.tier_key``); everything else from the chunk object, verified against
+the plan (key, tokens, fingerprint, the manifest's checksum) before a byte is written.
+The first chunk that fails (missing, truncated, corrupt, forged, another model's, too
+slow) fails itself and every chunk after it: their blocks are reported to vLLM, which
+recomputes them. So do the chunks a source would
 deliver later than the engine computes them (``load_costs``): all of a hit, a prefix of
 it, or nothing loads, whichever arrives first.
 
@@ -28,6 +30,7 @@ import torch
 
 from vllm_kvcdn.artifact.documents import DocumentKV
 from vllm_kvcdn.artifact.manifest import ArtifactError
+from vllm_kvcdn.artifact.provenance import tier_key
 from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
@@ -74,13 +77,15 @@ class ChunkLoader:
     def __init__(self, *, geometry: KVGeometry, caches: list[torch.Tensor], layout: PagedKVLayout,
                  device: CacheDevice, buffers: ReadBuffers, read_chunk: ChunkReader, reads: Executor,
                  tier: BlockTier | None = None, timeout_s: float = 30.0, skip_partial_tail: bool = False,
-                 costs: LoadCosts | None = None):
+                 costs: LoadCosts | None = None, part: str = ""):
+        """``part``: the KV heads this rank loads (``artifact.parts``; "": whole chunks)."""
         self.geometry, self.caches, self.layout, self.device = geometry, caches, layout, device
         self.buffers, self.tier = buffers, tier
         self.costs = costs or LoadCosts(parallel_reads=1, enabled=False)
         self._read_chunk, self._reads = read_chunk, reads
         self.timeout_s = timeout_s
         self.token_bytes = geometry.token_bytes(len(caches))
+        self.part = part
         self._skip_partial_tail = skip_partial_tail  # test fault (config.injected_faults)
 
     def load(self, spec: LoadSpec) -> LoadOutcome:
@@ -159,7 +164,7 @@ class ChunkLoader:
         blocks = self._tier_blocks(chunk)
         if blocks is None:
             return "store"
-        return (self.tier.where(chunk.key, blocks) if blocks else "ram") or "store"
+        return (self.tier.where(self.tier_key(chunk), blocks) if blocks else "ram") or "store"
 
     def _probe(self, source: str, chunk: ChunkLoad) -> None:
         """One read of a chunk a load skipped, off the request path, so loads resume once
@@ -169,7 +174,7 @@ class ChunkLoader:
         if not self.costs.start_probe(source):
             return
         if source == "image":
-            read, buffer = self._reads.submit(self._timed_promote, chunk.key), None
+            read, buffer = self._reads.submit(self._timed_promote, self.tier_key(chunk)), None
         else:
             buffer = self.buffers.acquire(0.0)
             if buffer is None:
@@ -183,6 +188,11 @@ class ChunkLoader:
             self.costs.end_probe(source)
 
         read.add_done_callback(done)
+
+    def tier_key(self, chunk: ChunkLoad) -> str:
+        """What the tier holds this rank's copy of the chunk under: its key and the checksum
+        the plan's manifest records (a copy made from other bytes is another entry)."""
+        return tier_key(chunk.key, chunk.checksums.get(self.part, ""))
 
     def _timed_read(self, chunk: ChunkLoad, buffer: memoryview | None):
         started = time.perf_counter()
@@ -215,7 +225,7 @@ class ChunkLoader:
         if chunk.write_from < head_end and (chunk.write_from % bs or head_end % bs):
             return None
         if chunk.write_to > tail_start and not self.tier.holds_tail(
-                chunk.key, max(chunk.write_from, tail_start) - chunk.start, chunk.write_to - chunk.start):
+                self.tier_key(chunk), max(chunk.write_from, tail_start) - chunk.start, chunk.write_to - chunk.start):
             return None
         return (head_end - chunk.start) // bs if chunk.write_from < head_end else 0
 
@@ -242,15 +252,16 @@ class ChunkLoader:
         (``_NO_BUFFER`` if none)."""
         blocks = self._tier_blocks(chunk)
         if blocks is not None:
-            where = self.tier.where(chunk.key, blocks) if blocks else "ram"
+            key = self.tier_key(chunk)
+            where = self.tier.where(key, blocks) if blocks else "ram"
             if where == "ram":
                 return None
-            if where == "image" and chunk.write_from == chunk.start and self.tier.reads_direct(chunk.key, blocks):
+            if where == "image" and chunk.write_from == chunk.start and self.tier.reads_direct(key, blocks):
                 first = chunk.start // self.geometry.block_size
                 ids = spec.block_ids[first : first + blocks]
-                return _Read("direct", self._reads.submit(self._timed_image_read, chunk.key, ids))
+                return _Read("direct", self._reads.submit(self._timed_image_read, key, ids))
             if where == "image":
-                return _Read("image", self._reads.submit(self._timed_promote, chunk.key))
+                return _Read("image", self._reads.submit(self._timed_promote, key))
         buffer = self.buffers.acquire(wait_s)
         if buffer is None:
             return _NO_BUFFER
@@ -275,7 +286,7 @@ class ChunkLoader:
         chunk, read = spec.chunks[n], reads[n]
         if self._skip_partial_tail and chunk.is_tail:
             return  # test fault: claim the tail, leave its slots stale (proves the tests can see it)
-        g = self.geometry
+        g, key = self.geometry, self.tier_key(chunk)
         first, last = g.whole_blocks(chunk.write_from, chunk.write_to)
         todo = [(chunk.write_from, chunk.write_to)]
         if read is not None and read.source in ("image", "direct"):
@@ -289,7 +300,7 @@ class ChunkLoader:
                 self.layout.write_blocks(self.caches, ids, self.device.upload_view(image))
 
             bs = g.block_size
-            if self.tier.copy_into(chunk.key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
+            if self.tier.copy_into(key, (first - chunk.start) // bs, (last - chunk.start) // bs, write_blocks):
                 todo = [r for r in ((chunk.write_from, first), (last, chunk.write_to)) if r[0] < r[1]]
         tail_start = _tail_start(chunk, g.block_size)
         if self.tier is not None and todo and todo[-1][0] >= tail_start:
@@ -298,7 +309,7 @@ class ChunkLoader:
             def write_tail(tail: torch.Tensor) -> None:
                 self._write_tokens(spec, lo, hi, list(self.device.upload_view(tail)))
 
-            if self.tier.copy_tail(chunk.key, tail_start - chunk.start, lo - chunk.start, hi - chunk.start, write_tail):
+            if self.tier.copy_tail(key, tail_start - chunk.start, lo - chunk.start, hi - chunk.start, write_tail):
                 todo = todo[:-1]
         if not todo:
             return
@@ -314,9 +325,9 @@ class ChunkLoader:
         if self.tier is None:
             return
         if todo[0][0] == chunk.start < tail_start <= todo[0][1]:  # all its whole blocks came from the object
-            self.tier.keep(chunk.key, self.device.index(g.block_ids(spec.block_ids, chunk.start, tail_start)))
+            self.tier.keep(key, self.device.index(g.block_ids(spec.block_ids, chunk.start, tail_start)))
         if tail_start < chunk.start + chunk.num_tokens:  # verified: its tail serves later hits from RAM
-            self.tier.keep_tail(chunk.key, tail_start - chunk.start,
+            self.tier.keep_tail(key, tail_start - chunk.start,
                                 [t[tail_start - chunk.start:] for t in kv.keys + kv.values])
 
     def _write_tokens(self, spec: LoadSpec, start: int, end: int, tensors: list[torch.Tensor]) -> None:

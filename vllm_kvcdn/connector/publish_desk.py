@@ -15,7 +15,9 @@ what it stored; the desk writes the manifest, last, once every rank has reported
 part stored, so a manifest never names a part that is not there (one small object per
 publish, written in the scheduler's step: publishes are rare). If any rank failed, no
 manifest is written: the document is not published, and its stored parts are garbage
-for ``kvcdn gc``.
+for ``kvcdn gc``. The manifest is signed with the server's key (``signing_key``;
+``artifact.provenance``); a server whose store needs signatures and that has no key
+refuses publishes up front, with the fix in the message.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class PublishDesk:
         self.config, self.fingerprint, self.index, self.gate = config, fingerprint.digest, index, gate
         self.profile_fields, self.store, self.stats = fingerprint.fields, store, stats
         self.parts, self.ranks = parts, ranks
+        self.signer = config.signer()  # None: manifests go out unsigned
+        self._unsigned_refused = self.signer is None and index.trust.requires_signatures
         self._reported: dict[str, list[DocumentResult]] = {}  # request id -> its ranks' results so far
         self._publishing: dict[str, Publishing] = {}
         self._waiting: dict[str, Waiting] = {}
@@ -107,6 +111,9 @@ class PublishDesk:
             return None
         if profile.unsupported:
             return f"not {'verified' if ask.verify else 'published'}: {profile.detail}"
+        if self._unsigned_refused and not ask.verify:
+            return ("not published: this store serves signed documents only and this server has no signing key; "
+                    "set kv_connector_extra_config.signing_key or $KVCDN_SIGNING_KEY to a key file (`kvcdn keygen`)")
         # A publish computes the whole document itself: blocks vLLM's prefix cache holds
         # were computed in other requests' steps and may differ in the last bits.
         request.skip_reading_prefix_cache = True
@@ -191,7 +198,7 @@ class PublishDesk:
             req_id=req_id, doc_id=pub.doc_id, token_ids=pub.prompt, block_ids=list(pub.block_ids), spans=pub.spans,
             title=pub.ask.title, metadata=dict(pub.ask.metadata), salted=bool(pub.profile.cache_salt),
             adapter=pub.profile.adapter or "", adapter_name=pub.profile.adapter_name or "", verify=pub.verify,
-            prefill=pub.prefill,
+            prefill=pub.prefill, vouched=self.index.vouched([span.key for span in pub.spans]),
         )
         self._saving[req_id] = save
         self._results.pop(pub.doc_id, None)  # a wait_for now waits for this one
@@ -208,8 +215,6 @@ class PublishDesk:
                 continue  # another rank is still writing (or comparing) its part
             del self._saving[req_id], self._reported[req_id]
             result = self._verdict(save, reported) if save.verify else self._publish(save, reported)
-            if result.ok and not result.verify:
-                self.index.add(save.doc_id, save.spans)  # hits from now on, before any refresh
             self._results[save.doc_id] = result.as_report()
             while len(self._results) > self.config.max_results:
                 self._results.popitem(last=False)
@@ -222,11 +227,14 @@ class PublishDesk:
         try:
             manifest = ranks.manifest_of(save, results, self.parts, fingerprint=self.fingerprint,
                                          profile=self.profile_fields, chunk_size=self.config.chunk_size)
+            if self.signer is not None:
+                manifest = self.signer.sign(manifest)
             put_manifest(self.store, manifest)
         except Exception as e:  # a store outage, or ranks that disagree: not published, said so
             logger.error("kvcdn: document %s not published: %r", save.doc_id[:16], e)
             self.stats.fail("publish_error")
             return DocumentResult.failed(save, f"manifest not written: {e!r}")
+        self.index.add(manifest)  # hits from now on, before any refresh
         self.stats.add("published_documents")
         logger.info("kvcdn: published document %s: %d tokens, %d chunks%s", save.doc_id[:16], manifest.num_tokens,
                     len(manifest.chunks), f" in parts {', '.join(manifest.parts)}" if manifest.parts else "")

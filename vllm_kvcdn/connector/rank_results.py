@@ -33,7 +33,7 @@ def publish_details(results: list[DocumentResult], manifest: Manifest) -> dict:
     slowest rank's time, the parts."""
     details = dict(results[0].details)
     if len(results) > 1:
-        for key in ("new_chunks", "new_bytes"):
+        for key in ("new_chunks", "new_bytes", "replaced_chunks"):
             details[key] = sum(r.details.get(key, 0) for r in results)
         details["write_seconds"] = max(r.details.get("write_seconds", 0.0) for r in results)
         details["parts"] = manifest.parts

@@ -35,6 +35,9 @@ class DocumentOutcome:
     req_id: str
     result: DocumentResult
     stats: KVCDNStats = field(default_factory=KVCDNStats)
+    # A publish: chunk key -> the checksum of what this engine computed (the store may have
+    # kept a vouched chunk with other last bits: ``documents.keep_or_put_chunk``).
+    computed: dict[str, str] = field(default_factory=dict)
 
 
 class DocumentSaver:
@@ -57,13 +60,17 @@ class DocumentSaver:
         return self._verify(spec, kv) if spec.verify else self._publish(spec, kv)
 
     def _publish(self, spec: SaveSpec, kv: DocumentKV) -> DocumentOutcome:
+        vouched = {key: [parts[self.part]] for key, parts in spec.vouched.items() if self.part in parts}
         written = write_chunks(self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv,
-                               fingerprint=self.fingerprint.digest, codec=self.codec, part=self.part)
+                               fingerprint=self.fingerprint.digest, codec=self.codec, part=self.part, vouched=vouched)
         outcome = DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, False, True, spec.prefill, {
             "num_tokens": len(spec.token_ids), "num_chunks": len(written.chunks), "new_chunks": written.new_chunks,
             "new_bytes": written.new_bytes, "write_seconds": round(written.seconds, 4),
-        }, part=self.part, stored=written.chunks))
+            **({"replaced_chunks": written.replaced_chunks} if written.replaced_chunks else {}),
+        }, part=self.part, stored=written.chunks), computed={
+            span.key: checksum for span, checksum in zip(spec.spans, written.computed)})
         outcome.stats.add("published_chunks", written.new_chunks)
+        outcome.stats.add("replaced_chunks", written.replaced_chunks)
         outcome.stats.add("published_bytes", written.new_bytes)
         outcome.stats.observe("publish_duration_seconds", written.seconds)
         logger.info(

@@ -43,7 +43,12 @@ class KVCDNScheduler:
         ``shared_block_size``: vLLM's block size when its prefix cache is on (else 0)."""
         self.config = config
         self.fingerprint = fingerprint
-        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s)
+        trust = config.trust_policy()
+        if trust.requires_signatures and not trust.publishers:
+            logger.warning("kvcdn: %s serves signed documents only and this server trusts no publisher: nothing "
+                           "will be served from it; set kv_connector_extra_config.trusted_publishers (or "
+                           "signing_key, or allow_unsigned for a store only you write)", store.url)
+        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s, trust=trust)
         self.index.start_refresher()
         self.stats = KVCDNStats()
         self.gate = PublishGate(config.publish_isolation_s)
@@ -96,6 +101,8 @@ class KVCDNScheduler:
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVCDNMetadata:
         """The end of a scheduling pass: what the worker starts in this step."""
         self.desk.release_held()
+        for reason, n in self.index.take_untrusted().items():
+            self.stats.add_labelled("untrusted_documents", reason, n)
         tokens = scheduler_output.total_num_scheduled_tokens
         return KVCDNMetadata(loads=self.planner.take_loads(), saves=self.desk.plan_saves(scheduler_output),
                              idle=not tokens, scheduled_tokens=tokens)

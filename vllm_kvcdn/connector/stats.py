@@ -35,6 +35,8 @@ COUNTERS = {
     "published_documents": "Documents published through the engine",
     "published_chunks": "Chunks written to the store (new objects only)",
     "published_bytes": "Bytes written to the store",
+    "replaced_chunks": "Stored chunks a publish replaced because they were damaged or held other bytes than it "
+    "computed (a forgery, or an older checksum): never kept silently",
     "layout_probe_failures": "Workers whose KV layout disagreed with the engine's own cache-write op at start "
     "(they neither load nor publish)",
 }
@@ -42,7 +44,8 @@ COUNTERS = {
 
 # Labelled counters: data[name] = {label value: count}.
 # Labels stay bounded (reasons); per-document and per-tenant reads are in the ledger.
-LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason"}
+LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason",
+            "untrusted_documents": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background on one rank (read, verify, copy)",
@@ -103,6 +106,8 @@ class KVCDNStats(KVConnectorStats):
             out[f"rejected_{reason}"] = n
         for reason, n in self.data.get("unsupported_requests", {}).items():
             out[f"unsupported_{reason}"] = n
+        for reason, n in self.data.get("untrusted_documents", {}).items():
+            out[f"untrusted_{reason}"] = n
         loads = self.data.get("load_duration_seconds", [])
         if loads:
             out["load_seconds_total"] = round(sum(loads), 4)
@@ -154,6 +159,12 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
                 documentation="Requests served without kvcdn (no load, no publish) because their KV depends on "
                 "inputs a chunk key does not carry, by reason (multimodal, prompt_embeds, adapter_unresolved, "
                 "pooling)",
+                labelnames=[*labelnames, "reason"],
+            ),
+            "untrusted_documents": self._counter_cls(
+                name="vllm:kvcdn_untrusted_documents",
+                documentation="Manifests never matched because the trust policy refuses them, by reason (unsigned, "
+                "unknown_publisher, bad_signature, weak_checksum, misplaced, damaged): one per version read",
                 labelnames=[*labelnames, "reason"],
             ),
         }

@@ -47,6 +47,9 @@ class ChunkLoad:
     write_to: int  # end of the positions to write (<= start + num_tokens)
     is_tail: bool  # a document's partial last chunk
     tokens: list[int]  # the request's tokens for this chunk (re-checked against the file)
+    # Part name ("" for a whole chunk) -> the checksum its (signed) manifest records: every
+    # tier checks what it loads against it (``artifact.provenance``); empty: header checks only.
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SaveSpec:
     adapter_name: str = ""  # this server's name for the adapter
     verify: bool = False  # compare with the stored chunks instead of publishing
     prefill: dict = field(default_factory=dict)  # how the document was computed (publish_desk.Publishing.prefill)
+    vouched: dict = field(default_factory=dict)  # chunk key -> {part: checksum} trusted manifests record (index)
 
 
 @dataclass

@@ -23,6 +23,7 @@ Nothing here holds the engine step for store I/O (``async_io``, the default):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import torch
 
 from vllm_kvcdn.artifact.documents import DocumentKV, read_chunk
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.manifest import ArtifactError
 from vllm_kvcdn.artifact.parts import KVPart
+from vllm_kvcdn.artifact.provenance import tier_key
 from vllm_kvcdn.config import KVCDNConfig, injected_faults
 from vllm_kvcdn.connector.block_tier import BlockTier
 from vllm_kvcdn.connector.device_copies import CacheDevice
@@ -54,6 +57,16 @@ from vllm_kvcdn.store.lru import DiskLRU
 logger = get_logger(__name__)
 
 
+@dataclass
+class _Staged:
+    """A published chunk's copies, made in its step, named once its checksum is known."""
+
+    key: str  # chunk key
+    slot: int | None  # the staged RAM-tier slot of its whole blocks (None: none, or no slot free)
+    blocks: int  # whole blocks in the slot
+    tail: list[torch.Tensor] | None  # its partial last block: every layer's K, then V (None: none)
+
+
 class KVCDNWorker:
     def __init__(self, config: KVCDNConfig, fingerprint: Fingerprint, store: Store, geometry: KVGeometry,
                  io_cpus: frozenset[int] | None = None, layout_factory=layout_for, part: KVPart | None = None):
@@ -66,6 +79,8 @@ class KVCDNWorker:
         self._layout_factory = layout_factory
         self.stats = KVCDNStats()
         self.refusal: str | None = None  # why this worker neither loads nor publishes (a failed layout probe)
+        # Signatures vouch for checksums: where they are needed, a chunk's data is always hashed.
+        self._verify_data = config.verify_checksums or config.trust_policy().requires_signatures
         self.tier: BlockTier | None = None  # RAM slots and their disk images (register_kv_caches)
         self.placement = IOThreadPlacement(io_cpus)
         self._pool_threads = {
@@ -109,7 +124,7 @@ class KVCDNWorker:
         collaborators = dict(geometry=g, caches=self.caches, layout=self.layout, device=self.device)
         self.loader = ChunkLoader(**collaborators, buffers=self.buffers, read_chunk=self._read_chunk,
                                   reads=self._reads, tier=self.tier, timeout_s=config.load_timeout_s,
-                                  costs=self.costs,
+                                  costs=self.costs, part=self._part_name,
                                   skip_partial_tail="skip_partial_tail" in injected_faults())
         self.saver = DocumentSaver(**collaborators, store=self.store, fingerprint=self.fingerprint,
                                    chunk_size=config.chunk_size, codec=config.chunk_codec, part=self.part)
@@ -153,9 +168,14 @@ class KVCDNWorker:
 
     def _read_chunk(self, chunk: ChunkLoad, into: memoryview | None = None):
         g = self.geometry
+        expected = chunk.checksums.get(self._part_name)
+        if chunk.checksums and expected is None:
+            raise ArtifactError("mismatch", f"chunk {chunk.key[:16]}: its manifest names no part "
+                                            f"{self._part_name or '(whole)'}")
         return read_chunk(self.store, chunk.key, into, self._part_name, fingerprint=self.fingerprint.digest,
                           dtype=g.kv_dtype, num_layers=len(self.caches), num_kv_heads=g.num_kv_heads,
-                          head_dim=g.head_dim, tokens=chunk.tokens, verify=self.config.verify_checksums)
+                          head_dim=g.head_dim, tokens=chunk.tokens, verify=self._verify_data,
+                          expected_checksum=expected)
 
     def shutdown(self) -> None:
         for executor in (self._reads, self._loads):
@@ -235,20 +255,41 @@ class KVCDNWorker:
             job = partial(self.loader.load, spec)
         self._outbox.run(self._loads, job, on_error)
 
-    def _keep_blocks(self, spec: SaveSpec, kv: DocumentKV) -> None:
-        """Each published chunk's whole blocks into the block tier (now: the blocks may be
-        reused next step; their image is written from the RAM slot) and its partial last
-        block into the tail cache. Keyed by the chunk keys the publish stores, and this
-        engine's own bytes for those tokens; a load only asks for keys a manifest lists, so
-        a publish that fails later leaves nothing a load can reach."""
-        g = self.geometry
+    def _stage_blocks(self, spec: SaveSpec, kv: DocumentKV) -> list[_Staged]:
+        """Each published chunk's whole blocks copied into a staged RAM-tier slot now (the
+        blocks may be reused next step), and its partial last block's K/V (views of ``kv``):
+        named once the publish has stored the chunks and knows their checksums
+        (``_keep_published``). This engine's own bytes for those tokens."""
+        g, staged = self.geometry, []
         for span in spec.spans:
             tail_start = span.start + span.num_tokens // g.block_size * g.block_size
+            slot = None
             if tail_start > span.start:
-                self.tier.keep(span.key, self.device.index(g.block_ids(spec.block_ids, span.start, tail_start)))
+                slot = self.tier.stage(self.device.index(g.block_ids(spec.block_ids, span.start, tail_start)))
+            tail = None
             if tail_start < span.end:
-                self.tier.keep_tail(span.key, tail_start - span.start,
-                                    [k[tail_start:span.end] for k, _ in kv] + [v[tail_start:span.end] for _, v in kv])
+                tail = [k[tail_start:span.end] for k, _ in kv] + [v[tail_start:span.end] for _, v in kv]
+            staged.append(_Staged(span.key, slot, (tail_start - span.start) // g.block_size, tail))
+        return staged
+
+    def _keep_published(self, staged: list[_Staged], outcome: DocumentOutcome | None) -> None:
+        """Name the staged copies by the checksums the publish stored (``tier_key``), so a
+        load finds them only for a manifest that records those bytes; a failed publish's
+        copies go, and so do those of a chunk whose stored bytes are not these (a vouched
+        one kept)."""
+        stored = {c.key: c.checksum for c in outcome.result.stored} if outcome and outcome.result.ok else {}
+        for chunk in staged:
+            checksum = stored.get(chunk.key)
+            if checksum is not None and outcome.computed.get(chunk.key) != checksum:
+                checksum = None
+            if chunk.slot is not None:
+                if checksum is None:
+                    self.tier.drop(chunk.slot)
+                else:
+                    self.tier.commit(tier_key(chunk.key, checksum), chunk.slot, chunk.blocks)
+            if chunk.tail is not None and checksum is not None:
+                self.tier.keep_tail(tier_key(chunk.key, checksum), chunk.blocks * self.geometry.block_size,
+                                    chunk.tail)
 
     def _submit_save(self, spec: SaveSpec) -> None:
         if self.refusal is not None:
@@ -263,8 +304,17 @@ class KVCDNWorker:
             self.stats.fail("publish_error")
             self._report.documents.setdefault(spec.req_id, []).append(DocumentResult.failed(spec, repr(e)))
             return
+        staged = []
         if not spec.verify and self.tier is not None and self.tier.images is not None:
-            self._keep_blocks(spec, kv)
+            staged = self._stage_blocks(spec, kv)
+
+        def job() -> DocumentOutcome:
+            outcome = None
+            try:
+                outcome = self.saver.run(spec, kv)
+            finally:
+                self._keep_published(staged, outcome)
+            return outcome
 
         def on_error(e: BaseException) -> DocumentOutcome:
             logger.error("kvcdn: %s of request %s failed: %r", "verify" if spec.verify else "publish",
@@ -273,4 +323,4 @@ class KVCDNWorker:
             outcome.stats.fail("publish_error")
             return outcome
 
-        self._outbox.run(self._writes, partial(self.saver.run, spec, kv), on_error)
+        self._outbox.run(self._writes, job, on_error)
