@@ -1,9 +1,10 @@
-"""What signed provenance costs a load (issue 30): the checksum every chunk read now hashes
-(BLAKE3, cryptographic, where it was xxh3) and the signature check per manifest, beside a
-load that hashes nothing.
+"""What signed provenance and sealed private documents cost a load (issue 30): the checksum
+every chunk read now hashes (BLAKE3, cryptographic, where it was xxh3), the signature check
+per manifest and the decryption of a sealed chunk, beside a load that hashes nothing.
 
-1. Per GB on one core: xxh3-128 (the checksum before), BLAKE3 (now), decoding a chunk
-   without hashing; per manifest: Ed25519 signing and verification (``provenance``).
+1. Per GB on one core: xxh3-128 (the checksum before), BLAKE3 (now), AES-256-GCM sealing
+   and opening (``sealing``), decoding a chunk without hashing; per manifest: Ed25519 signing
+   and verification (``provenance``).
 2. The worker's load of one document (Qwen3-0.6B's KV shape, random values, vLLM's CPU
    packing op into paged caches on plain tensors, a ``file://`` store in the page cache), per
    length, modes interleaved:
@@ -13,6 +14,7 @@ load that hashes nothing.
    - ``signed``: the document signed, the manifest's signature checked at index time, every
      chunk's data hashed and its checksum compared with the signed manifest's (the default on
      ``s3://``);
+   - ``sealed``: the same document signed and private: each chunk opened (AES-256-GCM) first;
    first read (chunk files) and hot (the worker's RAM tier: nothing hashed either way).
 
     python benchmarks/provenance_cost.py [--lengths 945,3774,8192] [--reps 3] [--out benchmarks/results]
@@ -34,7 +36,8 @@ from report import write_report  # noqa: E402
 
 SHAPES = {"kv-0.6b": (28, 8, 128), "kv-tiny": (2, 2, 64)}  # layers, KV heads, head dim
 BLOCK, CHUNK = 128, 256
-MODES = ("unhashed", "signed")
+SEALED_SALT = "sealed"  # the private copies of the documents: their own chunk keys
+MODES = ("unhashed", "signed", "sealed")
 
 
 def per_gb_costs(mib: int) -> list[dict]:
@@ -62,11 +65,19 @@ def per_gb_costs(mib: int) -> list[dict]:
             runs.append(time.perf_counter() - t0)
         return nbytes / statistics.median(runs) / 1e9
 
+    from vllm_kvcdn.artifact.sealing import FileTenantKey, TenantKeys, object_context
+
+    keys, context = TenantKeys([FileTenantKey.generate()]), object_context("a" * 64)
+    sealed = keys.seal(data, context)
     rows = [
         {"step": "xxh3-128 (the checksum before)", "gbps": rate(lambda: xxhash.xxh3_128(data).digest(), len(data))},
+        {"step": "AES-256-GCM seal (a private publish)", "gbps": rate(lambda: keys.seal(data, context), len(data))},
+        {"step": "AES-256-GCM open (a private first read)", "gbps": rate(lambda: keys.open(sealed, context),
+                                                                         len(data))},
         {"step": "BLAKE3, one thread (the checksum now)",
          "gbps": rate(lambda: blake3.blake3(data, max_threads=1).digest(), len(data))},
-        {"step": "decode a chunk, no hash (zero-copy views)", "gbps": rate(lambda: decode_chunk(chunk, verify=False), len(chunk))},
+        {"step": "decode a chunk, no hash (zero-copy views)",
+         "gbps": rate(lambda: decode_chunk(chunk, verify=False), len(chunk))},
     ]
     key = PublisherKey.generate()
     chunks = [ManifestChunk(f"{i:064x}", f"{i:064x}", 256, 29_360_128, "blake3:" + "1" * 64) for i in range(32)]
@@ -86,7 +97,8 @@ def per_gb_costs(mib: int) -> list[dict]:
 class Reader:
     """A reading node: its index (trust policy) and its worker over plain paged caches."""
 
-    def __init__(self, url: str, mode: str, pub_file: Path, shape, max_tokens: int, ram_gib: float):
+    def __init__(self, url: str, mode: str, pub_file: Path, shape, max_tokens: int, ram_gib: float,
+                 tenant_key: Path):
         import torch
 
         from vllm_kvcdn.artifact.fingerprint import Fingerprint
@@ -97,11 +109,14 @@ class Reader:
         from vllm_kvcdn.connector.worker import KVCDNWorker
 
         layers, heads, dim = shape
-        signed = mode == "signed"
+        signed = mode != "unhashed"
+        self.salt = SEALED_SALT if mode == "sealed" else None
         self.config = KVCDNConfig(store_url=url, chunk_size=CHUNK, ram_tier_gib=ram_gib, load_policy="always",
                                   verify_checksums=signed, allow_unsigned=not signed,
-                                  trusted_publishers=[str(pub_file)], load_timeout_s=600)
-        self.index = ChunkIndex(self.config.open_store(), "f" * 64, CHUNK, trust=self.config.trust_policy())
+                                  trusted_publishers=[str(pub_file)], load_timeout_s=600,
+                                  tenant_keys=[str(tenant_key)] if mode == "sealed" else [])
+        self.index = ChunkIndex(self.config.open_store(), "f" * 64, CHUNK, trust=self.config.trust_policy(),
+                                keys=self.config.keyring())
         self.index.refresh(force=True)
         geometry = KVGeometry(BLOCK, heads, dim, torch.bfloat16, "auto")
         self.worker = KVCDNWorker(self.config, Fingerprint("f" * 64, {}), self.config.open_store(), geometry,
@@ -115,10 +130,11 @@ class Reader:
     def load(self, tokens: list[int]) -> float:
         from vllm_kvcdn.connector.wire import ChunkLoad, KVCDNMetadata, LoadSpec
 
-        match = self.index.match(tokens + [0], None)
+        match = self.index.match(tokens + [0], self.salt)
         assert match.num_tokens == len(tokens), "the document is not served in this mode"
         chunks = [ChunkLoad(s.key, s.start, s.num_tokens, s.start, s.end, s.num_tokens < CHUNK,
-                            tokens[s.start : s.end], dict(c.checksums)) for s, c in zip(match.spans, match.chunks)]
+                            tokens[s.start : s.end], dict(c.checksums), c.private)
+                  for s, c in zip(match.spans, match.chunks)]
         self.n += 1
         spec = LoadSpec(f"r{self.n}", list(range(-(-len(tokens) // BLOCK))), chunks)
         t0 = time.perf_counter()
@@ -145,6 +161,7 @@ def main() -> None:
     from vllm_kvcdn.artifact.chain import document_chunks
     from vllm_kvcdn.artifact.documents import write_document
     from vllm_kvcdn.artifact.provenance import PublisherKey
+    from vllm_kvcdn.artifact.sealing import FileTenantKey, TenantKeys
 
     torch.set_num_threads(1)
     costs = per_gb_costs(args.hash_mib)
@@ -155,6 +172,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvcdn-provenance-"))
     key = PublisherKey.generate()
     (work / "publisher.pub").write_text(key.public_hex)
+    tenant = FileTenantKey.generate()
+    tenant.save(work / "tenant.key")
     url = f"file://{work / 'store'}"
     from vllm_kvcdn.store import open_store
 
@@ -165,14 +184,17 @@ def main() -> None:
               for _ in range(layers)]
         for rep in range(args.reps):
             tokens = [(length * 1000 + rep * 100_000 + t) % 150_000 for t in range(length)]
-            write_document(store, spans=document_chunks(tokens, "f" * 64, None, CHUNK), tokens=tokens, kv=kv,
-                           fingerprint="f" * 64, profile={}, chunk_size=CHUNK, producer={}, signer=key)
+            for salt in (None, SEALED_SALT):
+                write_document(store, spans=document_chunks(tokens, "f" * 64, salt, CHUNK), tokens=tokens, kv=kv,
+                               fingerprint="f" * 64, profile={}, chunk_size=CHUNK, producer={}, signer=key,
+                               salted=bool(salt), keys=TenantKeys([tenant]), private=bool(salt))
             documents.append((length, tokens))
     ram_gib = 1.2 * args.reps * sum(lengths) * token_bytes / 2**30 + 0.1
-    readers = {mode: Reader(url, mode, work / "publisher.pub", shape, max(lengths), ram_gib) for mode in MODES}
+    readers = {mode: Reader(url, mode, work / "publisher.pub", shape, max(lengths), ram_gib, work / "tenant.key")
+               for mode in MODES}
     times: dict[tuple, list[float]] = {}
-    for length, tokens in tqdm(documents, desc="loading"):
-        for mode in (MODES if len(times) % 2 == 0 else MODES[::-1]):  # interleaved, the order alternating
+    for n, (length, tokens) in enumerate(tqdm(documents, desc="loading")):
+        for mode in MODES[n % len(MODES):] + MODES[: n % len(MODES)]:  # interleaved, the order rotating
             for read in ("first", "hot"):
                 times.setdefault((length, mode, read), []).append(readers[mode].load(tokens))
     rows = []
@@ -183,8 +205,8 @@ def main() -> None:
                 s = statistics.median(times[(length, mode, read)])
                 rows.append({"L": length, "read": read, "mode": mode, "seconds": s,
                              "gbps": length * token_bytes / s / 1e9, "vs_unhashed": s / base})
-    loads_md = write_report(args.out, f"provenance_loads_{args.shape}", title="A load with signed provenance vs "
-                            "one that hashes nothing", rows=rows,
+    loads_md = write_report(args.out, f"provenance_loads_{args.shape}", title="A load with signed provenance, "
+                            "and of a sealed private document, vs one that hashes nothing", rows=rows,
                             columns=[("L", "document tokens"), ("read", "read"), ("mode", "mode"),
                                      ("seconds", "load s"), ("gbps", "GB/s"), ("vs_unhashed", "x unhashed")],
                             notes=f"Medians of {args.reps} documents per length; one worker per mode, modes "

@@ -10,6 +10,7 @@ from vllm_kvcdn.defaults import (
     ENVIRONMENT,
     PUBLISHER_KEY_ENV,
     SIGNING_KEY_ENV,
+    TENANT_KEY_ENV,
     TEST_FAULTS_ENV,
     default_ledger_path,
     default_store_url,
@@ -61,6 +62,15 @@ class KVCDNConfig:
         doc="the publishers whose documents this server serves: Ed25519 public keys (64 hex digits) or files "
             "holding one (`kvcdn keygen` writes `KEY.pub`); a manifest signed by anyone else is never matched "
             "(counted: `vllm:kvcdn_untrusted_documents`)")
+    tenant_keys: list = setting(
+        factory=list, shown="`$KVCDN_TENANT_KEY`, else none",
+        doc="tenant key files (`kvcdn keygen --tenant`): private documents (`\"private\": true` at publish) are "
+            "sealed with the first (AES-256-GCM, artifact/sealing.py), and any of them opens them; a private "
+            "document whose key this server lacks is never matched (a miss, counted)")
+    require_grants: bool = setting(
+        False, doc="every document loads only under a valid read grant (`kvcdn grant`, carried in "
+                   "`kv_transfer_params`); off: only documents published with `require_grant` need one "
+                   "(market/grants.py)")
     allow_unsigned: bool | None = setting(
         None, shown="true for `file://`, false for `s3://`",
         doc="serve unsigned documents too (one party owns the store); a shared bucket needs signatures: anyone "
@@ -145,6 +155,9 @@ class KVCDNConfig:
             raise ValueError(f"kvcdn: trusted_publishers must be a list of public keys or key files, got "
                              f"{self.trusted_publishers!r}")
         self.trust_policy()  # names the unreadable key
+        if not isinstance(self.tenant_keys, list):
+            raise ValueError(f"kvcdn: tenant_keys must be a list of key files, got {self.tenant_keys!r}")
+        self.keyring()  # names the unreadable key
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"kvcdn: io_threads must be a positive integer, got {self.io_threads!r}")
         if not self.load_timeout_s > 0:
@@ -185,6 +198,12 @@ class KVCDNConfig:
         """The key this server signs its manifests with (None: it publishes unsigned)."""
         return self._provenance()[0]
 
+    def keyring(self):
+        """The tenant keys this server seals and opens private documents with (``sealing``)."""
+        from vllm_kvcdn.artifact.sealing import tenant_keys
+
+        return tenant_keys([str(p) for p in self.tenant_keys])
+
     def _provenance(self):
         from vllm_kvcdn.artifact.provenance import policy_for
 
@@ -203,9 +222,9 @@ class KVCDNConfig:
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVCDNConfig":
-        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE``, ``KVCDN_PUBLISHER_KEY`` and
-        ``KVCDN_SIGNING_KEY`` stand in for an absent store_url (see ``defaults``), publish_key
-        and signing_key."""
+        """Parse ``kv_connector_extra_config``; ``KVCDN_STORE``, ``KVCDN_PUBLISHER_KEY``,
+        ``KVCDN_SIGNING_KEY`` and ``KVCDN_TENANT_KEY`` stand in for an absent store_url (see
+        ``defaults``), publish_key, signing_key and tenant_keys."""
         extra = dict(extra or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(extra) - known)
@@ -217,6 +236,8 @@ class KVCDNConfig:
             extra["publish_key"] = os.environ[PUBLISHER_KEY_ENV]
         if "signing_key" not in extra and os.environ.get(SIGNING_KEY_ENV):
             extra["signing_key"] = os.environ[SIGNING_KEY_ENV]
+        if "tenant_keys" not in extra and os.environ.get(TENANT_KEY_ENV):
+            extra["tenant_keys"] = [os.environ[TENANT_KEY_ENV]]
         return cls(**extra)
 
     def for_worker(self, workers_per_node: int) -> "KVCDNConfig":

@@ -15,6 +15,7 @@ STORE_ENV = "KVCDN_STORE"  # the store URL when none is given
 PUBLISHER_KEY_ENV = "KVCDN_PUBLISHER_KEY"  # `kvcdn serve` sets it for the side API and the engine
 DIGEST_CACHE_ENV = "KVCDN_DIGEST_CACHE"  # where weight digests are cached (fingerprint.py)
 SIGNING_KEY_ENV = "KVCDN_SIGNING_KEY"  # the publisher's Ed25519 key file when none is configured
+TENANT_KEY_ENV = "KVCDN_TENANT_KEY"  # a tenant key file (private documents) when none is configured
 LEDGER_ENV = "KVCDN_LEDGER"  # the metering ledger's file when none is configured ("" or "off": none)
 DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: a multiple of the engine's KV block size
 TEST_FAULTS_ENV = "KVCDN_TEST_FAULTS"  # tests only: faults to inject (config.injected_faults)
@@ -23,6 +24,7 @@ ENVIRONMENT = {  # every variable kvcdn reads, for the README's table (config.se
     PUBLISHER_KEY_ENV: "the publisher key where `publish_key` is not set (`kvcdn serve` sets it for the side API "
                        "and the engine)",
     SIGNING_KEY_ENV: "the signing key file where `signing_key` is not set (`kvcdn keygen` makes one)",
+    TENANT_KEY_ENV: "a tenant key file where `tenant_keys` is not set (`kvcdn keygen --tenant` makes one)",
     LEDGER_ENV: "the ledger file where `ledger_path` is not set (`\"\"` or `off`: no ledger)",
     DIGEST_CACHE_ENV: "where weight digests are cached (default `~/.cache/kvcdn/weight-digests.json`)",
     TEST_FAULTS_ENV: "tests and benchmarks only: faults to inject (`skip_partial_tail`, `chunk_get_delay_s=S`, "

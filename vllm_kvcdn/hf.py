@@ -30,6 +30,7 @@ from vllm_kvcdn.artifact.fingerprint import (
 from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.artifact.provenance import policy_for
+from vllm_kvcdn.artifact.sealing import tenant_keys as load_tenant_keys
 from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE
 from vllm_kvcdn.store import open_store
 
@@ -81,10 +82,11 @@ class HFKVCDN:
     def __init__(self, model: str, *, store_url: str | None = None, dtype: str = "bfloat16",
                  device: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, allow_cross_profile: bool = False,
                  attn_implementation: str = "eager", codec: str = "auto", signing_key: str = "",
-                 trusted_publishers: tuple[str, ...] = (), allow_unsigned: bool | None = None):
-        """``signing_key``, ``trusted_publishers``, ``allow_unsigned``: as the connector's
-        settings of those names (``artifact.provenance``): what this party signs with, and
-        whose documents it loads."""
+                 trusted_publishers: tuple[str, ...] = (), allow_unsigned: bool | None = None,
+                 tenant_keys: tuple[str, ...] = ()):
+        """``signing_key``, ``trusted_publishers``, ``allow_unsigned``, ``tenant_keys``: as the
+        connector's settings of those names (``artifact.provenance``, ``artifact.sealing``):
+        what this party signs and seals with, and whose documents it loads."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
@@ -103,6 +105,7 @@ class HFKVCDN:
         self.allow_cross_profile = allow_cross_profile
         self.signer, self.trust = policy_for(self.store.url, signing_key=signing_key,
                                              trusted_publishers=trusted_publishers, allow_unsigned=allow_unsigned)
+        self.keys = load_tenant_keys(list(tenant_keys))
         self.fingerprint = model_fingerprint(
             hf_config=self.model.config.to_dict(),
             model=model,
@@ -122,8 +125,9 @@ class HFKVCDN:
 
     @torch.inference_mode()
     def publish(self, token_ids: list[int] | None = None, *, text: str | None = None,
-                cache_salt: str | None = None, title: str = "") -> Manifest:
-        """One forward pass over the document; its KV goes to the store as an artifact."""
+                cache_salt: str | None = None, title: str = "", private: bool = False) -> Manifest:
+        """One forward pass over the document; its KV goes to the store as an artifact
+        (``private``: sealed with the first tenant key)."""
         tokens = list(token_ids) if token_ids is not None else self.encode(text or "")
         if not tokens:
             raise ValueError("nothing to publish: the document has no tokens")
@@ -141,6 +145,7 @@ class HFKVCDN:
             self.store, spans=spans, tokens=tokens, kv=layers, fingerprint=self.fingerprint.digest,
             profile=self.fingerprint.fields, chunk_size=self.chunk_size, producer=producer,
             salted=bool(cache_salt), title=title, codec=self.codec, signer=self.signer, vouched=vouched,
+            keys=self.keys, private=private,
         ).manifest
         return manifest
 
@@ -166,7 +171,7 @@ class HFKVCDN:
 
     def _index(self) -> ChunkIndex:
         """The store's trusted documents of this fingerprint, read now."""
-        index = ChunkIndex(self.store, self.fingerprint.digest, self.chunk_size, trust=self.trust)
+        index = ChunkIndex(self.store, self.fingerprint.digest, self.chunk_size, trust=self.trust, keys=self.keys)
         index.refresh(force=True)
         return index
 
@@ -190,7 +195,8 @@ class HFKVCDN:
         tokens: list[int] = []
         per_layer: list[tuple[list, list]] = [([], []) for _ in range(cfg.num_hidden_layers)]
         for c in manifest.chunks:  # a tensor-parallel publish's parts joined (a cross-profile load)
-            kv = read_whole_chunk(self.store, c, kv_heads, fingerprint=manifest.fingerprint, dtype=self.dtype,
+            kv = read_whole_chunk(self.store, c, kv_heads, keys=self.keys, fingerprint=manifest.fingerprint,
+                                  dtype=self.dtype,
                                   num_layers=cfg.num_hidden_layers, head_dim=head_dim)
             tokens += kv.tokens.tolist()
             for (ks, vs), k, v in zip(per_layer, kv.keys, kv.values):

@@ -24,13 +24,15 @@ _ids = itertools.count()
 
 
 def publish(store, tokens: list[int], *, adapter: str | None = None, salt: str | None = None,
-            fingerprint: str = FINGERPRINT.digest) -> str:
+            fingerprint: str = FINGERPRINT.digest, signer=None, require_grant: bool = False) -> str:
     """Store a document of ``tokens`` (zero KV: the scheduler never reads it) as the
-    engine would publish it under this fingerprint, salt and adapter digest; its id."""
+    engine would publish it under this fingerprint, salt and adapter digest (signed by
+    ``signer``, its reads sold by grants if ``require_grant``); its id."""
     spans = document_chunks(tokens, fingerprint, salt, CHUNK, adapter)
     zeros = torch.zeros(len(tokens), 1, 8, dtype=torch.bfloat16)
     write_document(store, spans=spans, tokens=tokens, kv=[(zeros, zeros)], fingerprint=fingerprint,
-                   profile={}, chunk_size=CHUNK, producer={}, salted=bool(salt), adapter=adapter or "")
+                   profile={}, chunk_size=CHUNK, producer={}, salted=bool(salt), adapter=adapter or "",
+                   signer=signer, require_grant=require_grant)
     return spans[-1].key
 
 

@@ -11,7 +11,10 @@ is ``tests/engine/test_s3_faults.py`` ``forge``.
   says so), and the node loads the publisher's KV;
 - a manifest the publisher signed for another fingerprint, replayed over the document's:
   never matched; edited to claim this fingerprint: a bad signature, counted;
-- manifests unsigned or signed by a stranger: never matched, counted.
+- manifests unsigned or signed by a stranger: never matched, counted;
+- a private document (sealed with a tenant key): served only by a node holding the key, kept
+  sealed on its disk tier and never as block images; a tampered sealed chunk fails its
+  authentication (counted ``decrypt``); a node without the key misses (``no_tenant_key``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.index import ChunkIndex
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.artifact.provenance import PublisherKey
+from vllm_kvcdn.artifact.sealing import NO_KEYS, FileTenantKey, TenantKeys, is_sealed
 from vllm_kvcdn.config import KVCDNConfig
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import layout_for
@@ -61,21 +65,26 @@ def _document(seed: int):
     return tokens, kv
 
 
-def _publish(url: str, tokens, kv, key: PublisherKey | None, fingerprint: str = FINGERPRINT.digest):
+def _publish(url: str, tokens, kv, key: PublisherKey | None, fingerprint: str = FINGERPRINT.digest,
+             keys: TenantKeys = NO_KEYS):
+    """The document, signed by ``key``; sealed with ``keys`` when given (a private one)."""
     spans = document_chunks(tokens, fingerprint, None, CHUNK)
     return write_document(open_store(url), spans=spans, tokens=tokens, kv=kv, fingerprint=fingerprint, profile={},
-                          chunk_size=CHUNK, producer={}, signer=key)
+                          chunk_size=CHUNK, producer={}, signer=key, keys=keys, private=keys is not NO_KEYS)
 
 
 class Node:
     """A reading server's index and worker, trusting ``publisher``; a disk tier with images."""
 
-    def __init__(self, url: str, publisher: PublisherKey, tmp_path):
+    def __init__(self, url: str, publisher: PublisherKey, tmp_path, tenant_key: str | None = None):
+        tmp_path.mkdir(parents=True, exist_ok=True)
         pub = tmp_path / "publisher.pub"
         pub.write_text(publisher.public_hex)
         self.config = KVCDNConfig(store_url=url, chunk_size=CHUNK, trusted_publishers=[str(pub)], ram_tier_gib=0.05,
-                                  disk_cache_gib=1, disk_cache_dir=str(tmp_path / "disk"), load_policy="always")
-        self.index = ChunkIndex(open_store(url), FINGERPRINT.digest, CHUNK, trust=self.config.trust_policy())
+                                  disk_cache_gib=1, disk_cache_dir=str(tmp_path / "disk"), load_policy="always",
+                                  tenant_keys=[tenant_key] if tenant_key else [])
+        self.index = ChunkIndex(open_store(url), FINGERPRINT.digest, CHUNK, trust=self.config.trust_policy(),
+                                keys=self.config.keyring())
         geometry = KVGeometry(BLOCK, HEADS, DIM, torch.bfloat16, "auto")
         self.worker = KVCDNWorker(self.config, FINGERPRINT, self.config.open_store(), geometry,
                                   layout_factory=layout_for)
@@ -89,8 +98,9 @@ class Node:
         return self.index.match(tokens + [1], None).num_tokens
 
     def load(self, tokens) -> tuple[set[int], LoadSpec]:
-        """Plan as the scheduler does (the index's checksums travel in the plan) and load;
-        the blocks reported for recompute."""
+        """Plan as the scheduler does (the index's checksums travel in the plan; its
+        ``private`` flag is left out here: the loader must see a sealed object for itself)
+        and load; the blocks reported for recompute."""
         match = self.index.match(tokens + [1], None)
         assert match.num_tokens == len(tokens)
         chunks = [ChunkLoad(s.key, s.start, s.num_tokens, s.start, s.end, s.num_tokens < CHUNK,
@@ -182,3 +192,38 @@ def test_replayed_unsigned_and_strangers_manifests_are_never_matched(s3, bucket,
     assert Manifest.from_json(store.get(manifest_object_key(ours.doc_id))).signature  # the replay stays signed
     _publish(url, tokens, kv, publisher)  # the publisher republishes: served again
     assert node.hit_tokens(tokens) == DOC_TOKENS and node.index.num_untrusted == 2
+
+
+def test_a_private_document_is_served_only_with_its_tenant_key_and_stays_sealed_on_the_nodes_disk(
+        s3, bucket, publisher, tmp_path):
+    name, url = bucket
+    tenant = FileTenantKey.generate()
+    tenant.save(tmp_path / "tenant.key")
+    tokens, kv = _document(6)
+    manifest = _publish(url, tokens, kv, publisher, keys=TenantKeys([tenant])).manifest
+    assert manifest.tenant_key == tenant.key_id
+
+    outsider = Node(url, publisher, tmp_path / "outsider")
+    assert outsider.hit_tokens(tokens) == 0 and outsider.index.take_untrusted() == {"no_tenant_key": 1}
+
+    node = Node(url, publisher, tmp_path / "tenant", tenant_key=str(tmp_path / "tenant.key"))
+    assert node.hit_tokens(tokens) == DOC_TOKENS
+    failed, spec = node.load(tokens)
+    assert failed == set() and node.holds(spec, kv) and node.failures() == {}
+    disk = tmp_path / "tenant" / "disk"
+    chunk_files = [p for p in disk.rglob("*.safetensors")]
+    assert len(chunk_files) == 4 and all(is_sealed(p.read_bytes()) for p in chunk_files)
+    assert not list(disk.rglob("*.img")) and not list(disk.rglob("*.tail"))  # engine copies: RAM only
+    hot_failed, hot = node.load(tokens)
+    assert hot_failed == set() and node.holds(hot, kv)
+
+    # A byte of one sealed chunk flipped in the bucket: a node reading it fresh refuses it.
+    client = s3.client()
+    key = f"docs/{chunk_object_key(manifest.chunks[2].key)}"
+    data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    data[-100] ^= 1
+    client.put_object(Bucket=name, Key=key, Body=bytes(data))
+    fresh = Node(url, publisher, tmp_path / "fresh", tenant_key=str(tmp_path / "tenant.key"))
+    assert fresh.hit_tokens(tokens) == DOC_TOKENS
+    failed, _ = fresh.load(tokens)
+    assert failed == {2, 3} and fresh.failures() == {"decrypt": 1}

@@ -95,6 +95,9 @@ def test_a_hit_is_planned_loaded_and_metered_once(half):
     assert meta.idle and load.req_id == request.request_id
     assert [(c.start, c.write_from, c.write_to, c.is_tail) for c in load.chunks] == \
         [(0, 0, CHUNK, False), (CHUNK, CHUNK, 2 * CHUNK, False), (2 * CHUNK, 2 * CHUNK, len(DOC), True)]
+    manifest = catalog.get_manifest(half.index.store, doc_id)  # every tier checks what it loads against it
+    assert [c.checksums for c in load.chunks] == [{"": c.checksum} for c in manifest.chunks]
+    assert not any(c.private for c in load.chunks)
     assert half.build_connector_meta(step_output(total=0)).loads == []  # sent once
     receipt = LoadReceipt(len(DOC), 1000, 900, 0.05)
     half.update_connector_output(WorkerReport(loads={request.request_id: [receipt]}))

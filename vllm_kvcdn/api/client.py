@@ -40,9 +40,10 @@ class SideAPIClient:
 
     def publish(self, *, text: str | None = None, messages: list | None = None, tokens: list | None = None,
                 title: str = "", cache_salt: str | None = None, metadata: dict | None = None,
-                adapter: str | None = None) -> dict:
+                adapter: str | None = None, private: bool = False, require_grant: bool = False) -> dict:
         body = {"text": text, "messages": messages, "tokens": tokens, "title": title, "cache_salt": cache_salt,
-                "metadata": metadata or {}, "adapter": adapter}
+                "metadata": metadata or {}, "adapter": adapter, "private": private or None,
+                "require_grant": require_grant or None}
         return self._call("POST", "/documents", {k: v for k, v in body.items() if v is not None})
 
     def list(self) -> dict:

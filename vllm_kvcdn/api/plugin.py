@@ -49,6 +49,8 @@ class KVCDNEndpointPlugin:
             ledger_path=config.ledger_path,
             tariff=config.prices,
             ratios=config.compute_ratios(),
+            trust=config.trust_policy(),
+            keys=config.keyring(),
         )
         logger.info(
             "kvcdn side API on /kvcdn/v1 (store %s, publishing %s, ledger %s)",

@@ -66,6 +66,7 @@ class Published:
     published: bool
     seconds: float
     fingerprint: str
+    error: str = ""  # why not published (the connector's report)
 
 
 async def _run(engine_client, tokens: list[int], kvcdn_params: dict, cache_salt: str | None,
@@ -119,13 +120,14 @@ async def verify_tokens(engine_client, tokens: list[int], doc_id: str, *, key: s
 
 
 async def publish_tokens(engine_client, tokens: list[int], *, key: str, cache_salt: str | None, title: str,
-                         metadata: dict, lora_request=None) -> Published:
+                         metadata: dict, lora_request=None, private: bool = False,
+                         require_grant: bool = False) -> Published:
     """Prefill ``tokens`` once through the serving engine (with a LoRA adapter:
     ``lora_request``), flagged (with the publisher key, which never leaves this process)
     so the connector saves it."""
     started = time.perf_counter()
-    report = await _prefill(engine_client, tokens, publish_params(key, title, metadata), cache_salt,
-                            lora_request=lora_request)
+    params = publish_params(key, title, metadata, private, require_grant)
+    report = await _prefill(engine_client, tokens, params, cache_salt, lora_request=lora_request)
     return Published(
         doc_id=report.get("document"),
         num_tokens=report.get("num_tokens", len(tokens)),
@@ -133,4 +135,5 @@ async def publish_tokens(engine_client, tokens: list[int], *, key: str, cache_sa
         published=bool(report.get("published")),
         seconds=time.perf_counter() - started,
         fingerprint=report.get("fingerprint", ""),
+        error=str(report.get("rejected") or report.get("error") or ""),
     )

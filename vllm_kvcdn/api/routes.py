@@ -30,6 +30,8 @@ from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.chain import document_chunks
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.manifest import ArtifactError, Manifest
+from vllm_kvcdn.artifact.provenance import TrustPolicy
+from vllm_kvcdn.artifact.sealing import NO_KEYS, TenantKeys
 from vllm_kvcdn.config import PUBLISHER_KEY_ENV
 from vllm_kvcdn.connector.request_profile import AdapterDigests
 from vllm_kvcdn.connector.wire import metadata_problem
@@ -60,6 +62,8 @@ class KVCDNService:
     tariff: Tariff
     ratios: ComputeRatios
     adapters: AdapterDigests = field(default_factory=AdapterDigests)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # the manifests this server serves
+    keys: TenantKeys = NO_KEYS  # open private documents
 
     @property
     def tokenizer(self):
@@ -89,6 +93,10 @@ class PublishRequest(BaseModel):
                                                   "the document is computed with it; only its requests hit")
     title: str = Field("", max_length=512)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    private: bool = Field(False, description="seal the chunks with the server's tenant key (AES-256-GCM): only "
+                                             "servers holding it read or serve the document")
+    require_grant: bool = Field(False, description="reads load only under a read grant signed by this server's "
+                                                   "key (`kvcdn grant`)")
 
 
 def service(request: Request) -> KVCDNService:
@@ -127,6 +135,10 @@ def _document_view(svc: KVCDNService, m, reads: dict[str, int] | None) -> dict:
         "salted": m.salted,
         "adapter": m.adapter or None,
         "parts": m.parts,  # each chunk's tensor-parallel parts ([]: whole chunks)
+        "private": m.tenant_key is not None,
+        "require_grant": m.require_grant,
+        "publisher": m.publisher or None,
+        "trusted": svc.trust.verdict(m) is None,  # signed by a key this server trusts (or unsigned, allowed)
         "reads": None if reads is None else reads.get(m.doc_id, 0),  # from the ledger, all tenants
         "metadata": m.metadata,
     }
@@ -161,22 +173,29 @@ async def publish_document(body: PublishRequest, request: Request, response: Res
         lora, adapter = await _adapter(svc, request, body.adapter) if body.adapter else (None, None)
         doc_id = document_chunks(tokens, svc.fingerprint.digest, body.cache_salt, svc.chunk_size, adapter)[-1].key
         existing = catalog.get_manifest(svc.store, doc_id)  # None too when damaged: replaced below
-        if existing is not None and await asyncio.to_thread(catalog.intact, svc.store, existing):
-            # Content-addressed: the same document is already there, every chunk checked.
+        if (existing is not None and svc.trust.verdict(existing) is None
+                and (existing.tenant_key is not None) == body.private and existing.require_grant == body.require_grant
+                and await asyncio.to_thread(catalog.intact, svc.store, existing, svc.keys)):
+            # Content-addressed: the same document is already there, from a publisher this
+            # server trusts (anyone may write a manifest), every chunk checked.
             response.status_code = 200
             return _publish_view(existing, seconds=0.0, created=False)
         result = await publish_tokens(svc.engine_client, tokens, key=svc.publisher_key, cache_salt=body.cache_salt,
-                                      title=body.title, metadata=body.metadata, lora_request=lora)
+                                      title=body.title, metadata=body.metadata, lora_request=lora,
+                                      private=body.private, require_grant=body.require_grant)
     except PublishError as e:
         raise HTTPException(e.status, str(e)) from e
     except ValueError as e:  # the engine refused the prompt (e.g. a token id out of vocabulary)
         raise HTTPException(400, f"the engine refused the document: {e}") from e
     if not result.published:
-        raise HTTPException(503, "the engine computed the document but the store did not take it; see the server log")
+        raise HTTPException(503, f"the document was not published: {result.error or 'see the server log'}")
     logger.info("kvcdn: published %s (%d tokens) in %.2fs", result.doc_id[:16], result.num_tokens, result.seconds)
     manifest = catalog.get_manifest(svc.store, result.doc_id)
     if manifest is None:
         raise HTTPException(503, "the document's manifest is not in the store after publishing; see the server log")
+    if (manifest.tenant_key is not None) != body.private:
+        raise HTTPException(503, f"the document was published {'in the clear' if body.private else 'sealed'}, not as "
+                                 "asked; see the server log")
     return _publish_view(manifest, seconds=result.seconds, created=True)
 
 
@@ -252,7 +271,7 @@ async def get_document(doc_id: str, request: Request, verify: bool = False) -> d
     view = _document_view(svc, m, svc.reads())
     view["manifest"] = asdict(m)
     if verify:
-        checked = await asyncio.to_thread(catalog.verify_chunks, svc.store, m)
+        checked = await asyncio.to_thread(catalog.verify_chunks, svc.store, m, svc.keys)
         view["chunks"] = [{"key": key, "status": status} for key, status in checked]
         view["intact"] = all(status == "ok" for _, status in checked)
     return view
@@ -284,7 +303,7 @@ async def verify_document(doc_id: str, request: Request) -> dict:
             raise HTTPException(409, f"this document was computed with LoRA adapter {m.adapter}, which this server "
                                      "does not serve; serve it (--lora-modules NAME=PATH) to verify the document")
     try:
-        tokens = catalog.document_tokens(svc.store, m)
+        tokens = catalog.document_tokens(svc.store, m, svc.keys)
     except ArtifactError as e:
         return {"document": m.doc_id, "identical": False, "error": str(e)}
     report = await verify_tokens(svc.engine_client, tokens, m.doc_id, key=svc.publisher_key, lora_request=lora)

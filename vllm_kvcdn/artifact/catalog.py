@@ -81,9 +81,10 @@ def find_manifests(store: Store, id_prefix: str) -> list[Manifest]:
     return [e for e in find(store, id_prefix) if isinstance(e, Manifest)]
 
 
-def intact(store: Store, manifest: Manifest) -> bool:
-    """Every chunk is there, passes its checksum and is the one the manifest records."""
-    return all(status == "ok" for _, status in verify_chunks(store, manifest))
+def intact(store: Store, manifest: Manifest, keys=None) -> bool:
+    """Every chunk is there, passes its checksum and is the one the manifest records
+    (``keys``: the tenant keys that open a private document's chunks, ``sealing``)."""
+    return all(status == "ok" for _, status in verify_chunks(store, manifest, keys))
 
 
 @dataclass
@@ -129,16 +130,19 @@ def _chain_back(store: Store, last_key: str) -> list[str]:
     return keys
 
 
-def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
-    """(chunk key, "ok" or what is wrong) for every chunk: reads and checks each one."""
+def verify_chunks(store: Store, manifest: Manifest, keys=None) -> list[tuple[str, str]]:
+    """(chunk key, "ok" or what is wrong) for every chunk: reads and checks each one
+    (a private document's with ``keys``)."""
     from vllm_kvcdn.artifact.documents import read_chunk
+    from vllm_kvcdn.artifact.sealing import NO_KEYS
 
+    keys = keys or NO_KEYS
     out = []
     for c in manifest.chunks:
         statuses = []
         for part in c.stored():
             try:
-                kv, _ = read_chunk(store, c.key, part=part.name, fingerprint=manifest.fingerprint)
+                kv, _ = read_chunk(store, c.key, part=part.name, keys=keys, fingerprint=manifest.fingerprint)
                 statuses.append("ok" if kv.header.checksum == part.checksum else
                                 f"{'part ' + part.name + ': ' if part.name else ''}checksum differs from the manifest")
             except ArtifactError as e:
@@ -147,13 +151,14 @@ def verify_chunks(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     return out
 
 
-def document_tokens(store: Store, manifest: Manifest) -> list[int]:
-    """The document's token ids, read back from its chunks."""
+def document_tokens(store: Store, manifest: Manifest, keys=None) -> list[int]:
+    """The document's token ids, read back from its chunks (a private document's with ``keys``)."""
     from vllm_kvcdn.artifact.documents import read_chunk
+    from vllm_kvcdn.artifact.sealing import NO_KEYS
 
     tokens: list[int] = []
     for c in manifest.chunks:
-        tokens += read_chunk(store, c.key, part=c.stored()[0].name)[0].tokens.tolist()
+        tokens += read_chunk(store, c.key, part=c.stored()[0].name, keys=keys or NO_KEYS)[0].tokens.tolist()
     return tokens
 
 

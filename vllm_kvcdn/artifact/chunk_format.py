@@ -83,6 +83,7 @@ class ChunkKV:
     tokens: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    sealed: bool = False  # read from a sealed (private) object: no plaintext copy of it goes to disk
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -25,6 +25,7 @@ from vllm_kvcdn.artifact.chain import ChunkSpan
 from vllm_kvcdn.artifact.chunk_format import ChunkKV, as_v1, decode_chunk, encode_chunk
 from vllm_kvcdn.artifact.manifest import ArtifactError, ChunkPart, Manifest, ManifestChunk
 from vllm_kvcdn.artifact.parts import KVPart
+from vllm_kvcdn.artifact.sealing import ALGORITHM, NO_KEYS, TenantKeys, is_sealed, object_context
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store
 from vllm_kvcdn.store.keys import chunk_object_key, manifest_object_key
@@ -36,22 +37,27 @@ DocumentKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def read_chunk(store: Store, key: str, into: memoryview | None = None, part: str = "",
-               **expect) -> tuple[ChunkKV, int]:
+               keys: TenantKeys = NO_KEYS, **expect) -> tuple[ChunkKV, int]:
     """(the decoded chunk, or its ``part``; its stored size); ``expect`` as ``decode_chunk``'s
     checks (the part is one); read into ``into`` when it fits (the chunk's tensors then view
-    it; ``Store.get``). A missing chunk is an ``ArtifactError("missing")`` like any other
-    unusable one. A local copy (disk tier) that fails its checks is dropped and the origin
-    read once."""
+    it; ``Store.get``). A sealed (private) chunk is opened with ``keys`` first. A missing
+    chunk is an ``ArtifactError("missing")`` like any other unusable one. A local copy (disk
+    tier) that fails its checks is dropped and the origin read once."""
     object_key = chunk_object_key(key, part)
     for attempt in range(2):
         data = store.get(object_key, into)
         if data is None:
             raise ArtifactError("missing", f"chunk {key[:16]}{' part ' + part if part else ''} is missing "
                                            f"from {store.url}")
+        size, sealed = len(data), is_sealed(data)
         try:
-            return decode_chunk(data, key=key, out=into, part=part, **expect), len(data)
+            if sealed:
+                data = keys.open(data, object_context(key, part))
+            chunk = decode_chunk(data, key=key, out=into, part=part, **expect)
+            chunk.sealed = sealed
+            return chunk, size
         except ArtifactError as e:
-            if attempt or e.reason not in ("checksum", "truncated", "format", "provenance") \
+            if attempt or e.reason not in ("checksum", "truncated", "format", "provenance", "decrypt") \
                     or not store.drop_cached(object_key):
                 raise
             logger.warning("kvcdn: the local copy of chunk %s is damaged (%s); reading it from %s again",
@@ -88,18 +94,20 @@ def encode_span(span: ChunkSpan, fingerprint: str, tokens: Sequence[int], kv: Do
 
 
 def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerprint: str,
-                      tokens: Sequence[int], part: str = "",
-                      vouched: Collection[str] = ()) -> tuple[ManifestChunk, str]:
+                      tokens: Sequence[int], part: str = "", vouched: Collection[str] = (),
+                      keys: TenantKeys = NO_KEYS) -> tuple[ManifestChunk, str]:
     """Content-addressed write of one chunk (or part) whose computed bytes are ``data``
     (checksum ``entry.checksum``); ``vouched``: the checksums trusted manifests record for
     it. Returns the manifest entry of what is stored and what happened: "kept" (the stored
     chunk holds these bytes or vouched ones), "written" (it was missing; when another
     server stores it meanwhile, its copy is kept on the same terms) or "replaced" (the
-    stored one was damaged, or held other, unvouched bytes: logged)."""
+    stored one was damaged, or held other, unvouched bytes: logged). ``data`` is the object
+    as stored (sealed, for a private document); ``keys`` open a stored sealed one."""
     object_key = chunk_object_key(entry.key, part)
 
     def stored() -> ManifestChunk:
-        kept, nbytes = read_chunk(store, entry.key, part=part, fingerprint=fingerprint, tokens=tokens)  # checksum too
+        kept, nbytes = read_chunk(store, entry.key, part=part, keys=keys, fingerprint=fingerprint,
+                                  tokens=tokens)  # checksum too
         return replace(entry, nbytes=nbytes, checksum=kept.header.checksum)  # its size: maybe another codec
 
     def replace_with_ours(why: str) -> tuple[ManifestChunk, str]:
@@ -138,17 +146,22 @@ class Written:
 
 
 def write_chunks(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int], kv: DocumentKV, fingerprint: str,
-                 codec: str | None = None, part: str = "", vouched: Mapping[str, Collection[str]] | None = None
-                 ) -> Written:
+                 codec: str | None = None, part: str = "", vouched: Mapping[str, Collection[str]] | None = None,
+                 keys: TenantKeys = NO_KEYS, private: bool = False) -> Written:
     """Store a document's chunks, or one rank's ``part`` of each, and no manifest;
-    ``vouched``: chunk key -> the checksums (of this part) trusted manifests record."""
+    ``vouched``: chunk key -> the checksums (of this part) trusted manifests record;
+    ``private``: sealed with ``keys``' sealing tenant key (``sealing``)."""
+    if private and keys.sealer is None:
+        raise ValueError("kvcdn: a private document needs a tenant key to seal it with (tenant_keys)")
     started = time.perf_counter()
     entries, outcomes, computed = [], [], []
     for span in spans:
         data, header = encode_span(span, fingerprint, tokens, kv, codec, part)
+        if private:
+            data = keys.seal(data, object_context(span.key, part))
         entry = ManifestChunk(span.key, span.parent, span.num_tokens, len(data), header.checksum)
         entry, outcome = keep_or_put_chunk(store, entry, data, fingerprint, tokens[span.start : span.end], part,
-                                           (vouched or {}).get(span.key, ()))
+                                           (vouched or {}).get(span.key, ()), keys)
         entries.append(entry)
         outcomes.append(outcome)
         computed.append(header.checksum)
@@ -176,11 +189,15 @@ def join_parts(by_part: dict[str, list[ManifestChunk]]) -> list[ManifestChunk]:
 
 def new_manifest(*, doc_id: str, chunks: list[ManifestChunk], num_tokens: int, fingerprint: str, profile: dict,
                  chunk_size: int, producer: dict, salted: bool = False, adapter: str = "", title: str = "",
-                 metadata: dict | None = None) -> Manifest:
+                 metadata: dict | None = None, tenant_key: str | None = None,
+                 require_grant: bool = False) -> Manifest:
+    """``tenant_key``: the key id a private document's chunks are sealed for (``sealing``);
+    ``require_grant``: its reads need a read grant (``market.grants``)."""
     return Manifest(
         doc_id=doc_id, fingerprint=fingerprint, num_tokens=num_tokens, chunk_size=chunk_size, chunks=chunks,
         profile=profile, salted=salted, adapter=adapter, created=time.time(), producer=producer, title=title,
         metadata=dict(metadata or {}), parts=[p.name for p in chunks[0].parts] if chunks else [],
+        encryption={"alg": ALGORITHM, "tenant": tenant_key} if tenant_key else {}, require_grant=require_grant,
     )
 
 
@@ -197,14 +214,16 @@ def write_document(store: Store, *, spans: list[ChunkSpan], tokens: Sequence[int
                    fingerprint: str, profile: dict, chunk_size: int, producer: dict, salted: bool = False,
                    adapter: str = "", title: str = "", metadata: dict | None = None,
                    codec: str | None = None, signer: Signer | None = None,
-                   vouched: Mapping[str, Collection[str]] | None = None) -> Written:
-    """Store a whole document: its chunks (compressed with ``codec``, if given), then its
-    manifest (its id is the last chunk's key), signed by ``signer`` if given
-    (``provenance.PublisherKey``)."""
+                   vouched: Mapping[str, Collection[str]] | None = None, keys: TenantKeys = NO_KEYS,
+                   private: bool = False, require_grant: bool = False) -> Written:
+    """Store a whole document: its chunks (compressed with ``codec``, if given; sealed with
+    ``keys``' tenant key if ``private``), then its manifest (its id is the last chunk's key),
+    signed by ``signer`` if given (``provenance.PublisherKey``)."""
     written = write_chunks(store, spans=spans, tokens=tokens, kv=kv, fingerprint=fingerprint, codec=codec,
-                           vouched=vouched)
+                           vouched=vouched, keys=keys, private=private)
     written.manifest = new_manifest(
         doc_id=spans[-1].key, chunks=written.chunks, num_tokens=len(tokens), fingerprint=fingerprint,
+        tenant_key=keys.sealer.key_id if private else None, require_grant=require_grant,
         profile=profile, chunk_size=chunk_size, producer=producer, salted=salted, adapter=adapter, title=title,
         metadata=metadata,
     )
@@ -223,14 +242,17 @@ def manifest_spans(manifest: Manifest) -> list[ChunkSpan]:
 
 
 def compare_document(store: Store, manifest: Manifest, tokens: Sequence[int], kv: DocumentKV,
-                     part: str = "") -> dict:
+                     part: str = "", keys: TenantKeys = NO_KEYS) -> dict:
     """A recomputed document (or one rank's ``part`` of it) against its stored chunks, byte
-    for byte (a compressed chunk as the uncompressed chunk it decodes to): the verify verdict."""
+    for byte (a compressed chunk as the uncompressed chunk it decodes to, a sealed one as
+    the chunk inside): the verify verdict."""
     results = []
     for span in manifest_spans(manifest):
         data, _ = encode_span(span, manifest.fingerprint, tokens, kv, part=part)
         stored = store.get(chunk_object_key(span.key, part))
         try:
+            if stored is not None and is_sealed(stored):
+                stored = keys.open(stored, object_context(span.key, part))
             same = stored is not None and as_v1(stored) == data
         except ArtifactError:
             same = False

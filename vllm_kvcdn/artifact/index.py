@@ -11,8 +11,9 @@ engine finished is added at once (``add``), so its readers need not wait for a r
 A refresh lists the manifests (one LIST on S3) and reads only those that are new or
 replaced since the last one: documents other servers publish or delete show up within
 ``refresh_interval_s``. A manifest the trust policy refuses (unsigned on a shared bucket,
-signed by a key this server does not trust, a bad signature: ``provenance``) is never
-matched, and counted once per version read (``take_untrusted``). Each chunk carries the
+signed by a key this server does not trust, a bad signature: ``provenance``) or that is
+private to a tenant key this server lacks (``sealing``) is never matched, and counted
+once per version read (``take_untrusted``). Each chunk carries the
 checksums its signed manifest records into the load plan: every tier checks them.
 """
 
@@ -27,6 +28,7 @@ from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.chain import ChunkSpan, chain_seed, chunk_key
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.artifact.provenance import TrustPolicy
+from vllm_kvcdn.artifact.sealing import NO_KEYS, TenantKeys
 from vllm_kvcdn.log import get_logger
 from vllm_kvcdn.store import Store, StoreError
 from vllm_kvcdn.store.keys import MANIFEST_PREFIX, manifest_object_key
@@ -39,6 +41,9 @@ class IndexedChunk:
     num_tokens: int
     doc_id: str
     checksums: tuple[tuple[str, str], ...]  # (part name, checksum) of what is stored, as its manifest records
+    private: bool = False  # its document is sealed for a tenant key (``sealing``)
+    publisher: str = ""  # its manifest's signer (hex; "": unsigned)
+    require_grant: bool = False  # its document's reads need a read grant (``market.grants``)
 
 
 @dataclass
@@ -60,9 +65,12 @@ class _View:
 
 class ChunkIndex:
     def __init__(self, store: Store, fingerprint: str, chunk_size: int, refresh_interval_s: float = 2.0,
-                 trust: TrustPolicy | None = None):
+                 trust: TrustPolicy | None = None, keys: TenantKeys = NO_KEYS):
+        """``trust``: the manifests it may match; ``keys``: the tenant keys this server holds
+        (a private document sealed for another is never matched)."""
         self.store = store
         self.trust = trust or TrustPolicy()
+        self.keys = keys
         self.fingerprint = fingerprint
         self.chunk_size = chunk_size
         self.refresh_interval_s = refresh_interval_s
@@ -176,6 +184,8 @@ class ChunkIndex:
         why = self.trust.verdict(entry)
         if why is None and manifest_object_key(entry.doc_id) != object_key:
             why = "misplaced"  # a signed manifest copied under another document's name
+        if why is None and entry.tenant_key is not None and not self.keys.holds(entry.tenant_key):
+            why = "no_tenant_key"  # another tenant's private document: a miss, never an error
         if why is not None:
             logger.warning("kvcdn: not serving document %s: its manifest is %s (publisher %s)", entry.doc_id[:16],
                            why.replace("_", " "), entry.publisher[:16] or "none")
@@ -199,7 +209,9 @@ class ChunkIndex:
     def _add(self, view: _View, manifest: Manifest) -> None:
         for c in manifest.chunks:
             checksums = tuple((p.name, p.checksum) for p in c.stored())
-            view.chunks.setdefault(c.key, IndexedChunk(c.num_tokens, manifest.doc_id, checksums))
+            view.chunks.setdefault(c.key, IndexedChunk(c.num_tokens, manifest.doc_id, checksums,
+                                                       manifest.tenant_key is not None, manifest.publisher,
+                                                       manifest.require_grant))
             if c.num_tokens < self.chunk_size:
                 view.tails.setdefault(c.parent, set()).add(c.num_tokens)
 

@@ -61,8 +61,15 @@ class Manifest:
     metadata: dict = field(default_factory=dict)
     parts: list[str] = field(default_factory=list)  # every chunk's part names, when stored in parts (TP)
     format: str = MANIFEST_FORMAT
+    encryption: dict = field(default_factory=dict)  # a private document: {"alg", "tenant": key id} (``sealing``)
+    require_grant: bool = False  # reads need a read grant from its publisher (``market.grants``)
     publisher: str = ""  # the signer's Ed25519 public key, hex ("": unsigned; ``provenance``)
     signature: str = ""  # Ed25519 over ``signed_bytes()``, hex
+
+    @property
+    def tenant_key(self) -> str | None:
+        """The tenant key id a private document's chunks are sealed for (None: public)."""
+        return self.encryption.get("tenant") if self.encryption else None
 
     @property
     def total_bytes(self) -> int:
@@ -76,7 +83,7 @@ class Manifest:
         for c in [d, *d["chunks"]]:
             if not c["parts"]:
                 del c["parts"]
-        for name in ("publisher", "signature"):
+        for name in ("encryption", "require_grant", "publisher", "signature"):
             if not d[name]:
                 del d[name]
         return json.dumps(d, indent=1, sort_keys=True).encode()

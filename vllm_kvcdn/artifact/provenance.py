@@ -70,7 +70,20 @@ class PublisherKey:
     def sign(self, manifest: Manifest) -> Manifest:
         """The manifest, signed by this key (a copy; the publisher field set to this key)."""
         unsigned = replace(manifest, publisher=self.public_hex, signature="")
-        return replace(unsigned, signature=self._key.sign(unsigned.signed_bytes()).hex())
+        return replace(unsigned, signature=self.sign_bytes(unsigned.signed_bytes()).hex())
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+def verify_signature(public_hex: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the Ed25519 signature of ``data`` by the key ``public_hex``."""
+    _, ed25519 = _crypto()
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(signature, data)
+    except Exception:  # InvalidSignature, a malformed key or hex: the same answer
+        return False
+    return True
 
 
 def parse_public_key(value: str) -> str:
@@ -107,11 +120,11 @@ class TrustPolicy:
             return None if self.allow_unsigned and not manifest.publisher else "unsigned"
         if manifest.publisher not in self.publishers:
             return "unknown_publisher"
-        serialization, ed25519 = _crypto()
         try:
-            key = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(manifest.publisher))
-            key.verify(bytes.fromhex(manifest.signature), manifest.signed_bytes())
-        except Exception:  # InvalidSignature, a malformed key or hex: the same verdict
+            signature = bytes.fromhex(manifest.signature)
+        except ValueError:
+            return "bad_signature"
+        if not verify_signature(manifest.publisher, manifest.signed_bytes(), signature):
             return "bad_signature"
         if not all(_cryptographic(part.checksum) for c in manifest.chunks for part in c.stored()):
             return "weak_checksum"  # a signature over xxh3 digests would not bind the chunks' bytes

@@ -12,7 +12,7 @@ from pathlib import Path
 from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.manifest import Manifest
 from vllm_kvcdn.cli import side_api
-from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, SIGNING_KEY_ENV, default_store_url
+from vllm_kvcdn.defaults import DEFAULT_CHUNK_SIZE, SIGNING_KEY_ENV, TENANT_KEY_ENV, default_store_url
 from vllm_kvcdn.store import open_store
 
 
@@ -75,10 +75,12 @@ def cmd_publish(args) -> None:
             if not isinstance(messages, list):  # plain text: one message
                 messages = [{"role": args.role, "content": text}]
             result = side_api.call(lambda: client.publish(messages=messages, title=title, cache_salt=args.salt,
-                                                 adapter=args.adapter))
+                                                          adapter=args.adapter, private=args.private,
+                                                          require_grant=args.require_grant))
         else:
             result = side_api.call(lambda: client.publish(text=text, title=title, cache_salt=args.salt,
-                                                          adapter=args.adapter))
+                                                          adapter=args.adapter, private=args.private,
+                                                          require_grant=args.require_grant))
         print(f"{result['id']}  {result['num_tokens']} tokens  {result['num_chunks']} chunks  "
               f"{(result.get('bytes') or 0) / 1e6:.2f} MB  {result['seconds']:.2f}s  {title}")
 
@@ -186,16 +188,45 @@ def _hf(args):
     return HFKVCDN(args.model, store_url=args.store, dtype=args.dtype, device=args.device,
                    allow_cross_profile=getattr(args, "allow_cross_profile", False),
                    signing_key=args.signing_key or os.environ.get(SIGNING_KEY_ENV, ""), trusted_publishers=args.trust,
-                   allow_unsigned=args.allow_unsigned)
+                   allow_unsigned=args.allow_unsigned, tenant_keys=args.tenant_key or _env_tenant_keys())
+
+
+def _env_tenant_keys() -> list[str]:
+    return [os.environ[TENANT_KEY_ENV]] if os.environ.get(TENANT_KEY_ENV) else []
+
+
+def cmd_grant(args) -> None:
+    from vllm_kvcdn.artifact.provenance import PublisherKey
+    from vllm_kvcdn.market.grants import issue
+    from vllm_kvcdn.market.ledger import PUBLIC_TENANT, tenant_of
+
+    if args.salt is not None and args.tenant is not None:
+        raise SystemExit("kvcdn: give --salt or --tenant, not both")
+    key_path = args.key or os.environ.get(SIGNING_KEY_ENV)
+    if not key_path:
+        raise SystemExit(f"kvcdn: give --key (the publisher's signing key) or set {SIGNING_KEY_ENV}")
+    tenant = args.tenant or (tenant_of(args.salt) if args.salt is not None else PUBLIC_TENANT)
+    try:
+        token = issue(PublisherKey.load(key_path), args.doc, tenant, args.ttl, args.reads)
+    except ValueError as e:
+        raise SystemExit(f"kvcdn: {e}") from None
+    print(token)
 
 
 def cmd_keygen(args) -> None:
     from vllm_kvcdn.artifact.provenance import PublisherKey
+    from vllm_kvcdn.artifact.sealing import FileTenantKey
 
     path = Path(args.path).expanduser()
     public = Path(f"{path}.pub")
     if path.exists() or public.exists():
         raise SystemExit(f"kvcdn: {path} or {public} exists; keygen never overwrites a key")
+    if args.tenant:
+        key = FileTenantKey.generate()
+        key.save(path)
+        print(f"tenant key: {path} (id {key.key_id}; keep it secret: only the tenant's servers hold it, in "
+              f"kv_connector_extra_config.tenant_keys or $KVCDN_TENANT_KEY)")
+        return
     key = PublisherKey.generate()
     key.save(path)
     public.write_text(key.public_hex + "\n")
@@ -209,7 +240,7 @@ def cmd_hf_publish(args) -> None:
     for path in args.files:
         text = _read_document(path)
         started = time.perf_counter()
-        m = kv.publish(text=text, cache_salt=args.salt, title=args.title or Path(path).name)
+        m = kv.publish(text=text, cache_salt=args.salt, title=args.title or Path(path).name, private=args.private)
         print(f"{m.doc_id}  {m.num_tokens} tokens  {len(m.chunks)} chunks  {m.total_bytes / 1e6:.2f} MB  "
               f"{time.perf_counter() - started:.2f}s on {kv.device.type}")
 
@@ -259,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ed25519 key file to sign published manifests with (default: $KVCDN_SIGNING_KEY)")
         p.add_argument("--trust", action="append", default=[], metavar="PUBLIC_KEY",
                        help="a publisher whose documents may be loaded (64 hex digits or a .pub file; repeatable)")
+        p.add_argument("--tenant-key", action="append", default=[], metavar="FILE",
+                       help="a tenant key file that opens (the first: seals) private documents (default: "
+                            "$KVCDN_TENANT_KEY; repeatable)")
         p.add_argument("--allow-unsigned", action="store_true", default=None,
                        help="load unsigned documents (default: yes for a local store, no for s3://)")
 
@@ -266,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf_args(p)
     p.add_argument("files", nargs="+", help="text files, or - for standard input")
     p.add_argument("--salt", default=None, help="cache_salt for the artifact")
+    p.add_argument("--private", action="store_true", help="seal the chunks with the first --tenant-key")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_hf_publish)
 
@@ -287,7 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "serve those documents, and no one else's.")
     p.add_argument("path", help="where to write the private key (PKCS#8 PEM, mode 0600); the public key goes to "
                                 "PATH.pub")
+    p.add_argument("--tenant", action="store_true",
+                   help="make a tenant key instead (256 bits, hex, mode 0600): it seals private documents")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("grant", help="sign a read grant: a tenant may load these documents until it expires",
+                       description="Print a read grant token, signed with the documents' publisher key. A request "
+                                   "carries it as kv_transfer_params {\"kvcdn\": {\"grant\": TOKEN}}; a document "
+                                   "published with --require-grant (every document, on a server with "
+                                   "require_grants) loads only under a valid one, metered against it.")
+    p.add_argument("--doc", action="append", required=True, metavar="DOC_ID", help="a document id (repeatable)")
+    p.add_argument("--key", default=None, help=f"the publisher's signing key (default: ${SIGNING_KEY_ENV})")
+    p.add_argument("--salt", default=None, help="the tenant's cache_salt (its hash goes into the grant)")
+    p.add_argument("--tenant", default=None, help="the tenant as the ledger names it (default: public)")
+    p.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS", help="valid for this long (default 3600)")
+    p.add_argument("--reads", type=int, default=None, help="how many reads it buys (default: any until it expires)")
+    p.set_defaults(func=cmd_grant)
 
     p = sub.add_parser("make-tiny-model", help="write a Qwen3-architecture model with seeded random weights")
     p.add_argument("dir", help="output directory")
@@ -320,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default="user", help="role of the message with --chat and plain text (default user)")
     p.add_argument("--title", default=None, help="title (default: the file name)")
     p.add_argument("--salt", default=None, help="cache_salt: only requests with this salt will hit")
+    p.add_argument("--private", action="store_true",
+                   help="seal the chunks with the server's tenant key (AES-256-GCM): only servers holding it can "
+                        "read or serve the document; use with --salt, which keeps other tenants' requests off it")
+    p.add_argument("--require-grant", action="store_true",
+                   help="reads load only under a read grant signed by the server's key (`kvcdn grant`)")
     p.add_argument("--adapter", default=None,
                    help="a LoRA adapter the server serves (--lora-modules NAME=PATH): the document is computed "
                         "with it, and only requests for that adapter hit it")

@@ -10,7 +10,9 @@ reuse the slot; ``keep`` copies a chunk's blocks (loaded) into a slot and writes
 to disk in the background (pinned meanwhile, so it is not evicted mid-write). A publish
 copies its blocks out in its step (``stage``: a slot no load can see) and names them once
 its chunks are stored and their checksums known (``commit``), or lets them go (``drop``).
-Every entry is keyed by ``provenance.tier_key`` (chunk key and checksum).
+Every entry is keyed by ``provenance.tier_key`` (chunk key and checksum). A private
+document's copies (``disk=False``) stay in RAM, which holds only what the engine's own
+cache holds: its disk copies are the sealed chunk objects of the disk tier (``sealing``).
 Loads of several requests run at once: every call takes the lock.
 """
 
@@ -160,13 +162,13 @@ class BlockTier:
         tail = torch.empty((rows, tokens, heads, head_dim), dtype=dtype)
         return tail if self.tail_files.read(key, [bytes_of(tail)]) else None
 
-    def keep_tail(self, key: str, offset: int, tensors: list[torch.Tensor]) -> None:
+    def keep_tail(self, key: str, offset: int, tensors: list[torch.Tensor], disk: bool = True) -> None:
         """Copy the chunk's positions from ``offset`` (its last whole block's end) on
-        (every layer's K, then every layer's V), and to disk in the background."""
+        (every layer's K, then every layer's V), and (``disk``) to disk in the background."""
         tail = torch.stack([t.cpu() for t in tensors])
         with self._lock:
             self.tails.put(key, offset, tail)
-        if (self.tail_files is not None and not self.tail_files.blocks(key)
+        if (disk and self.tail_files is not None and not self.tail_files.blocks(key)
                 and (tuple(tail.shape[:1] + tail.shape[2:]), tail.dtype) == self._tail_token):
             self._image_writer.submit(self._write_tail, key, tail)
 
@@ -185,12 +187,12 @@ class BlockTier:
                 self.ram.fill(slot, self._blocks, block_ids)
         return slot
 
-    def commit(self, key: str, slot: int, blocks: int) -> None:
+    def commit(self, key: str, slot: int, blocks: int, disk: bool = True) -> None:
         """A staged slot holds the chunk ``key``'s first ``blocks`` whole blocks: into the RAM
-        tier, and its image to disk in the background."""
+        tier, and (``disk``) its image to disk in the background."""
         with self._lock:
             self.ram.commit(key, slot, blocks)
-            pinned = self.ram.pin(key) if self.images is not None else None
+            pinned = self.ram.pin(key) if self.images is not None and disk else None
         if pinned is not None:
             self._image_writer.submit(self._write_image, key, *pinned)
 
@@ -199,12 +201,12 @@ class BlockTier:
         with self._lock:
             self.ram.release(slot)
 
-    def keep(self, key: str, block_ids: torch.Tensor) -> None:
+    def keep(self, key: str, block_ids: torch.Tensor, disk: bool = True) -> None:
         """Copy the chunk's whole blocks (``block_ids``, in order, on the cache's device)
-        into a RAM slot, and its image to disk in the background."""
+        into a RAM slot, and (``disk``) its image to disk in the background."""
         with self._lock:
             self.ram.put(key, self._blocks, block_ids)
-            pinned = self.ram.pin(key) if self.images is not None else None
+            pinned = self.ram.pin(key) if self.images is not None and disk else None
         if pinned is not None:
             self._image_writer.submit(self._write_image, key, *pinned)
 

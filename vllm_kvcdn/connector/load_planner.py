@@ -23,6 +23,7 @@ from vllm_kvcdn.connector.request_profile import RequestProfile
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import ChunkLoad, LoadReceipt, LoadSpec, WorkerReport
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.market.grants import GrantBook, GrantError, ReadGrant, check
 from vllm_kvcdn.market.ledger import LedgerWriter, Read, tenant_of
 
 if TYPE_CHECKING:
@@ -42,27 +43,36 @@ class Hit:
     failed: bool = False  # its load failed on some rank: recomputed from there by every rank, never retried
     receipts: list[LoadReceipt] = field(default_factory=list)  # one per rank whose load wrote something
     served_tokens: int = 0  # what every rank wrote: metered (a failed load's prefix too)
+    grant_id: str = ""  # the read grant it is metered against ("": none needed)
 
 
 class LoadPlanner:
     def __init__(self, chunk_size: int, index: ChunkIndex, stats: KVCDNStats, ledger: LedgerWriter | None,
-                 ranks: int = 1, shared_block_size: int = 0, collapse_wait_s: float = 10.0):
+                 ranks: int = 1, shared_block_size: int = 0, collapse_wait_s: float = 10.0,
+                 require_grants: bool = False):
         """``ranks``: the workers that each load their part of every hit (tensor parallelism);
         ``shared_block_size``: the block size of vLLM's prefix cache when it is on (0: off,
         no collapsing: a load's blocks are its request's alone); ``collapse_wait_s``: the
-        longest a request waits for another's load before it plans its own."""
+        longest a request waits for another's load before it plans its own;
+        ``require_grants``: every document needs a read grant (else those published so)."""
         self.chunk_size, self.index, self.stats, self.ledger = chunk_size, index, stats, ledger
         self.ranks = ranks
         self.shared_block_size, self.collapse_wait_s = shared_block_size, collapse_wait_s
         self.refusal: str | None = None  # why the worker cannot load (reported once, at its first step)
+        self.require_grants = require_grants
+        self.grants = GrantBook(ledger.path if ledger is not None else "")
+        self._granted: dict[str, str] = {}  # request id -> the grant a read of it reserved
+        self._grant_refused: dict[str, str] = {}  # request id -> why its grant did not let it load
         self._planned: dict[str, tuple[Match, int]] = {}  # (match, tokens to hit) until blocks are allocated
         self._hits: dict[str, Hit] = {}
         self._loads: list[LoadSpec] = []  # planned since the last step
         self._loading: dict[str, frozenset[str]] = {}  # request id -> chunk keys its load in flight writes
         self._waiting: dict[str, float] = {}  # request id -> when it began waiting for another's load
 
-    def match(self, request: "Request", num_computed_tokens: int, profile: RequestProfile) -> tuple[int, bool]:
-        """vLLM's ``get_num_new_matched_tokens`` for an ordinary request."""
+    def match(self, request: "Request", num_computed_tokens: int, profile: RequestProfile,
+              grant: ReadGrant | GrantError | None = None) -> tuple[int, bool]:
+        """vLLM's ``get_num_new_matched_tokens`` for an ordinary request; ``grant``: the
+        read grant it carries (checked by the scheduler's ``grants.parse``), or why not."""
         req_id, prompt = request.request_id, request.prompt_token_ids or []
         self._planned.pop(req_id, None)
         if len(prompt) < 2:  # vLLM needs the last prompt token computed
@@ -79,6 +89,8 @@ class LoadPlanner:
         if tokens <= num_computed_tokens:
             self._end_wait(req_id)
             return 0, False
+        if not self._admit_grant(request, match, grant):
+            return 0, False  # computed as usual, never billed
         if self._wait_for_shared_load(req_id, match, num_computed_tokens, tokens):
             return None, False  # another request is loading these blocks: take them from vLLM once it is done
         self._end_wait(req_id)
@@ -103,17 +115,43 @@ class LoadPlanner:
             ChunkLoad(key=span.key, start=span.start, num_tokens=span.num_tokens,
                       write_from=max(span.start, write_start), write_to=min(span.end, tokens),
                       is_tail=span.num_tokens < self.chunk_size, tokens=list(prompt[span.start : span.end]),
-                      checksums=dict(entry.checksums))
+                      checksums=dict(entry.checksums), private=entry.private)
             for span, entry in zip(match.spans, match.chunks)
             if span.end > write_start and span.start < tokens
         ]
         self._loads.append(LoadSpec(req_id=req_id, block_ids=list(blocks.get_block_ids()[0]), chunks=chunks))
         self._loading[req_id] = frozenset(chunk.key for chunk in chunks)
-        self._hits[req_id] = Hit(match.doc_id, tokens, num_external_tokens, len(prompt), tenant_of(request.cache_salt))
+        self._hits[req_id] = Hit(match.doc_id, tokens, num_external_tokens, len(prompt), tenant_of(request.cache_salt),
+                                 grant_id=self._granted.get(req_id, ""))
         self.stats.add("matched_requests")
         self.stats.add("matched_tokens", num_external_tokens)
         logger.info("kvcdn: request %s hits document %s: %d tokens loaded from the store (%d were local)",
                     req_id, (match.doc_id or "?")[:16], num_external_tokens, write_start)
+
+    def _admit_grant(self, request: "Request", match: Match, grant: ReadGrant | GrantError | None) -> bool:
+        """Whether the request may load the document its match ends in: always, unless the
+        document (or this server) requires a read grant; then only under a valid one, which
+        the read reserves (at most once per request). A refusal is counted once."""
+        req_id, last = request.request_id, match.chunks[-1]
+        if not (self.require_grants or last.require_grant) or req_id in self._granted:
+            return True
+        if req_id in self._grant_refused:
+            return False
+        try:
+            if grant is None:
+                raise GrantError("missing", "this document loads only under a read grant from its publisher")
+            if isinstance(grant, GrantError):
+                raise grant
+            check(grant, document=match.doc_id or "", publisher=last.publisher, tenant=tenant_of(request.cache_salt),
+                  used=self.grants.used(grant.grant_id))
+        except GrantError as e:
+            self._grant_refused[req_id] = e.reason
+            self.stats.add_labelled("grant_refusals", e.reason)
+            logger.info("kvcdn: request %s computed without a load of %s: %s", req_id, (match.doc_id or "?")[:16], e)
+            return False
+        self.grants.reserve(grant.grant_id)
+        self._granted[req_id] = grant.grant_id
+        return True
 
     def _wait_for_shared_load(self, req_id: str, match: Match, computed: int, tokens: int) -> bool:
         """Whether the request should wait for another request's load in flight: one that
@@ -173,8 +211,11 @@ class LoadPlanner:
         self._loading.pop(req_id, None)  # aborted while loading: vLLM will not cache its blocks
         self._waiting.pop(req_id, None)
         hit = self._hits.pop(req_id, None)
+        granted, refused = self._granted.pop(req_id, None), self._grant_refused.pop(req_id, None)
+        if granted is not None:
+            self.grants.settle(granted, metered=hit is not None and hit.served_tokens > 0)
         if hit is None:
-            return {"hit": False, "loaded_tokens": 0}
+            return {"hit": False, "loaded_tokens": 0, **({"grant_refused": refused} if refused else {})}
         # A load error, or the planner choosing to compute (``load_failures`` says which).
         failed = {"error": f"loaded {hit.served_tokens} of {hit.loaded_tokens} tokens; the rest were recomputed"}
         return {
@@ -182,6 +223,7 @@ class LoadPlanner:
             "document": hit.doc_id,
             "matched_tokens": hit.matched_tokens,
             "loaded_tokens": hit.served_tokens,
+            **({"grant": hit.grant_id} if hit.grant_id else {}),
             **(failed if hit.failed else {}),
         }
 
@@ -199,6 +241,7 @@ class LoadPlanner:
             prompt_tokens=hit.prompt_tokens, loaded_tokens=hit.served_tokens, cached_tokens=cached,
             computed_tokens=hit.prompt_tokens - cached - hit.served_tokens,
             kv_bytes=receipt.kv_bytes, store_bytes=receipt.store_bytes, load_seconds=receipt.load_seconds,
+            grant_id=hit.grant_id,
         ))
 
 

@@ -324,11 +324,12 @@ class ChunkLoader:
             self._write_tokens(spec, start, end, [t[a:b] for t in on_device])
         if self.tier is None:
             return
+        disk = not (chunk.private or getattr(kv, "sealed", False))  # a private chunk's copies: RAM only
         if todo[0][0] == chunk.start < tail_start <= todo[0][1]:  # all its whole blocks came from the object
-            self.tier.keep(key, self.device.index(g.block_ids(spec.block_ids, chunk.start, tail_start)))
+            self.tier.keep(key, self.device.index(g.block_ids(spec.block_ids, chunk.start, tail_start)), disk=disk)
         if tail_start < chunk.start + chunk.num_tokens:  # verified: its tail serves later hits from RAM
             self.tier.keep_tail(key, tail_start - chunk.start,
-                                [t[tail_start - chunk.start:] for t in kv.keys + kv.values])
+                                [t[tail_start - chunk.start:] for t in kv.keys + kv.values], disk=disk)
 
     def _write_tokens(self, spec: LoadSpec, start: int, end: int, tensors: list[torch.Tensor]) -> None:
         """Write positions [start, end) into the request's slots: ``tensors`` are every

@@ -92,6 +92,7 @@ class PublishDesk:
         self.profile_fields, self.store, self.stats = fingerprint.fields, store, stats
         self.parts, self.ranks = parts, ranks
         self.signer = config.signer()  # None: manifests go out unsigned
+        self.keys = config.keyring()  # seals private documents
         self._unsigned_refused = self.signer is None and index.trust.requires_signatures
         self._reported: dict[str, list[DocumentResult]] = {}  # request id -> its ranks' results so far
         self._publishing: dict[str, Publishing] = {}
@@ -111,6 +112,12 @@ class PublishDesk:
             return None
         if profile.unsupported:
             return f"not {'verified' if ask.verify else 'published'}: {profile.detail}"
+        if ask.private and self.keys.sealer is None:
+            return ("not published: a private document is sealed with a tenant key and this server has none; set "
+                    "kv_connector_extra_config.tenant_keys or $KVCDN_TENANT_KEY (`kvcdn keygen --tenant PATH`)")
+        if ask.require_grant and self.signer is None:
+            return ("not published: reads of a document that requires a grant are sold with grants signed by its "
+                    "publisher's key, and this server has none; set kv_connector_extra_config.signing_key")
         if self._unsigned_refused and not ask.verify:
             return ("not published: this store serves signed documents only and this server has no signing key; "
                     "set kv_connector_extra_config.signing_key or $KVCDN_SIGNING_KEY to a key file (`kvcdn keygen`)")
@@ -198,7 +205,8 @@ class PublishDesk:
             req_id=req_id, doc_id=pub.doc_id, token_ids=pub.prompt, block_ids=list(pub.block_ids), spans=pub.spans,
             title=pub.ask.title, metadata=dict(pub.ask.metadata), salted=bool(pub.profile.cache_salt),
             adapter=pub.profile.adapter or "", adapter_name=pub.profile.adapter_name or "", verify=pub.verify,
-            prefill=pub.prefill, vouched=self.index.vouched([span.key for span in pub.spans]),
+            prefill=pub.prefill, vouched=self.index.vouched([span.key for span in pub.spans]), private=pub.ask.private,
+            require_grant=pub.ask.require_grant,
         )
         self._saving[req_id] = save
         self._results.pop(pub.doc_id, None)  # a wait_for now waits for this one
@@ -226,7 +234,8 @@ class PublishDesk:
             return failed[0]
         try:
             manifest = ranks.manifest_of(save, results, self.parts, fingerprint=self.fingerprint,
-                                         profile=self.profile_fields, chunk_size=self.config.chunk_size)
+                                         profile=self.profile_fields, chunk_size=self.config.chunk_size,
+                                         tenant_key=self.keys.sealer.key_id if save.private else None)
             if self.signer is not None:
                 manifest = self.signer.sign(manifest)
             put_manifest(self.store, manifest)

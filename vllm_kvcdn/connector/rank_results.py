@@ -11,7 +11,7 @@ from vllm_kvcdn.connector.wire import DocumentResult, SaveSpec
 
 
 def manifest_of(save: SaveSpec, results: list[DocumentResult], parts: list[str], *, fingerprint: str, profile: dict,
-                chunk_size: int) -> Manifest:
+                chunk_size: int, tenant_key: str | None = None) -> Manifest:
     """The document's manifest from what every rank stored; ValueError if the ranks stored
     other parts or other chunks than this engine's document has."""
     by_part = {r.part: r.stored for r in results}  # replicated heads: one part, several ranks
@@ -24,7 +24,8 @@ def manifest_of(save: SaveSpec, results: list[DocumentResult], parts: list[str],
         doc_id=save.doc_id, chunks=chunks, num_tokens=len(save.token_ids), fingerprint=fingerprint,
         profile=profile, chunk_size=chunk_size,
         producer={**_producer(), "prefill": save.prefill, "adapter": save.adapter_name or None},
-        salted=save.salted, adapter=save.adapter, title=save.title, metadata=save.metadata,
+        salted=save.salted, adapter=save.adapter, title=save.title, metadata=save.metadata, tenant_key=tenant_key,
+        require_grant=save.require_grant,
     )
 
 

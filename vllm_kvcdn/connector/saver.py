@@ -19,6 +19,7 @@ from vllm_kvcdn.artifact import catalog
 from vllm_kvcdn.artifact.documents import DocumentKV, compare_document, write_chunks
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
 from vllm_kvcdn.artifact.parts import KVPart
+from vllm_kvcdn.artifact.sealing import NO_KEYS, TenantKeys
 from vllm_kvcdn.connector.device_copies import CacheDevice
 from vllm_kvcdn.connector.geometry import KVGeometry
 from vllm_kvcdn.connector.kv_layout import PagedKVLayout
@@ -43,8 +44,10 @@ class DocumentOutcome:
 class DocumentSaver:
     def __init__(self, *, store: Store, fingerprint: Fingerprint, geometry: KVGeometry, caches: list[torch.Tensor],
                  layout: PagedKVLayout, device: CacheDevice, chunk_size: int, codec: str | None,
-                 part: KVPart | None = None):
-        """``part``: the KV heads this rank holds (None: all of them, one rank)."""
+                 part: KVPart | None = None, keys: TenantKeys = NO_KEYS):
+        """``part``: the KV heads this rank holds (None: all of them, one rank); ``keys``:
+        the tenant keys that seal private documents (``artifact.sealing``)."""
+        self.keys = keys
         self.store, self.fingerprint, self.geometry = store, fingerprint, geometry
         self.caches, self.layout, self.device = caches, layout, device
         self.chunk_size, self.codec = chunk_size, codec
@@ -62,7 +65,8 @@ class DocumentSaver:
     def _publish(self, spec: SaveSpec, kv: DocumentKV) -> DocumentOutcome:
         vouched = {key: [parts[self.part]] for key, parts in spec.vouched.items() if self.part in parts}
         written = write_chunks(self.store, spans=spec.spans, tokens=spec.token_ids, kv=kv,
-                               fingerprint=self.fingerprint.digest, codec=self.codec, part=self.part, vouched=vouched)
+                               fingerprint=self.fingerprint.digest, codec=self.codec, part=self.part, vouched=vouched,
+                               keys=self.keys, private=spec.private)
         outcome = DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, False, True, spec.prefill, {
             "num_tokens": len(spec.token_ids), "num_chunks": len(written.chunks), "new_chunks": written.new_chunks,
             "new_bytes": written.new_bytes, "write_seconds": round(written.seconds, 4),
@@ -90,7 +94,7 @@ class DocumentSaver:
         if (manifest.parts or [""]).count(self.part) != 1:
             why = f"stored in parts {manifest.parts or ['(whole)']}, this rank holds {self.part or '(whole)'}"
             return DocumentOutcome(spec.req_id, DocumentResult.failed(spec, f"cannot verify {spec.doc_id[:16]}: {why}"))
-        verdict = compare_document(self.store, manifest, spec.token_ids, kv, self.part)
+        verdict = compare_document(self.store, manifest, spec.token_ids, kv, self.part, self.keys)
         logger.info("kvcdn: verified %s%s: %s", spec.doc_id[:16], f" part {self.part}" if self.part else "",
                     "identical" if verdict["identical"] else "DIFFERS")
         return DocumentOutcome(spec.req_id, DocumentResult(spec.doc_id, True, True, spec.prefill, verdict,

@@ -24,6 +24,8 @@ from vllm_kvcdn.connector.request_profile import RequestProfiles
 from vllm_kvcdn.connector.stats import KVCDNStats
 from vllm_kvcdn.connector.wire import PUBLISH_PARAM, KVCDNMetadata, WorkerReport, parse_params
 from vllm_kvcdn.log import get_logger
+from vllm_kvcdn.market import grants
+from vllm_kvcdn.market.grants import GrantError, ReadGrant
 from vllm_kvcdn.market.ledger import LedgerWriter
 from vllm_kvcdn.store import Store
 
@@ -48,16 +50,19 @@ class KVCDNScheduler:
             logger.warning("kvcdn: %s serves signed documents only and this server trusts no publisher: nothing "
                            "will be served from it; set kv_connector_extra_config.trusted_publishers (or "
                            "signing_key, or allow_unsigned for a store only you write)", store.url)
-        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s, trust=trust)
+        self.index = ChunkIndex(store, fingerprint.digest, config.chunk_size, config.index_refresh_s, trust=trust,
+                                keys=config.keyring())
         self.index.start_refresher()
         self.stats = KVCDNStats()
         self.gate = PublishGate(config.publish_isolation_s)
         self.profiles = RequestProfiles(self.stats)
         self.ledger = _open_ledger(config.ledger_path)
         self.planner = LoadPlanner(config.chunk_size, self.index, self.stats, self.ledger, ranks,
-                                   shared_block_size=shared_block_size, collapse_wait_s=config.load_timeout_s)
+                                   shared_block_size=shared_block_size, collapse_wait_s=config.load_timeout_s,
+                                   require_grants=config.require_grants)
         self.desk = PublishDesk(config, fingerprint, self.index, self.gate, store, self.stats, list(parts), ranks)
         self._rejected: dict[str, str] = {}  # request id -> why its kvcdn params were ignored
+        self._grants: dict[str, ReadGrant | GrantError] = {}  # request id -> the read grant it carries
 
     def shutdown(self) -> None:
         self.index.stop()
@@ -74,6 +79,11 @@ class KVCDNScheduler:
             logger.warning("kvcdn: request %s: kvcdn params ignored: %s", req_id, parsed.rejected)
         ask = parsed.ask
         if ask is None:
+            if parsed.grant is not None:
+                try:
+                    self._grants[req_id] = grants.parse(parsed.grant)  # its signature, once per request
+                except grants.GrantError as e:
+                    self._grants[req_id] = e
             self.stats.add("lookups")
             self.profiles.of(request)
             return
@@ -91,7 +101,8 @@ class KVCDNScheduler:
             return answer
         if not self.gate.may_admit(request.request_id):
             return None, False  # a publish runs alone right now: ask again next step
-        return self.planner.match(request, num_computed_tokens, self.profiles.of(request))
+        return self.planner.match(request, num_computed_tokens, self.profiles.of(request),
+                                  self._grants.get(request.request_id))
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         """The request got its blocks: the planned load goes into them."""
@@ -120,6 +131,7 @@ class KVCDNScheduler:
         req_id = request.request_id
         self.gate.on_finished(req_id)
         self.profiles.forget(req_id)
+        self._grants.pop(req_id, None)
         report = self.desk.finish(req_id)
         planned = self.planner.finish(req_id)
         report = report if report is not None else planned

@@ -45,7 +45,7 @@ COUNTERS = {
 # Labelled counters: data[name] = {label value: count}.
 # Labels stay bounded (reasons); per-document and per-tenant reads are in the ledger.
 LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason",
-            "untrusted_documents": "reason"}
+            "untrusted_documents": "reason", "grant_refusals": "reason"}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background on one rank (read, verify, copy)",
@@ -108,6 +108,8 @@ class KVCDNStats(KVConnectorStats):
             out[f"unsupported_{reason}"] = n
         for reason, n in self.data.get("untrusted_documents", {}).items():
             out[f"untrusted_{reason}"] = n
+        for reason, n in self.data.get("grant_refusals", {}).items():
+            out[f"grant_refused_{reason}"] = n
         loads = self.data.get("load_duration_seconds", [])
         if loads:
             out["load_seconds_total"] = round(sum(loads), 4)
@@ -164,7 +166,15 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
             "untrusted_documents": self._counter_cls(
                 name="vllm:kvcdn_untrusted_documents",
                 documentation="Manifests never matched because the trust policy refuses them, by reason (unsigned, "
-                "unknown_publisher, bad_signature, weak_checksum, misplaced, damaged): one per version read",
+                "unknown_publisher, bad_signature, weak_checksum, misplaced, damaged, no_tenant_key): one per version "
+                "read",
+                labelnames=[*labelnames, "reason"],
+            ),
+            "grant_refusals": self._counter_cls(
+                name="vllm:kvcdn_grant_refusals",
+                documentation="Requests for a document that needs a read grant, computed without a load (not billed), "
+                "by reason (missing, malformed, bad_signature, wrong_publisher, wrong_document, wrong_tenant, "
+                "expired, exhausted)",
                 labelnames=[*labelnames, "reason"],
             ),
         }

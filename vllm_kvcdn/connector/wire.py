@@ -13,7 +13,10 @@ keeps its wire types in ``metadata.py``):
 
 Schema versions (``"v"`` in a request; absent means 1):
 - 1: ``publish`` | ``verify`` | ``wait_for`` | ``sync_index``, with ``key``, ``title``,
-  ``metadata``.
+  ``metadata``, ``require_grant``, ``private`` (a publish sealed with the server's tenant key; added without a
+  version change: a server that predates it ignores it and publishes in the clear, so the
+  side API checks the manifest it gets back); ``grant``: an ordinary request's read grant
+  (``market.grants``; no publisher key needed).
 Everything here pickles: vLLM sends metadata between processes with pickle.
 """
 
@@ -33,6 +36,7 @@ PARAMS_VERSION = 1
 MAX_TITLE_CHARS = 512
 MAX_METADATA_BYTES = 16 * 1024  # JSON; the manifest carries it to every reader
 WAIT_PROMPT = [0]  # the prompt of a wait_for or sync_index request: one token, nothing to match
+MAX_GRANT_CHARS = 8192  # a read grant token (``market.grants``)
 
 
 # -- scheduler -> worker ------------------------------------------------------------
@@ -50,6 +54,7 @@ class ChunkLoad:
     # Part name ("" for a whole chunk) -> the checksum its (signed) manifest records: every
     # tier checks what it loads against it (``artifact.provenance``); empty: header checks only.
     checksums: dict[str, str] = field(default_factory=dict)
+    private: bool = False  # sealed in the store: its engine copies stay in RAM, never on the node's disk
 
 
 @dataclass
@@ -74,6 +79,8 @@ class SaveSpec:
     verify: bool = False  # compare with the stored chunks instead of publishing
     prefill: dict = field(default_factory=dict)  # how the document was computed (publish_desk.Publishing.prefill)
     vouched: dict = field(default_factory=dict)  # chunk key -> {part: checksum} trusted manifests record (index)
+    private: bool = False  # sealed with the server's tenant key (``artifact.sealing``)
+    require_grant: bool = False  # its reads need a read grant (``market.grants``)
 
 
 @dataclass
@@ -157,17 +164,28 @@ class PublishAsk:
     sync_index: bool = False  # wait until the index has re-read the store (after a deletion)
     title: str = ""
     metadata: dict = field(default_factory=dict)
+    private: bool = False  # a publish: chunks sealed with the server's tenant key (``artifact.sealing``)
+    require_grant: bool = False  # a publish: its reads need a read grant (``market.grants``)
 
 
 @dataclass(frozen=True)
 class KVCDNParams:
     ask: PublishAsk | None = None  # None: an ordinary request (it may still hit)
+    grant: str | None = None  # an ordinary request's read grant token (checked by ``market.grants``)
     rejected: str | None = None  # why the kvcdn params were ignored, for the response and the log
     reason: str | None = None  # short label of ``rejected`` for metrics
 
 
-def publish_params(key: str | None, title: str = "", metadata: dict | None = None) -> dict:
-    return _signed({"publish": True, "title": title, "metadata": metadata or {}}, key)
+def publish_params(key: str | None, title: str = "", metadata: dict | None = None, private: bool = False,
+                   require_grant: bool = False) -> dict:
+    return _signed({"publish": True, "title": title, "metadata": metadata or {},
+                    **({"private": True} if private else {}), **({"require_grant": True} if require_grant else {})},
+                   key)
+
+
+def grant_params(token: str) -> dict:
+    """An ordinary request's ``kv_transfer_params["kvcdn"]`` carrying a read grant."""
+    return {"v": PARAMS_VERSION, "grant": token}
 
 
 def verify_params(doc_id: str, key: str | None) -> dict:
@@ -236,6 +254,11 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
         return _reject("malformed", f"kv_transfer_params.{PUBLISH_PARAM} must be a JSON object")
     publish, verify, wait_for = params.get("publish", False), params.get("verify"), params.get("wait_for")
     sync_index = params.get("sync_index") is True
+    grant = params.get("grant")
+    if grant is not None and not publish and verify is None and wait_for is None and not sync_index:
+        if not isinstance(grant, str) or len(grant) > MAX_GRANT_CHARS:
+            return _reject("malformed", f"'grant' must be a read grant token of at most {MAX_GRANT_CHARS} characters")
+        return KVCDNParams(grant=grant)  # an ordinary request: anyone may carry one
     if not publish and verify is None and wait_for is None and not sync_index:
         return KVCDNParams()  # nothing asked (e.g. a client echoing back a response's report)
     if params.get("v", 1) != PARAMS_VERSION:
@@ -254,6 +277,9 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
     problem = metadata_problem(metadata)
     if problem:
         return _reject("malformed", problem)
+    private, require_grant = params.get("private", False), params.get("require_grant", False)
+    if not isinstance(private, bool) or not isinstance(require_grant, bool):
+        return _reject("malformed", "'private' and 'require_grant' must be true or false")
     key = params.get("key")
     if not publish_key:
         return _reject("unauthorized", "publishing through kv_transfer_params is off on this server "
@@ -262,7 +288,8 @@ def _parse(raw: Any, publish_key: str) -> KVCDNParams:
     if not isinstance(key, str) or not hmac.compare_digest(key.encode(), publish_key.encode()):
         return _reject("unauthorized", f"publish, verify and wait_for need the publisher key in "
                                        f"kv_transfer_params.{PUBLISH_PARAM}.key")
-    ask = PublishAsk(verify=verify, wait_for=wait_for, sync_index=sync_index, title=title, metadata=metadata)
+    ask = PublishAsk(verify=verify, wait_for=wait_for, sync_index=sync_index, title=title, metadata=metadata,
+                     private=bool(publish and private), require_grant=bool(publish and require_grant))
     return KVCDNParams(ask=ask)
 
 

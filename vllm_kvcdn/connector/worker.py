@@ -81,6 +81,7 @@ class KVCDNWorker:
         self.refusal: str | None = None  # why this worker neither loads nor publishes (a failed layout probe)
         # Signatures vouch for checksums: where they are needed, a chunk's data is always hashed.
         self._verify_data = config.verify_checksums or config.trust_policy().requires_signatures
+        self.keys = config.keyring()  # opens (and seals) private documents' chunks
         self.tier: BlockTier | None = None  # RAM slots and their disk images (register_kv_caches)
         self.placement = IOThreadPlacement(io_cpus)
         self._pool_threads = {
@@ -127,7 +128,8 @@ class KVCDNWorker:
                                   costs=self.costs, part=self._part_name,
                                   skip_partial_tail="skip_partial_tail" in injected_faults())
         self.saver = DocumentSaver(**collaborators, store=self.store, fingerprint=self.fingerprint,
-                                   chunk_size=config.chunk_size, codec=config.chunk_codec, part=self.part)
+                                   chunk_size=config.chunk_size, codec=config.chunk_codec, part=self.part,
+                                   keys=self.keys)
         self.placement.bind(lambda: self.layout.prime_thread(self.caches[0]))
         for name, executor in self._pools.items():
             start_threads(executor, self._pool_threads[name])  # their setup is not a request's to pay
@@ -172,7 +174,8 @@ class KVCDNWorker:
         if chunk.checksums and expected is None:
             raise ArtifactError("mismatch", f"chunk {chunk.key[:16]}: its manifest names no part "
                                             f"{self._part_name or '(whole)'}")
-        return read_chunk(self.store, chunk.key, into, self._part_name, fingerprint=self.fingerprint.digest,
+        return read_chunk(self.store, chunk.key, into, self._part_name, keys=self.keys,
+                          fingerprint=self.fingerprint.digest,
                           dtype=g.kv_dtype, num_layers=len(self.caches), num_kv_heads=g.num_kv_heads,
                           head_dim=g.head_dim, tokens=chunk.tokens, verify=self._verify_data,
                           expected_checksum=expected)
@@ -272,11 +275,11 @@ class KVCDNWorker:
             staged.append(_Staged(span.key, slot, (tail_start - span.start) // g.block_size, tail))
         return staged
 
-    def _keep_published(self, staged: list[_Staged], outcome: DocumentOutcome | None) -> None:
+    def _keep_published(self, staged: list[_Staged], outcome: DocumentOutcome | None, private: bool) -> None:
         """Name the staged copies by the checksums the publish stored (``tier_key``), so a
         load finds them only for a manifest that records those bytes; a failed publish's
         copies go, and so do those of a chunk whose stored bytes are not these (a vouched
-        one kept)."""
+        one kept). A private document's stay in RAM."""
         stored = {c.key: c.checksum for c in outcome.result.stored} if outcome and outcome.result.ok else {}
         for chunk in staged:
             checksum = stored.get(chunk.key)
@@ -286,10 +289,10 @@ class KVCDNWorker:
                 if checksum is None:
                     self.tier.drop(chunk.slot)
                 else:
-                    self.tier.commit(tier_key(chunk.key, checksum), chunk.slot, chunk.blocks)
+                    self.tier.commit(tier_key(chunk.key, checksum), chunk.slot, chunk.blocks, disk=not private)
             if chunk.tail is not None and checksum is not None:
                 self.tier.keep_tail(tier_key(chunk.key, checksum), chunk.blocks * self.geometry.block_size,
-                                    chunk.tail)
+                                    chunk.tail, disk=not private)
 
     def _submit_save(self, spec: SaveSpec) -> None:
         if self.refusal is not None:
@@ -313,7 +316,7 @@ class KVCDNWorker:
             try:
                 outcome = self.saver.run(spec, kv)
             finally:
-                self._keep_published(staged, outcome)
+                self._keep_published(staged, outcome, spec.private)
             return outcome
 
         def on_error(e: BaseException) -> DocumentOutcome:

@@ -57,6 +57,7 @@ class Read:
     kv_bytes: int  # KV bytes written into the cache
     store_bytes: int  # artifact bytes read from the store or the disk tier (0: the RAM tier had them)
     load_seconds: float
+    grant_id: str = ""  # the read grant it was metered against ("": none; ``grants``)
 
 
 _COLUMNS = [f.name for f in fields(Read)]
@@ -66,7 +67,7 @@ CREATE TABLE IF NOT EXISTS reads (
     time REAL NOT NULL, request_id TEXT NOT NULL, document TEXT NOT NULL, tenant TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL, loaded_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
     computed_tokens INTEGER NOT NULL, kv_bytes INTEGER NOT NULL, store_bytes INTEGER NOT NULL,
-    load_seconds REAL NOT NULL
+    load_seconds REAL NOT NULL, grant_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS reads_by_time ON reads (time);
 CREATE INDEX IF NOT EXISTS reads_by_document ON reads (document, time);
@@ -87,7 +88,22 @@ def connect(path: str | Path, *, create: bool = True, timeout: float = 10.0) -> 
     db.execute("PRAGMA synchronous=NORMAL")  # a commit is in the WAL file: it survives the process, not power loss
     if create:
         db.executescript(_SCHEMA)
+        _add_grant_column(db)
     return db
+
+
+def _add_grant_column(db: sqlite3.Connection) -> None:
+    """A ledger written before read grants gets their column (empty for its rows)."""
+    if "grant_id" not in {row[1] for row in db.execute("PRAGMA table_info(reads)")}:
+        with db:
+            db.execute("ALTER TABLE reads ADD COLUMN grant_id TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX IF NOT EXISTS reads_by_grant ON reads (grant_id) WHERE grant_id != ''")
+
+
+def grant_reads(path: str | Path, grant_id: str) -> int:
+    """Reads metered against a grant so far."""
+    with _reader(path) as db:
+        return db.execute("SELECT COUNT(*) FROM reads WHERE grant_id = ?", [grant_id]).fetchone()[0]
 
 
 @dataclass(frozen=True)

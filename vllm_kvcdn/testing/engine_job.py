@@ -13,7 +13,8 @@ test faults), "loras" ({name: adapter path}: LoRA adapters requests may name), "
 Each op has a ``name`` and an ``op``:
 
 - ``query`` / ``publish`` / ``verify``: one request alone (``ids``, ``salt``, ``max_tokens``,
-  a publish's ``title``, the publisher ``key`` to send: this process's own unless given;
+  a publish's ``title``, ``private`` (sealed) and ``require_grant``, a query's read
+  ``grant`` token, the publisher ``key`` to send: this process's own unless given;
   ``verify`` names the document to recompute ``ids`` against in ``doc``, or ``@OP`` for the
   document an earlier publish op reported; ``lora``: the name of an adapter of ``loras``;
   ``embeds``: ``{"seed", "scale"}``, random prompt embeddings for ``ids``, which stay as
@@ -78,7 +79,8 @@ def run(spec: dict) -> dict:
         doc = doc_of(op) if op["op"] == "verify" else None
         return request(op["ids"], max_tokens=op.get("max_tokens", 12), publish=op["op"] == "publish",
                        verify=doc, cache_salt=op.get("salt"), title=op.get("title", ""),
-                       key=op.get("key", PUBLISH_KEY), embeds=_embeds(llm, op))
+                       key=op.get("key", PUBLISH_KEY), embeds=_embeds(llm, op), private=op.get("private", False),
+                       require_grant=op.get("require_grant", False), grant=op.get("grant"))
 
     loras = _lora_requests(spec.get("loras", {}))
 

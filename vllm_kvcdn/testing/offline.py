@@ -14,6 +14,7 @@ from typing import Any
 from vllm_kvcdn.connector.wire import (
     WAIT_PROMPT,
     as_transfer_params,
+    grant_params,
     merge_waited,
     pending_wait,
     publish_params,
@@ -76,12 +77,14 @@ class Answer:
 
 def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = False, verify: str | None = None,
             wait_for: str | None = None, cache_salt: str | None = None, title: str = "",
-            metadata: dict | None = None, key: str | None = PUBLISH_KEY, embeds=None):
+            metadata: dict | None = None, key: str | None = PUBLISH_KEY, embeds=None, private: bool = False,
+            require_grant: bool = False, grant: str | None = None):
     """(prompt, sampling params) of one greedy request: a query, a publish, a verify of
     the document ``verify`` (recompute ``prompt_ids`` and compare with the store), or a
     wait for the result of the last publish or verify of ``wait_for``; all but a query
-    carry the publisher ``key`` (None: none). ``embeds``: prompt embeddings (one row per
-    token of ``prompt_ids``) that replace every token's input, the ids kept as vLLM's
+    carry the publisher ``key`` (None: none); a ``private`` publish is sealed, a
+    ``require_grant`` one sold by grants; a query may carry a read ``grant``. ``embeds``:
+    prompt embeddings (one row per token of ``prompt_ids``) that replace every token's input, the ids kept as vLLM's
     mixed-mode placeholders (``EmbedsPrompt.prompt_is_token_ids`` all false)."""
     from vllm import SamplingParams
     from vllm.inputs import EmbedsPrompt, TokensPrompt
@@ -93,9 +96,11 @@ def request(prompt_ids: list[int], *, max_tokens: int = 16, publish: bool = Fals
         elif verify:
             kvcdn = verify_params(verify, key)
         else:
-            kvcdn = publish_params(key, title, metadata)
+            kvcdn = publish_params(key, title, metadata, private, require_grant)
         extra["kv_transfer_params"] = as_transfer_params(kvcdn)
         max_tokens = 1
+    elif grant is not None:
+        extra["kv_transfer_params"] = as_transfer_params(grant_params(grant))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, extra_args=extra or None)
     if embeds is not None:
         prompt = EmbedsPrompt(prompt_embeds=embeds, prompt_token_ids=list(prompt_ids),
