@@ -173,4 +173,4 @@ def test_provenance_cost_measures_both_modes_and_the_per_gb_steps(tmp_path):
         (read, mode) for read in ("first", "hot") for mode in ("unhashed", "signed", "sealed"))
     assert all(r["gbps"] > 0 for r in loads)
     costs = json.loads((tmp_path / "provenance_costs.json").read_text())["rows"]
-    assert len(costs) == 7 and all(r.get("gbps", 0) > 0 or r.get("us", 0) > 0 for r in costs)
+    assert len(costs) == 8 and all(r.get("gbps", 0) > 0 or r.get("us", 0) > 0 for r in costs)

@@ -52,7 +52,7 @@ def read_chunk(store: Store, key: str, into: memoryview | None = None, part: str
         size, sealed = len(data), is_sealed(data)
         try:
             if sealed:
-                data = keys.open(data, object_context(key, part))
+                data = keys.open(data, object_context(key, part), into)
             chunk = decode_chunk(data, key=key, out=into, part=part, **expect)
             chunk.sealed = sealed
             return chunk, size

