@@ -14,13 +14,14 @@ the bucket or at the HTTP boundary:
   (a chunk deleted between match and load).
 A ``private`` document is published sealed with a tenant key and sold by read grants
 (issue 30). A second engine (in-process core, disk tier on; it holds the tenant key) asks
-a question about each, the private one twice under a one-read grant. Damage and deletion
+a question about each, the private one twice under a one-read grant and once under an
+expired one. Damage and deletion
 must end in a full prefill bit-equal to plain vLLM computing the prompt cold, with the
 reason counted in our metric and no tokens counted as loaded by vLLM; the reset read is
 resumed and the hit is bit-equal to plain vLLM serving the document from its own prefix
 cache (level 2); so is the hit on the signed, sealed, granted private document, metered
-against its grant in the ledger; the second ask, its grant spent, is computed cold,
-counted and not billed.
+against its grant in the ledger; the asks under a spent or expired grant are computed
+cold, counted and not billed.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts, signing_key) -> 
         assert report["published"], report
         chunk = document_chunks(prompts[name], report["fingerprint"], None, 256)[0]
         first_chunk[name] = f"{PREFIX}/{chunk_object_key(chunk.key)}"
-    grant = grants.issue(PublisherKey.load(signing_key), [published["private"]["answer"]["kvcdn"]["document"]],
-                         PUBLIC_TENANT, ttl_s=3600, reads=1)
+    private_doc, publisher = published["private"]["answer"]["kvcdn"]["document"], PublisherKey.load(signing_key)
+    grant = grants.issue(publisher, [private_doc], PUBLIC_TENANT, ttl_s=3600, reads=1)
+    expired = grants.issue(publisher, [private_doc], PUBLIC_TENANT, ttl_s=-1)
     ledger_path = str(tmp_path_factory.mktemp("consumer-ledger") / "ledger.sqlite3")
     client = s3.client()
     for kind in DAMAGE:
@@ -114,6 +116,8 @@ def runs(s3, tmp_path_factory, run_engine, tiny_model, prompts, signing_key) -> 
                     {**_query("private", prompts["private_q"]), "grant": grant},
                     {"name": "forget_private", "op": "reset"},  # else vLLM's own prefix cache serves it again
                     {**_query("private_again", prompts["private_q"]), "grant": grant},  # its one read is spent
+                    {"name": "forget_again", "op": "reset"},
+                    {**_query("private_expired", prompts["private_q"]), "grant": expired},
                     {"name": "during", "op": "delete_during", "ids": prompts["during_q"],
                      "doc": published["during"]["answer"]["kvcdn"]["document"],
                      "after_steps": 1, "max_tokens": NEW_TOKENS},
@@ -178,11 +182,13 @@ def test_a_signed_sealed_granted_document_is_a_hit_bit_equal_to_vllms_own_prefix
     assert (row.document, row.grant_id, row.loaded_tokens) == (report["document"], report["grant"], DOC_TOKENS)
 
 
-def test_a_spent_grant_is_served_cold_counted_and_not_billed(runs):
-    done = runs["consumer"]["private_again"]
+@pytest.mark.parametrize("kind", ["again", "expired"])
+def test_a_spent_or_expired_grant_is_served_cold_counted_and_not_billed(runs, kind):
+    done = runs["consumer"][f"private_{kind}"]
+    reason = {"again": "exhausted", "expired": "expired"}[kind]
     report = done["answer"]["kvcdn"]
-    assert report == {"hit": False, "loaded_tokens": 0, "grant_refused": "exhausted"}, report
-    assert done["counters"].get("vllm:kvcdn_grant_refusals{reason=exhausted}", 0) == 1, done["counters"]
+    assert report == {"hit": False, "loaded_tokens": 0, "grant_refused": reason}, report
+    assert done["counters"].get(f"vllm:kvcdn_grant_refusals{{reason={reason}}}", 0) == 1, done["counters"]
     assert done["counters"].get(EXTERNAL, 0) == 0
     assert identical(done["answer"], runs["plain"]["private_cold"]["answer"])
     assert len([r for r in ledger.reads(runs["ledger"]) if r.grant_id]) == 1

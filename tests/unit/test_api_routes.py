@@ -20,6 +20,8 @@ from vllm_kvcdn.api.routes import KVCDNService, router, store_errors_as_503
 from vllm_kvcdn.artifact.chain import chain_seed, document_chunks, iter_chunks
 from vllm_kvcdn.artifact.documents import write_document
 from vllm_kvcdn.artifact.fingerprint import Fingerprint
+from vllm_kvcdn.artifact.provenance import PublisherKey
+from vllm_kvcdn.artifact.sealing import NO_KEYS, FileTenantKey, TenantKeys, is_sealed
 from vllm_kvcdn.connector.wire import parse_params, report_of
 from vllm_kvcdn.market.economics import PAPER_RATIOS, Tariff
 from vllm_kvcdn.market.ledger import LedgerWriter, Read, tenant_of
@@ -35,8 +37,8 @@ VOCAB = 1000
 class Engine:
     """Answers publish, wait_for and sync_index requests as the connector does."""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, keys=NO_KEYS):
+        self.store, self.keys = store, keys  # ``keys``: the tenant keys a private publish seals with
         self.asked: list[dict] = []  # every request's kvcdn params, in order
         self.results: dict[str, dict] = {}
         self.prefix_cache_resets = 0
@@ -61,7 +63,8 @@ class Engine:
             zeros = torch.zeros(len(tokens), 1, 8, dtype=torch.bfloat16)
             write_document(self.store, spans=spans, tokens=tokens, kv=[(zeros, zeros)],
                            fingerprint=FINGERPRINT.digest, profile={}, chunk_size=CHUNK, producer={},
-                           title=ask.title, metadata=ask.metadata)
+                           title=ask.title, metadata=ask.metadata, keys=self.keys, private=ask.private,
+                           require_grant=ask.require_grant)
             doc = spans[-1].key
             self.results[doc] = {"published": True, "document": doc}
             report = {"document": doc, "num_tokens": len(tokens), "num_chunks": len(spans),
@@ -78,7 +81,7 @@ def _app(store, engine, *, key: str | None = KEY, ledger_path: str = "") -> Test
     store_errors_as_503(app)
     app.state.kvcdn = KVCDNService(engine_client=engine, store=store, fingerprint=FINGERPRINT, chunk_size=CHUNK,
                                    max_model_len=2048, vocab_size=VOCAB, publisher_key=key, ledger_path=ledger_path,
-                                   tariff=Tariff(), ratios=PAPER_RATIOS)
+                                   tariff=Tariff(), ratios=PAPER_RATIOS, keys=engine.keys)
     return TestClient(app)
 
 
@@ -113,6 +116,26 @@ def test_a_publish_prefills_then_waits_and_a_second_is_already_there(store, engi
     assert listed["count"] == 1 and listed["documents"][0]["servable"] is True
     one = api.get(f"/kvcdn/v1/documents/{doc['id'][:12]}", params={"verify": True}).json()
     assert one["intact"] is True and one["manifest"]["title"] == "t"
+
+
+def test_a_private_sold_publish_is_sealed_and_a_strangers_manifest_is_never_taken_as_published(store):
+    engine = Engine(store, TenantKeys([FileTenantKey.generate()]))
+    api = _app(store, engine)
+    # Someone with write access stored a self-consistent document under these tokens first.
+    spans = document_chunks(TOKENS, FINGERPRINT.digest, None, CHUNK)
+    zeros = torch.zeros(len(TOKENS), 1, 8, dtype=torch.bfloat16)
+    write_document(store, spans=spans, tokens=TOKENS, kv=[(zeros + 1, zeros)], fingerprint=FINGERPRINT.digest,
+                   profile={}, chunk_size=CHUNK, producer={}, signer=PublisherKey.generate())
+    got = api.post("/kvcdn/v1/documents", json={"tokens": TOKENS, "private": True, "require_grant": True},
+                   headers=AUTH)
+    assert got.status_code == 201 and got.json()["created"] is True, got.text  # prefilled, not taken as there
+    assert [(a.get("private"), a.get("require_grant")) for a in engine.asked[:1]] == [(True, True)]
+    listed = api.get(f"/kvcdn/v1/documents/{got.json()['id']}").json()
+    assert (listed["private"], listed["require_grant"], listed["trusted"]) == (True, True, True)
+    assert all(is_sealed(store.get(f"chunks/{c.key[:2]}/{c.key}.safetensors")) for c in spans)
+    again = api.post("/kvcdn/v1/documents", json={"tokens": TOKENS, "private": True, "require_grant": True},
+                     headers=AUTH)
+    assert again.status_code == 200 and again.json()["created"] is False  # ours, intact: opened with the key
 
 
 def test_writes_need_the_publisher_key(store, engine):

@@ -102,7 +102,9 @@ def keep_or_put_chunk(store: Store, entry: ManifestChunk, data: bytes, fingerpri
     chunk holds these bytes or vouched ones), "written" (it was missing; when another
     server stores it meanwhile, its copy is kept on the same terms) or "replaced" (the
     stored one was damaged, or held other, unvouched bytes: logged). ``data`` is the object
-    as stored (sealed, for a private document); ``keys`` open a stored sealed one."""
+    as stored (sealed, for a private document); ``keys`` open a stored sealed one. A private
+    publish keeps an unsealed copy of the very same bytes: another document has made them
+    public, and sealing them would break its readers."""
     object_key = chunk_object_key(entry.key, part)
 
     def stored() -> ManifestChunk:

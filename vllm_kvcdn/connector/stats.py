@@ -42,10 +42,24 @@ COUNTERS = {
 }
 
 
-# Labelled counters: data[name] = {label value: count}.
-# Labels stay bounded (reasons); per-document and per-tenant reads are in the ledger.
-LABELLED = {"failures": "reason", "rejected_params": "reason", "unsupported_requests": "reason",
-            "untrusted_documents": "reason", "grant_refusals": "reason"}
+# Labelled counters: data[name] = {reason: count}; name -> (exported as ``vllm:kvcdn_<metric>``,
+# ``reduce``'s prefix, help). Labels stay bounded (reasons); per-document and per-tenant reads
+# are in the ledger.
+LABELLED = {
+    "failures": ("load_failures", "failed", "Loads that fell short, by reason: one per load (its first chunk not "
+                 "used and every one after it were recomputed)"),
+    "rejected_params": ("rejected_params", "rejected", "Requests whose kvcdn params were ignored, by reason "
+                        "(malformed, unauthorized)"),
+    "unsupported_requests": ("unsupported_requests", "unsupported", "Requests served without kvcdn (no load, no "
+                             "publish) because their KV depends on inputs a chunk key does not carry, by reason "
+                             "(multimodal, prompt_embeds, adapter_unresolved, pooling)"),
+    "untrusted_documents": ("untrusted_documents", "untrusted", "Manifests never matched because the trust policy "
+                            "refuses them, by reason (unsigned, unknown_publisher, bad_signature, weak_checksum, "
+                            "misplaced, damaged, no_tenant_key): one per version read"),
+    "grant_refusals": ("grant_refusals", "grant_refused", "Requests for a document that needs a read grant, "
+                       "computed without a load (not billed), by reason (missing, malformed, bad_signature, "
+                       "wrong_publisher, wrong_document, wrong_tenant, expired, exhausted)"),
+}
 # Observations (one per request): data[name] = [values].
 OBSERVED = {
     "load_duration_seconds": "Time one request's load took in the background on one rank (read, verify, copy)",
@@ -100,16 +114,9 @@ class KVCDNStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         out = {k: v for k, v in self.data.items() if k not in LABELLED and k not in OBSERVED}
-        for reason, n in self.data.get("failures", {}).items():
-            out[f"failed_{reason}"] = n
-        for reason, n in self.data.get("rejected_params", {}).items():
-            out[f"rejected_{reason}"] = n
-        for reason, n in self.data.get("unsupported_requests", {}).items():
-            out[f"unsupported_{reason}"] = n
-        for reason, n in self.data.get("untrusted_documents", {}).items():
-            out[f"untrusted_{reason}"] = n
-        for reason, n in self.data.get("grant_refusals", {}).items():
-            out[f"grant_refused_{reason}"] = n
+        for name, (_, prefix, _) in LABELLED.items():
+            for reason, n in self.data.get(name, {}).items():
+                out[f"{prefix}_{reason}"] = n
         loads = self.data.get("load_duration_seconds", [])
         if loads:
             out["load_seconds_total"] = round(sum(loads), 4)
@@ -145,38 +152,8 @@ class KVCDNPromMetrics(KVConnectorPromMetrics):
                                      labelnames=labelnames)
             self._gauges[name] = create_metric_per_engine(metric, per_engine_labelvalues)
         self._labelled = {
-            "failures": self._counter_cls(
-                name="vllm:kvcdn_load_failures",
-                documentation="Loads that fell short, by reason: one per load (its first chunk not used and every "
-                              "one after it were recomputed)",
-                labelnames=[*labelnames, "reason"],
-            ),
-            "rejected_params": self._counter_cls(
-                name="vllm:kvcdn_rejected_params",
-                documentation="Requests whose kvcdn params were ignored, by reason (malformed, unauthorized)",
-                labelnames=[*labelnames, "reason"],
-            ),
-            "unsupported_requests": self._counter_cls(
-                name="vllm:kvcdn_unsupported_requests",
-                documentation="Requests served without kvcdn (no load, no publish) because their KV depends on "
-                "inputs a chunk key does not carry, by reason (multimodal, prompt_embeds, adapter_unresolved, "
-                "pooling)",
-                labelnames=[*labelnames, "reason"],
-            ),
-            "untrusted_documents": self._counter_cls(
-                name="vllm:kvcdn_untrusted_documents",
-                documentation="Manifests never matched because the trust policy refuses them, by reason (unsigned, "
-                "unknown_publisher, bad_signature, weak_checksum, misplaced, damaged, no_tenant_key): one per version "
-                "read",
-                labelnames=[*labelnames, "reason"],
-            ),
-            "grant_refusals": self._counter_cls(
-                name="vllm:kvcdn_grant_refusals",
-                documentation="Requests for a document that needs a read grant, computed without a load (not billed), "
-                "by reason (missing, malformed, bad_signature, wrong_publisher, wrong_document, wrong_tenant, "
-                "expired, exhausted)",
-                labelnames=[*labelnames, "reason"],
-            ),
+            name: self._counter_cls(name=f"vllm:kvcdn_{metric}", documentation=doc, labelnames=[*labelnames, "reason"])
+            for name, (metric, _, doc) in LABELLED.items()
         }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
